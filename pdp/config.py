@@ -1,0 +1,219 @@
+"""`pdp serve` configuration: flags, then ``PDP_*`` variables, then a config file, then defaults.
+
+One table (:data:`SETTINGS`) defines every setting once: its flag, its variable,
+its config-file key, its type, default and help. The CLI builds its options
+from it, the README's table is checked against it, and the Helm chart renders
+the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "add_serve_arguments", "parse_listen", "resolve"]
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names where it came from."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    """Everything `pdp serve` needs; built by :func:`resolve`."""
+
+    listen: str = "127.0.0.1:50051"
+    snapshot: str = ""
+    geoip_db: str = ""
+    cache_size: int = 100_000
+    batch_limit: int = 1000
+    max_message_bytes: int = 4 * 1024 * 1024
+    workers: int = 8
+    grace_seconds: float = 5.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str  # ServeConfig field and config-file key
+    help: str
+    metavar: str
+    parse: Callable[[str], Any]
+    env_name: str = ""  # when the contract's variable differs from PDP_<NAME>
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return self.env_name or "PDP_" + self.name.upper()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{value} is not a positive integer")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:
+        raise ValueError(f"{value} is outside 0..3600 seconds")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in ("debug", "info", "warning", "error"):
+        raise ValueError(f"{text!r} is not one of debug, info, warning, error")
+    return text.lower()
+
+
+def _snapshot_url(text: str) -> str:
+    if text and "://" not in text:
+        # A bare path is the common case on the command line.
+        return Path(text).resolve().as_uri()
+    if text and not text.startswith("file://"):
+        raise ValueError(f"{text!r}: only file:// snapshot sources are supported so far")
+    return text
+
+
+def _listen(text: str) -> str:
+    parse_listen(text)
+    return text
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "listen", "address to serve on: HOST:PORT (port 0 picks a free one) or unix:/path/to.sock", "ADDR", _listen
+    ),
+    Setting(
+        "snapshot",
+        "rules snapshot to serve: file:///path/rules.yaml (or a plain path)",
+        "URL",
+        _snapshot_url,
+        "PDP_SNAPSHOT_URL",
+    ),
+    Setting(
+        "geoip_db",
+        "MaxMind City or Country database (.mmdb), or 'demo' for the bundled 2018 GeoLite2-City",
+        "PATH",
+        str,
+    ),
+    Setting("cache_size", "entries in the IP-to-location LRU cache", "N", _positive),
+    Setting("batch_limit", "most participants accepted in one CheckBatch", "N", _positive),
+    Setting("max_message_bytes", "largest request accepted; larger ones get RESOURCE_EXHAUSTED", "BYTES", _positive),
+    Setting("workers", "gRPC server threads", "N", _positive),
+    Setting("grace_seconds", "on SIGTERM, how long in-flight calls may finish", "SECONDS", _seconds),
+    Setting("log_level", "debug, info, warning or error", "LEVEL", _log_level),
+)
+
+CONFIG_ENV = "PDP_CONFIG"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting (defaults are resolved later)."""
+    defaults = ServeConfig()
+    parser.add_argument("--config", metavar="FILE", help=f"YAML config file with the keys below [env {CONFIG_ENV}]")
+    for setting in SETTINGS:
+        default = getattr(defaults, setting.name)
+        shown = f"default {default}" if default != "" else "required"
+        parser.add_argument(
+            setting.flag,
+            dest=setting.name,
+            metavar=setting.metavar,
+            default=None,
+            help=f"{setting.help} [env {setting.env}; {shown}]",
+        )
+
+
+def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ServeConfig:
+    """Build the configuration: flags beat ``PDP_*`` variables beat the config file.
+
+    :raises ConfigError: a value is malformed, a config key is unknown, or the
+        config file cannot be read; the message names the flag, variable or file line.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_path = flags.get("config") or environ.get(CONFIG_ENV)
+    if config_path:
+        values.update(_read_config_file(Path(config_path)))
+    for setting in SETTINGS:
+        raw = environ.get(setting.env)
+        if raw is not None and raw != "":
+            values[setting.name] = _convert(setting, raw, f"environment variable {setting.env}")
+        if flags.get(setting.name) is not None:
+            values[setting.name] = _convert(setting, str(flags[setting.name]), setting.flag)
+    return ServeConfig(**values)
+
+
+def _convert(setting: Setting, raw: str, origin: str) -> Any:
+    try:
+        return setting.parse(raw)
+    except ValueError as error:
+        raise ConfigError(f"{origin}: {error}") from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path}: cannot read it ({error})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path}: invalid YAML: {error}") from None
+    if node is None:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: the config file must be a mapping of settings")
+    known = {setting.name: setting for setting in SETTINGS}
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        key = str(key_node.value).replace("-", "_")
+        setting = known.get(key)
+        if setting is None:
+            raise ConfigError(f"{path}:{line}: unknown setting {key_node.value!r} (known: {', '.join(sorted(known))})")
+        if not isinstance(value_node, yaml.ScalarNode):
+            raise ConfigError(f"{path}:{line}: {key} must be a single value")
+        values[key] = _convert(setting, str(value_node.value), f"{path}:{line}: {key}")
+    return values
+
+
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):(?P<port>\d{1,5})")
+
+
+def parse_listen(address: str) -> tuple[str, int | None]:
+    """Split a listen address into (host or unix path, port or None).
+
+    :raises ValueError: the address is neither HOST:PORT nor unix:/path.
+    """
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:").removeprefix("//")
+        if not path:
+            raise ValueError(f"{address!r}: a unix: address needs a path, like unix:/run/pdp/pdp.sock")
+        return path, None
+    match = _HOST_PORT.fullmatch(address)
+    if not match or int(match["port"]) > 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT (like 127.0.0.1:50051) or unix:/path/to.sock")
+    return match["host"], int(match["port"])
+
+
+def describe(config: ServeConfig) -> dict[str, Any]:
+    """The configuration as a plain mapping, for the start-up log line."""
+    return {field.name: getattr(config, field.name) for field in fields(config)}
+
+
+def settings_table(settings: Sequence[Setting] = SETTINGS) -> list[tuple[str, str, str, str]]:
+    """(flag, variable, default, help) rows, as the README shows them."""
+    defaults = ServeConfig()
+    return [(s.flag, s.env, str(getattr(defaults, s.name)), s.help) for s in settings]

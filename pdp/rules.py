@@ -1,0 +1,646 @@
+"""Policy snapshots: parse, validate, compile and evaluate.
+
+Pure: no gRPC, no network, no clock of its own (the caller passes ``now``), so
+every rule of the product's promise can be tested here alone.
+
+A snapshot is validated completely before anything is compiled; every problem
+is reported at once, each naming the rule and field (and, for YAML, the line).
+A compiled :class:`Policy` is immutable and safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pdp.iso3166 import jurisdiction_problem
+from pdp.model import Action, Decision, Location, Meeting, Verdict
+
+__all__ = [
+    "MAX_SNAPSHOT_BYTES",
+    "Policy",
+    "Problem",
+    "Rule",
+    "SnapshotError",
+    "Trace",
+    "load_policy",
+    "parse_policy",
+]
+
+MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
+"""Larger snapshots are refused before parsing (10,000 rules take about 3 MB)."""
+
+_INT64_MAX = 2**63 - 1
+_RULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+_TOP_KEYS = frozenset({"version", "defaults", "rules"})
+_DEFAULTS_KEYS = frozenset({"unknown_location"})
+_RULE_KEYS = frozenset(
+    {
+        "id",
+        "effect",
+        "jurisdiction",
+        "actions",
+        "meetings",
+        "priority",
+        "mode",
+        "legal_basis",
+        "reason",
+        "valid_from",
+        "valid_until",
+    }
+)
+_MEETING_KEYS = ("meeting_ids", "host_accounts", "tags")  # most selective first
+_ACTIONS = {"join": Action.JOIN, "host": Action.HOST}
+_ACTION_NAMES = {int(value): name for name, value in _ACTIONS.items()}
+_EFFECTS = {"deny": Verdict.DENY, "allow": Verdict.ALLOW}
+_MODES = ("enforce", "shadow")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One reason a snapshot was rejected."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def render(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class SnapshotError(ValueError):
+    """A snapshot was rejected. ``problems`` lists every problem found."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        count = len(self.problems)
+        lines = "\n".join("  " + problem.render(source) for problem in self.problems)
+        super().__init__(f"{source}: snapshot rejected, {count} problem{'s' * (count != 1)}:\n{lines}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One validated rule. Empty selector sets mean "every meeting"."""
+
+    id: str
+    effect: Verdict
+    jurisdiction: tuple[str, ...]
+    actions: Action
+    meeting_ids: frozenset[str]
+    host_accounts: frozenset[str]
+    tags: frozenset[str]
+    priority: int
+    shadow: bool
+    legal_basis: str
+    reason: str
+    valid_from: float  # Unix seconds; -inf when open
+    valid_until: float  # Unix seconds, exclusive; +inf when open
+    position: int  # index in the snapshot, for stable reporting order
+    rank: int = 0  # 0 is the strongest: priority desc, deny before allow, file order
+    decision: Decision = field(default=Decision(Verdict.ALLOW), compare=False)
+
+    def applies(self, action: int, meeting: Meeting, now: float) -> bool:
+        """True when the rule covers this action, meeting and moment (not location).
+
+        The hot path; :meth:`why_not` is the same test spelled out for explain.
+        """
+        return bool(
+            self.actions & action
+            and self.valid_from <= now < self.valid_until
+            and (not self.meeting_ids or meeting.meeting_id in self.meeting_ids)
+            and (not self.host_accounts or meeting.host_account_id in self.host_accounts)
+            and (not self.tags or not self.tags.isdisjoint(meeting.tags))
+        )
+
+    def why_not(self, action: int, meeting: Meeting, now: float) -> str | None:
+        """Why the rule does not cover this action, meeting and moment, or None."""
+        if not self.actions & action:
+            return f"action {_ACTION_NAMES.get(action, action)} not in the rule's actions"
+        if now < self.valid_from:
+            return "not yet valid"
+        if now >= self.valid_until:
+            return "no longer valid"
+        if self.meeting_ids and meeting.meeting_id not in self.meeting_ids:
+            return "meeting id not selected"
+        if self.host_accounts and meeting.host_account_id not in self.host_accounts:
+            return "host account not selected"
+        if self.tags and self.tags.isdisjoint(meeting.tags):
+            return "no selected tag on the meeting"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """How one rule fared in :meth:`Policy.explain`."""
+
+    rule: Rule
+    outcome: str  # "decided", "matched", "shadow", or why it did not match
+
+
+class _Bucket:
+    """The rules of one jurisdiction code, indexed by their most selective selector."""
+
+    __slots__ = ("by_host", "by_meeting", "by_tag", "everyone")
+
+    def __init__(self) -> None:
+        self.everyone: list[Rule] = []
+        self.by_meeting: dict[str, list[Rule]] = {}
+        self.by_host: dict[str, list[Rule]] = {}
+        self.by_tag: dict[str, list[Rule]] = {}
+
+    def add(self, rule: Rule) -> None:
+        if rule.meeting_ids:
+            for key in rule.meeting_ids:
+                self.by_meeting.setdefault(key, []).append(rule)
+        elif rule.host_accounts:
+            for key in rule.host_accounts:
+                self.by_host.setdefault(key, []).append(rule)
+        elif rule.tags:
+            for key in rule.tags:
+                self.by_tag.setdefault(key, []).append(rule)
+        else:
+            self.everyone.append(rule)
+
+    def candidates(self, meeting: Meeting) -> Iterator[Rule]:
+        yield from self.everyone
+        yield from self.by_meeting.get(meeting.meeting_id, ())
+        yield from self.by_host.get(meeting.host_account_id, ())
+        for tag in meeting.tags:
+            yield from self.by_tag.get(tag, ())
+
+
+class Policy:
+    """A compiled, immutable snapshot.
+
+    :meth:`decide` is the hot path: one dict lookup per jurisdiction code of the
+    location, then a few set lookups per candidate rule.
+    """
+
+    __slots__ = ("_allow", "_index", "_unknown", "rules", "sha256", "unknown_location", "version")
+
+    def __init__(self, version: int, rules: Sequence[Rule], unknown_location: Verdict, sha256: str) -> None:
+        self.version = version
+        self.unknown_location = unknown_location
+        self.sha256 = sha256
+        order = sorted(rules, key=lambda r: (-r.priority, r.effect != Verdict.DENY, r.position))
+        ranks = {rule.id: rank for rank, rule in enumerate(order)}
+        self.rules: tuple[Rule, ...] = tuple(
+            _with_rank(rule, ranks[rule.id]) for rule in sorted(rules, key=lambda r: r.position)
+        )
+        index: dict[str, _Bucket] = {}
+        for rule in self.rules:
+            for code in rule.jurisdiction:
+                index.setdefault(code, _Bucket()).add(rule)
+        self._index = index
+        self._allow = Decision(Verdict.ALLOW, reason="no rule applies")
+        self._unknown = Decision(
+            unknown_location,
+            reason=f"participant location unknown; policy default is {unknown_location.name.lower()}",
+        )
+
+    def decide(self, location: Location, action: int, meeting: Meeting, now: float) -> Decision:
+        """Decide for one participant at ``location``. Never raises on valid input."""
+        if not location.codes:
+            return self._unknown
+        best: Rule | None = None
+        shadows: list[Rule] | None = None
+        for code in location.codes:
+            bucket = self._index.get(code)
+            if bucket is None:
+                continue
+            for rule in bucket.candidates(meeting):
+                if not rule.applies(action, meeting, now):
+                    continue
+                if rule.shadow:
+                    if shadows is None:
+                        shadows = []
+                    shadows.append(rule)
+                elif best is None or rule.rank < best.rank:
+                    best = rule
+        decision = self._allow if best is None else best.decision
+        if shadows is None:
+            return decision
+        return Decision(
+            decision.verdict,
+            decision.rule_id,
+            decision.reason,
+            decision.legal_basis,
+            _shadow_ids(shadows),
+        )
+
+    def explain(self, location: Location, action: int, meeting: Meeting, now: float) -> list[Trace]:
+        """Every rule whose jurisdiction covers ``location``, with how it fared.
+
+        Slow and thorough, for ``pdp explain``; :meth:`decide` is the fast path
+        and gives the same verdict.
+        """
+        decision = self.decide(location, action, meeting, now)
+        traces = []
+        codes = set(location.codes)
+        for rule in self.rules:
+            if codes.isdisjoint(rule.jurisdiction):
+                continue
+            why_not = rule.why_not(action, meeting, now)
+            if why_not is not None:
+                traces.append(Trace(rule, why_not))
+            elif rule.shadow:
+                traces.append(Trace(rule, "shadow"))
+            elif rule.id == decision.rule_id:
+                traces.append(Trace(rule, "decided"))
+            else:
+                traces.append(Trace(rule, "matched, outranked"))
+        return traces
+
+    def __repr__(self) -> str:
+        return f"<Policy version={self.version} rules={len(self.rules)} sha256={self.sha256[:12]}>"
+
+
+def _with_rank(rule: Rule, rank: int) -> Rule:
+    if rule.effect == Verdict.DENY:
+        reason = rule.reason or f"participants located in {', '.join(rule.jurisdiction)} are denied by rule {rule.id}"
+    else:
+        reason = rule.reason or f"exception granted by rule {rule.id}"
+    return dataclasses.replace(rule, rank=rank, decision=Decision(rule.effect, rule.id, reason, rule.legal_basis))
+
+
+def _shadow_ids(shadows: list[Rule]) -> tuple[str, ...]:
+    # A rule reached through two codes or two tags is reported once.
+    unique = {rule.position: rule.id for rule in shadows}
+    return tuple(unique[position] for position in sorted(unique))
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Mapping(dict[Any, Any]):
+    """A dict that remembers where it and each of its keys stood in the source."""
+
+    line: int | None = None
+    lines: dict[Any, int]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines = {}
+
+
+class _DuplicateKeyError(Exception):
+    def __init__(self, key: object, line: int | None) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.line = line
+
+
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BaseLoader):  # type: ignore[misc]  # PyYAML's loaders are untyped classes
+    """Safe YAML loader that records line numbers and refuses duplicate keys."""
+
+
+def _construct_mapping(loader: Any, node: yaml.MappingNode) -> _Mapping:
+    loader.flatten_mapping(node)
+    mapping = _Mapping()
+    mapping.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            duplicate = key in mapping
+        except TypeError:
+            raise _DuplicateKeyError(key, line) from None
+        if duplicate:
+            raise _DuplicateKeyError(key, line)
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = line
+    return mapping
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _Mapping:
+    mapping = _Mapping()
+    for key, value in pairs:
+        if key in mapping:
+            raise _DuplicateKeyError(key, None)
+        mapping[key] = value
+    return mapping
+
+
+def _parse_document(data: bytes, fmt: str) -> Any:
+    """Turn bytes into plain data; raises SnapshotError on any syntax problem."""
+    if len(data) > MAX_SNAPSHOT_BYTES:
+        raise SnapshotError("", [Problem("", f"{len(data)} bytes exceeds the {MAX_SNAPSHOT_BYTES}-byte limit")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SnapshotError("", [Problem("", f"not UTF-8 (byte {error.start})")]) from None
+    text = text.removeprefix("\ufeff")
+    try:
+        if fmt == "json":
+            return json.loads(text, object_pairs_hook=_json_object)
+        return yaml.load(text, Loader=_Loader)  # noqa: S506  # _Loader derives from SafeLoader
+    except _DuplicateKeyError as error:
+        raise SnapshotError("", [Problem("", str(error), error.line)]) from None
+    except json.JSONDecodeError as error:
+        raise SnapshotError("", [Problem("", f"invalid JSON: {error.msg}", error.lineno)]) from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        line = mark.line + 1 if mark is not None else None
+        raise SnapshotError("", [Problem("", f"invalid YAML: {error.problem or error}", line)]) from None
+    except (yaml.YAMLError, RecursionError, ValueError) as error:
+        raise SnapshotError("", [Problem("", f"invalid {fmt.upper()}: {error}")]) from None
+
+
+def _guess_format(data: bytes, name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    return "json" if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") else "yaml"
+
+
+class _Checker:
+    """Walks the parsed document, collecting every problem instead of stopping."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def fail(self, path: str, message: str, line: int | None) -> None:
+        self.problems.append(Problem(path, message, line))
+
+    def unknown_keys(self, mapping: _Mapping, allowed: Iterable[str], path: str) -> None:
+        allowed = frozenset(allowed)
+        for key in mapping:
+            if key not in allowed:
+                where = f"{path}.{key}" if path else str(key)
+                self.fail(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})", _line(mapping, key))
+
+    def string(self, mapping: _Mapping, key: str, path: str, *, required: bool = False) -> str:
+        value = mapping.get(key)
+        if value is None:
+            if required:
+                self.fail(f"{path}.{key}", "required", _line(mapping, key) or mapping.line)
+            return ""
+        if not isinstance(value, str):
+            self.fail(f"{path}.{key}", f"must be a string, not {_kind(value)}", _line(mapping, key))
+            return ""
+        return value
+
+    def choice(self, mapping: _Mapping, key: str, path: str, choices: Iterable[str], default: str | None) -> str:
+        choices = tuple(choices)
+        value = self.string(mapping, key, path, required=default is None)
+        if not value:
+            return default or ""
+        if value not in choices:
+            self.fail(f"{path}.{key}", f"{value!r} is not one of: {', '.join(choices)}", _line(mapping, key))
+            return default or ""
+        return value
+
+    def string_list(self, mapping: _Mapping, key: str, path: str) -> list[str]:
+        value = mapping.get(key)
+        line = _line(mapping, key)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            self.fail(f"{path}.{key}", f"must be a list of strings, not {_kind(value)}", line)
+            return []
+        out = []
+        for position, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                self.fail(f"{path}.{key}[{position}]", f"must be a non-empty string, not {_kind(item)}", line)
+            else:
+                out.append(item)
+        return out
+
+    def integer(self, mapping: _Mapping, key: str, path: str, *, low: int, high: int, default: int | None) -> int:
+        value = mapping.get(key)
+        line = _line(mapping, key) or mapping.line
+        if value is None:
+            if default is None:
+                self.fail(f"{path}.{key}" if path else key, "required", line)
+                return 0
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(f"{path}.{key}" if path else key, f"must be an integer, not {_kind(value)}", line)
+            return default or 0
+        if not low <= value <= high:
+            self.fail(f"{path}.{key}" if path else key, f"{value} is outside {low}..{high}", line)
+            return default or 0
+        return value
+
+    def moment(self, mapping: _Mapping, key: str, path: str, default: float) -> float:
+        value = mapping.get(key)
+        line = _line(mapping, key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            try:
+                value = dt.datetime.fromisoformat(value)
+            except ValueError:
+                self.fail(f"{path}.{key}", f"{value!r} is not an RFC 3339 time like 2020-06-01T00:00:00Z", line)
+                return default
+        if not isinstance(value, dt.datetime):
+            self.fail(f"{path}.{key}", f"must be a time like 2020-06-01T00:00:00Z, not {_kind(value)}", line)
+            return default
+        if value.tzinfo is None:
+            self.fail(f"{path}.{key}", "needs a UTC offset, like 2020-06-01T00:00:00Z", line)
+            return default
+        return value.timestamp()
+
+
+def _line(mapping: object, key: str) -> int | None:
+    return mapping.lines.get(key) if isinstance(mapping, _Mapping) else None
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, _Mapping):
+        return "a mapping"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, int]) -> Rule | None:
+    if not isinstance(raw, _Mapping):
+        checker.fail(f"rules[{position}]", f"must be a mapping, not {_kind(raw)}", None)
+        return None
+    rule_id = checker.string(raw, "id", f"rules[{position}]", required=True)
+    path = f"rules[{position}] ({rule_id})" if rule_id else f"rules[{position}]"
+    if rule_id and not _RULE_ID.fullmatch(rule_id):
+        checker.fail(
+            f"{path}.id", "use 1-128 letters, digits and . _ : / - (starting with a letter or digit)", _line(raw, "id")
+        )
+    if rule_id in seen:
+        checker.fail(f"{path}.id", f"duplicate rule id, first used by rules[{seen[rule_id]}]", _line(raw, "id"))
+    elif rule_id:
+        seen[rule_id] = position
+    checker.unknown_keys(raw, _RULE_KEYS, path)
+
+    effect = checker.choice(raw, "effect", path, _EFFECTS, default=None)
+    mode = checker.choice(raw, "mode", path, _MODES, default="enforce")
+
+    jurisdiction = checker.string_list(raw, "jurisdiction", path)
+    if raw.get("jurisdiction") in (None, []):
+        checker.fail(
+            f"{path}.jurisdiction",
+            "required: every rule names the countries or subdivisions it applies to (there is no global rule)",
+            _line(raw, "jurisdiction") or raw.line,
+        )
+    for code in jurisdiction:
+        problem = jurisdiction_problem(code)
+        if problem:
+            checker.fail(f"{path}.jurisdiction", problem, _line(raw, "jurisdiction"))
+
+    actions = Action(0)
+    if raw.get("actions") is None:
+        action_names = list(_ACTIONS)
+    elif raw["actions"] == []:
+        action_names = []
+        checker.fail(
+            f"{path}.actions", "must list at least one of: join, host (or be left out for both)", _line(raw, "actions")
+        )
+    else:
+        action_names = checker.string_list(raw, "actions", path)
+    for name in action_names:
+        if name not in _ACTIONS:
+            checker.fail(f"{path}.actions", f"{name!r} is not one of: join, host", _line(raw, "actions"))
+        else:
+            actions |= _ACTIONS[name]
+
+    selectors: dict[str, frozenset[str]] = {key: frozenset() for key in _MEETING_KEYS}
+    meetings = raw.get("meetings")
+    if meetings is not None:
+        if not isinstance(meetings, _Mapping):
+            checker.fail(
+                f"{path}.meetings",
+                f"must be a mapping with any of: {', '.join(_MEETING_KEYS)}, not {_kind(meetings)}",
+                _line(raw, "meetings"),
+            )
+        else:
+            checker.unknown_keys(meetings, _MEETING_KEYS, f"{path}.meetings")
+            for key in _MEETING_KEYS:
+                selectors[key] = frozenset(checker.string_list(meetings, key, f"{path}.meetings"))
+
+    legal_basis = checker.string(raw, "legal_basis", path)
+    if effect == "deny" and isinstance(raw.get("legal_basis", ""), str) and not legal_basis.strip():
+        checker.fail(
+            f"{path}.legal_basis",
+            "required for a deny rule: name the order or law it applies",
+            _line(raw, "legal_basis") or raw.line,
+        )
+    reason = checker.string(raw, "reason", path)
+    priority = checker.integer(raw, "priority", path, low=-(10**9), high=10**9, default=0)
+    valid_from = checker.moment(raw, "valid_from", path, -math.inf)
+    valid_until = checker.moment(raw, "valid_until", path, math.inf)
+    if valid_from >= valid_until:
+        checker.fail(f"{path}.valid_until", "must be later than valid_from", _line(raw, "valid_until"))
+
+    return Rule(
+        id=rule_id,
+        effect=_EFFECTS.get(effect, Verdict.ALLOW),
+        jurisdiction=tuple(dict.fromkeys(jurisdiction)),
+        actions=actions,
+        meeting_ids=selectors["meeting_ids"],
+        host_accounts=selectors["host_accounts"],
+        tags=selectors["tags"],
+        priority=priority,
+        shadow=mode == "shadow",
+        legal_basis=legal_basis.strip(),
+        reason=reason.strip(),
+        valid_from=valid_from,
+        valid_until=valid_until,
+        position=position,
+    )
+
+
+def parse_policy(data: bytes, source: str = "<snapshot>", fmt: str | None = None) -> Policy:
+    """Parse, validate and compile a snapshot given as bytes.
+
+    ``fmt`` is ``"yaml"`` or ``"json"``; by default it is guessed from the
+    ``source`` name's suffix, then from the first character.
+
+    :raises SnapshotError: listing every problem found, with lines for YAML.
+    """
+    fmt = fmt or _guess_format(data, source)
+    try:
+        document = _parse_document(data, fmt)
+    except SnapshotError as error:
+        raise SnapshotError(source, error.problems) from None
+    checker = _Checker()
+    if not isinstance(document, _Mapping):
+        raise SnapshotError(
+            source, [Problem("", f"the snapshot must be a mapping with version and rules, not {_kind(document)}")]
+        )
+    checker.unknown_keys(document, _TOP_KEYS, "")
+    version = checker.integer(document, "version", "", low=0, high=_INT64_MAX, default=None)
+
+    unknown_location = "allow"
+    defaults = document.get("defaults")
+    if defaults is not None:
+        if not isinstance(defaults, _Mapping):
+            checker.fail("defaults", f"must be a mapping, not {_kind(defaults)}", _line(document, "defaults"))
+        else:
+            checker.unknown_keys(defaults, _DEFAULTS_KEYS, "defaults")
+            unknown_location = checker.choice(defaults, "unknown_location", "defaults", ("allow", "deny"), "allow")
+
+    rules: list[Rule] = []
+    raw_rules = document.get("rules")
+    if raw_rules is None:
+        checker.fail("rules", "required (a list, which may be empty)", _line(document, "rules") or document.line)
+    elif not isinstance(raw_rules, list):
+        checker.fail("rules", f"must be a list, not {_kind(raw_rules)}", _line(document, "rules"))
+    else:
+        seen: dict[str, int] = {}
+        for position, raw in enumerate(raw_rules):
+            rule = _check_rule(checker, raw, position, seen)
+            if rule is not None:
+                rules.append(rule)
+    if checker.problems:
+        raise SnapshotError(source, checker.problems)
+    return Policy(version, rules, _EFFECTS[unknown_location], hashlib.sha256(data).hexdigest())
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and compile a snapshot file.
+
+    :raises SnapshotError: the file is invalid (every problem listed).
+    :raises OSError: the file cannot be read.
+    """
+    path = Path(path)
+    with path.open("rb") as handle:
+        data = handle.read(MAX_SNAPSHOT_BYTES + 1)
+    return parse_policy(data, str(path))
+
+
+def policy_summary(policy: Policy) -> Mapping[str, int]:
+    """Counts by kind, for ``pdp snapshot validate`` and the logs."""
+    return {
+        "rules": len(policy.rules),
+        "deny": sum(1 for r in policy.rules if r.effect == Verdict.DENY and not r.shadow),
+        "allow": sum(1 for r in policy.rules if r.effect == Verdict.ALLOW and not r.shadow),
+        "shadow": sum(1 for r in policy.rules if r.shadow),
+        "jurisdictions": len({code for r in policy.rules for code in r.jurisdiction}),
+    }
