@@ -163,31 +163,30 @@ class GeoDatabase:
         except ValueError:
             # An IPv6 address asked of an IPv4-only database.
             return UNKNOWN_LOCATION
+        # A record is untrusted data even in a database that opened cleanly.
         if not isinstance(record, dict):
             return UNKNOWN_LOCATION
-        country = _iso_code(record.get("country"))
-        if not country:
+        entry = record.get("country")
+        country = entry.get("iso_code") if isinstance(entry, dict) else None
+        if not isinstance(country, str) or not country:
             return UNKNOWN_LOCATION
         subdivisions = record.get("subdivisions")
-        codes: tuple[str, ...] = ()
-        if isinstance(subdivisions, list):
-            codes = tuple(f"{country}-{code}" for code in map(_iso_code, subdivisions) if code)
-        key = (country, codes)
+        key = (country, _subdivision_codes(country, subdivisions) if subdivisions else ())
         location = self._interned.get(key)
         if location is None:
-            location = self._interned.setdefault(key, Location(country, codes))
+            location = self._interned.setdefault(key, Location(*key))
         return location
 
     def __repr__(self) -> str:
         return f"<GeoDatabase {self.path} type={self.database_type} build={self.build_epoch}>"
 
 
-def _iso_code(entry: object) -> str:
-    if isinstance(entry, dict):
-        code = entry.get("iso_code")
-        if isinstance(code, str):
-            return code
-    return ""
+def _subdivision_codes(country: str, subdivisions: object) -> tuple[str, ...]:
+    if not isinstance(subdivisions, list):
+        return ()
+    return tuple(
+        f"{country}-{entry['iso_code']}" for entry in subdivisions if isinstance(entry, dict) and "iso_code" in entry
+    )
 
 
 # Addresses looked up once at open: a database whose search tree or data

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,7 @@ class Rule:
     id: str
     effect: Verdict
     jurisdiction: tuple[str, ...]
-    actions: Action
+    actions: int  # Action bits; a plain int because IntFlag arithmetic is slow
     meeting_ids: frozenset[str]
     host_accounts: frozenset[str]
     tags: frozenset[str]
@@ -122,8 +122,8 @@ class Rule:
 
         The hot path; :meth:`why_not` is the same test spelled out for explain.
         """
-        return bool(
-            self.actions & action
+        return (
+            self.actions & action != 0
             and self.valid_from <= now < self.valid_until
             and (not self.meeting_ids or meeting.meeting_id in self.meeting_ids)
             and (not self.host_accounts or meeting.host_account_id in self.host_accounts)
@@ -156,7 +156,8 @@ class Trace:
 
 
 class _Bucket:
-    """The rules of one jurisdiction code, indexed by their most selective selector."""
+    """The rules of one jurisdiction code, each filed under its most selective
+    meeting selector, every list sorted strongest first (by rank)."""
 
     __slots__ = ("by_host", "by_meeting", "by_tag", "everyone")
 
@@ -179,22 +180,38 @@ class _Bucket:
         else:
             self.everyone.append(rule)
 
-    def candidates(self, meeting: Meeting) -> Iterator[Rule]:
-        yield from self.everyone
-        yield from self.by_meeting.get(meeting.meeting_id, ())
-        yield from self.by_host.get(meeting.host_account_id, ())
-        for tag in meeting.tags:
-            yield from self.by_tag.get(tag, ())
+    def candidate_lists(self, meeting: Meeting) -> list[list[Rule]]:
+        """The lists that may hold rules covering ``meeting``."""
+        found = [self.everyone] if self.everyone else []
+        for rules in (self.by_meeting.get(meeting.meeting_id), self.by_host.get(meeting.host_account_id)):
+            if rules:
+                found.append(rules)
+        if self.by_tag:
+            for tag in meeting.tags:
+                rules = self.by_tag.get(tag)
+                if rules:
+                    found.append(rules)
+        return found
+
+
+def _build_index(rules: Iterable[Rule]) -> dict[str, _Bucket]:
+    index: dict[str, _Bucket] = {}
+    for rule in sorted(rules, key=lambda r: r.rank):
+        for code in rule.jurisdiction:
+            index.setdefault(code, _Bucket()).add(rule)
+    return index
 
 
 class Policy:
     """A compiled, immutable snapshot.
 
-    :meth:`decide` is the hot path: one dict lookup per jurisdiction code of the
-    location, then a few set lookups per candidate rule.
+    :meth:`decide` is the hot path: per jurisdiction code of the location, one
+    dict lookup, then a walk down short rank-sorted candidate lists that stops
+    at the first rule that applies. Shadow rules live in an index of their own,
+    so that they never lengthen the enforced walk.
     """
 
-    __slots__ = ("_allow", "_index", "_unknown", "rules", "sha256", "unknown_location", "version")
+    __slots__ = ("_allow", "_enforced", "_shadow", "_unknown", "rules", "sha256", "unknown_location", "version")
 
     def __init__(self, version: int, rules: Sequence[Rule], unknown_location: Verdict, sha256: str) -> None:
         self.version = version
@@ -205,11 +222,8 @@ class Policy:
         self.rules: tuple[Rule, ...] = tuple(
             _with_rank(rule, ranks[rule.id]) for rule in sorted(rules, key=lambda r: r.position)
         )
-        index: dict[str, _Bucket] = {}
-        for rule in self.rules:
-            for code in rule.jurisdiction:
-                index.setdefault(code, _Bucket()).add(rule)
-        self._index = index
+        self._enforced = _build_index(rule for rule in self.rules if not rule.shadow)
+        self._shadow = _build_index(rule for rule in self.rules if rule.shadow)
         self._allow = Decision(Verdict.ALLOW, reason="no rule applies")
         self._unknown = Decision(
             unknown_location,
@@ -218,33 +232,39 @@ class Policy:
 
     def decide(self, location: Location, action: int, meeting: Meeting, now: float) -> Decision:
         """Decide for one participant at ``location``. Never raises on valid input."""
-        if not location.codes:
+        codes = location.codes
+        if not codes:
             return self._unknown
+        action = int(action)
         best: Rule | None = None
-        shadows: list[Rule] | None = None
-        for code in location.codes:
-            bucket = self._index.get(code)
-            if bucket is None:
-                continue
-            for rule in bucket.candidates(meeting):
-                if not rule.applies(action, meeting, now):
-                    continue
-                if rule.shadow:
-                    if shadows is None:
-                        shadows = []
-                    shadows.append(rule)
-                elif best is None or rule.rank < best.rank:
-                    best = rule
+        for code in codes:
+            bucket = self._enforced.get(code)
+            if bucket is not None:
+                for rules in bucket.candidate_lists(meeting):
+                    for rule in rules:
+                        if best is not None and rule.rank >= best.rank:
+                            break  # the rest of this list is weaker still
+                        if rule.applies(action, meeting, now):
+                            best = rule
+                            break
         decision = self._allow if best is None else best.decision
-        if shadows is None:
+        if not self._shadow:
             return decision
-        return Decision(
-            decision.verdict,
-            decision.rule_id,
-            decision.reason,
-            decision.legal_basis,
-            _shadow_ids(shadows),
-        )
+        shadows = self._shadows(codes, action, meeting, now)
+        if not shadows:
+            return decision
+        return Decision(decision.verdict, decision.rule_id, decision.reason, decision.legal_basis, shadows)
+
+    def _shadows(self, codes: tuple[str, ...], action: int, meeting: Meeting, now: float) -> tuple[str, ...]:
+        matched: dict[int, str] = {}  # a rule reached through two codes or tags counts once
+        for code in codes:
+            bucket = self._shadow.get(code)
+            if bucket is not None:
+                for rules in bucket.candidate_lists(meeting):
+                    for rule in rules:
+                        if rule.applies(action, meeting, now):
+                            matched[rule.position] = rule.id
+        return tuple(matched[position] for position in sorted(matched))
 
     def explain(self, location: Location, action: int, meeting: Meeting, now: float) -> list[Trace]:
         """Every rule whose jurisdiction covers ``location``, with how it fared.
@@ -279,12 +299,6 @@ def _with_rank(rule: Rule, rank: int) -> Rule:
     else:
         reason = rule.reason or f"exception granted by rule {rule.id}"
     return dataclasses.replace(rule, rank=rank, decision=Decision(rule.effect, rule.id, reason, rule.legal_basis))
-
-
-def _shadow_ids(shadows: list[Rule]) -> tuple[str, ...]:
-    # A rule reached through two codes or two tags is reported once.
-    unique = {rule.position: rule.id for rule in shadows}
-    return tuple(unique[position] for position in sorted(unique))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -514,7 +528,7 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
         if problem:
             checker.fail(f"{path}.jurisdiction", problem, _line(raw, "jurisdiction"))
 
-    actions = Action(0)
+    actions = 0
     if raw.get("actions") is None:
         action_names = list(_ACTIONS)
     elif raw["actions"] == []:
@@ -562,7 +576,7 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
         id=rule_id,
         effect=_EFFECTS.get(effect, Verdict.ALLOW),
         jurisdiction=tuple(dict.fromkeys(jurisdiction)),
-        actions=actions,
+        actions=int(actions),
         meeting_ids=selectors["meeting_ids"],
         host_accounts=selectors["host_accounts"],
         tags=selectors["tags"],

@@ -1,0 +1,181 @@
+"""Property tests over random rule sets, locations and meetings."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pdp.model import Action, Location, Meeting, Verdict
+from pdp.rules import Policy, Rule, parse_policy
+
+CODES = ["CN", "HK", "MO", "TW", "US", "US-WA", "US-CA", "GB", "GB-ENG"]
+LOCATIONS = [
+    Location("CN", ("CN-22",)),
+    Location("HK"),
+    Location("MO"),
+    Location("TW"),
+    Location("US", ("US-WA",)),
+    Location("US", ("US-CA",)),
+    Location("US"),
+    Location("GB", ("GB-ENG",)),
+    Location("DE"),
+    Location(),
+]
+TAGS = ["memorial", "vigil", "town-hall"]
+ACCOUNTS = ["acme", "globex", ""]
+MEETINGS = ["m-1", "m-2"]
+T0 = 1_750_000_000
+
+small_list = st.lists(st.sampled_from(TAGS), max_size=2, unique=True)
+
+
+@st.composite
+def rule_documents(draw: st.DrawFn, position: int) -> dict[str, Any]:
+    rule: dict[str, Any] = {
+        "id": f"r{position}",
+        "effect": draw(st.sampled_from(["deny", "allow"])),
+        "jurisdiction": draw(st.lists(st.sampled_from(CODES), min_size=1, max_size=3, unique=True)),
+        "priority": draw(st.integers(-3, 3)),
+        "mode": draw(st.sampled_from(["enforce", "enforce", "shadow"])),
+        "legal_basis": "basis",
+    }
+    if draw(st.booleans()):
+        rule["actions"] = draw(st.lists(st.sampled_from(["join", "host"]), min_size=1, max_size=2, unique=True))
+    meetings: dict[str, list[str]] = {}
+    if draw(st.booleans()):
+        meetings["tags"] = draw(st.lists(st.sampled_from(TAGS), min_size=1, max_size=2, unique=True))
+    if draw(st.integers(0, 3)) == 0:
+        meetings["host_accounts"] = draw(st.lists(st.sampled_from(ACCOUNTS[:2]), min_size=1, max_size=2, unique=True))
+    if draw(st.integers(0, 3)) == 0:
+        meetings["meeting_ids"] = draw(st.lists(st.sampled_from(MEETINGS), min_size=1, max_size=2, unique=True))
+    if meetings:
+        rule["meetings"] = meetings
+    if draw(st.integers(0, 3)) == 0:
+        start = T0 + draw(st.integers(-100, 100))
+        rule["valid_from"] = f"{_iso(start)}"
+        rule["valid_until"] = f"{_iso(start + draw(st.integers(1, 100)))}"
+    return rule
+
+
+def _iso(seconds: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()
+
+
+@st.composite
+def snapshots(draw: st.DrawFn) -> dict[str, Any]:
+    count = draw(st.integers(0, 12))
+    return {
+        "version": draw(st.integers(0, 10)),
+        "defaults": {"unknown_location": draw(st.sampled_from(["allow", "deny"]))},
+        "rules": [draw(rule_documents(position)) for position in range(count)],
+    }
+
+
+meetings = st.builds(
+    Meeting,
+    st.sampled_from(MEETINGS),
+    st.sampled_from(ACCOUNTS),
+    small_list.map(frozenset),
+)
+moments = st.integers(T0 - 150, T0 + 250).map(float)
+actions = st.sampled_from([Action.JOIN, Action.HOST])
+
+
+def compile_document(document: dict[str, Any]) -> Policy:
+    return parse_policy(json.dumps(document).encode(), "generated.json")
+
+
+def reference_decision(policy: Policy, location: Location, action: int, meeting: Meeting, now: float) -> Rule | None:
+    """The semantics spelled out naively: every rule checked, best one chosen by sorting."""
+    matching = [
+        rule
+        for rule in policy.rules
+        if not rule.shadow
+        and set(rule.jurisdiction) & set(location.codes)
+        and rule.why_not(action, meeting, now) is None
+    ]
+    matching.sort(key=lambda rule: (-rule.priority, rule.effect != Verdict.DENY, rule.position))
+    return matching[0] if matching else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), st.sampled_from(LOCATIONS), actions, meetings, moments)
+def test_decide_equals_the_naive_reference(
+    document: dict[str, Any], location: Location, action: Action, meeting: Meeting, now: float
+) -> None:
+    policy = compile_document(document)
+    decision = policy.decide(location, action, meeting, now)
+    if not location.found:
+        assert decision.verdict == policy.unknown_location
+        assert decision.rule_id == ""
+        return
+    expected = reference_decision(policy, location, action, meeting, now)
+    assert decision.rule_id == (expected.id if expected else "")
+    assert decision.verdict == (expected.effect if expected else Verdict.ALLOW)
+    shadows = [
+        rule.id
+        for rule in policy.rules
+        if rule.shadow and set(rule.jurisdiction) & set(location.codes) and rule.applies(action, meeting, now)
+    ]
+    assert list(decision.shadow_rule_ids) == shadows
+
+
+@settings(max_examples=300, deadline=None)
+@given(snapshots(), st.sampled_from(LOCATIONS), actions, meetings, moments)
+def test_nobody_outside_every_deny_jurisdiction_is_denied(
+    document: dict[str, Any], location: Location, action: Action, meeting: Meeting, now: float
+) -> None:
+    policy = compile_document(document)
+    deny_codes = {code for rule in policy.rules if rule.effect == Verdict.DENY for code in rule.jurisdiction}
+    if location.found and deny_codes.isdisjoint(location.codes):
+        assert policy.decide(location, action, meeting, now).verdict == Verdict.ALLOW
+
+
+@settings(max_examples=200, deadline=None)
+@given(snapshots(), st.sampled_from(LOCATIONS), actions, meetings, moments, st.randoms(use_true_random=False))
+def test_verdict_is_deterministic_and_independent_of_rule_order(
+    document: dict[str, Any], location: Location, action: Action, meeting: Meeting, now: float, rng: Any
+) -> None:
+    policy = compile_document(document)
+    first = policy.decide(location, action, meeting, now)
+    assert policy.decide(location, action, meeting, now) == first
+    shuffled = dict(document, rules=list(document["rules"]))
+    rng.shuffle(shuffled["rules"])
+    again = compile_document(shuffled).decide(location, action, meeting, now)
+    assert again.verdict == first.verdict
+    assert set(again.shadow_rule_ids) == set(first.shadow_rule_ids)
+
+
+@settings(max_examples=200, deadline=None)
+@given(snapshots(), st.sampled_from(LOCATIONS), actions, meetings, moments)
+def test_explain_agrees_with_decide(
+    document: dict[str, Any], location: Location, action: Action, meeting: Meeting, now: float
+) -> None:
+    policy = compile_document(document)
+    decision = policy.decide(location, action, meeting, now)
+    decided = [t.rule.id for t in policy.explain(location, action, meeting, now) if t.outcome == "decided"]
+    assert decided == ([decision.rule_id] if decision.rule_id else [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+        max_leaves=30,
+    )
+)
+def test_arbitrary_documents_are_accepted_or_rejected_cleanly(document: Any) -> None:
+    from pdp.rules import SnapshotError
+
+    reasons: tuple[object, ...] = ("accepted",)
+    try:
+        compile_document(document)
+    except SnapshotError as error:
+        reasons = error.problems
+    assert reasons  # accepted, or rejected with at least one reason; never another exception
