@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import logging
 import os
@@ -124,6 +125,9 @@ def cmd_serve(options: argparse.Namespace) -> int:
     except OSError as error:
         raise UsageError(str(error)) from None
     holder.activate(policy, geo, config.snapshot)
+    # Everything loaded so far lives as long as the process: keep the collector off it.
+    gc.collect()
+    gc.freeze()
     counts = policy_summary(policy)
     print(
         f"pdp {__version__} listening on {running.address}: policy version {policy.version} "

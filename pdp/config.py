@@ -213,7 +213,12 @@ def describe(config: ServeConfig) -> dict[str, Any]:
     return {field.name: getattr(config, field.name) for field in fields(config)}
 
 
-def settings_table(settings: Sequence[Setting] = SETTINGS) -> list[tuple[str, str, str, str]]:
-    """(flag, variable, default, help) rows, as the README shows them."""
+def settings_markdown(settings: Sequence[Setting] = SETTINGS) -> str:
+    """The README's configuration table; a test keeps the two identical."""
     defaults = ServeConfig()
-    return [(s.flag, s.env, str(getattr(defaults, s.name)), s.help) for s in settings]
+    rows = ["| flag | variable | default | meaning |", "|---|---|---|---|"]
+    for setting in settings:
+        default = getattr(defaults, setting.name)
+        shown = f"`{default}`" if default != "" else "(required)"
+        rows.append(f"| `{setting.flag}` | `{setting.env}` | {shown} | {setting.help} |")
+    return "\n".join(rows)
