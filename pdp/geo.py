@@ -1,4 +1,15 @@
-"""GeoIP: MaxMind databases opened with the C extension, behind an LRU cache.
+"""GeoIP: MaxMind databases behind an LRU location cache.
+
+Two official-lineage readers, each for what it does best:
+
+- MaxMind's ``maxminddb`` C extension is the gate: a database is opened with it,
+  its type checked and a set of probe addresses looked up; a file it refuses is
+  never served. (Its pure-Python mode accepts some corrupt files, so the C
+  extension is required.)
+- ``maxminddb-rust`` (by MaxMind's reader maintainer) then serves the lookups:
+  its ``get_path`` decodes only ``country.iso_code`` and the subdivision codes,
+  about 1 us, where a full record decode costs about 7 us. Its probe answers
+  must equal the C extension's, on the same inode, or the file is refused.
 
 A :class:`GeoDatabase` is one open database plus its own location cache; a new
 database file means a new object (and so an empty cache), never a mutation.
@@ -14,6 +25,7 @@ from typing import Any
 
 import cachetools
 import maxminddb
+import maxminddb_rust
 from maxminddb.errors import InvalidDatabaseError
 
 from pdp.model import UNKNOWN_LOCATION, Location
@@ -32,6 +44,9 @@ DEMO_NOTICE = (
 
 # Types whose records carry `country` (and, for City, `subdivisions`).
 _SUPPORTED_TYPES = ("City", "Country", "Enterprise")
+_COUNTRY = ("country", "iso_code")
+# MaxMind lists at most two subdivisions, largest first (e.g. GB-ENG, then a borough).
+_SUBDIVISIONS = (("subdivisions", 0, "iso_code"), ("subdivisions", 1, "iso_code"))
 
 
 class GeoIPError(Exception):
@@ -86,8 +101,8 @@ def parse_address(text: str) -> None:
 class GeoDatabase:
     """An open MaxMind City or Country database with an LRU location cache.
 
-    Thread-safe: the reader is used without a lock (the C extension releases
-    nothing shared), the cache under a short lock around each dict operation.
+    Thread-safe: the reader is shared without a lock (it is safe for concurrent
+    reads), the cache sits under a short lock around each dict operation.
 
     :raises GeoIPError: on open, if the file is missing, corrupt, of a type
         without countries, or if maxminddb's C extension is unavailable.
@@ -96,23 +111,18 @@ class GeoDatabase:
     def __init__(self, path: str | Path, cache_size: int = 100_000) -> None:
         self.path = str(path)
         self.cache_size = cache_size
-        self._reader = _open(self.path)
-        metadata = self._reader.metadata()
+        self._reader, metadata = _open(self.path)
         self.database_type: str = metadata.database_type
         self.build_epoch: int = int(metadata.build_epoch)
         self._ipv4_only = metadata.ip_version == 4
-        if not any(kind in self.database_type for kind in _SUPPORTED_TYPES):
-            self._reader.close()
-            raise GeoIPError(
-                f"{self.path}: database type {self.database_type!r} has no countries; "
-                "use a GeoIP2/GeoLite2 City or Country database"
-            )
+        self._subdivision_paths = _SUBDIVISIONS if "Country" not in self.database_type else ()
         self._cache: cachetools.LRUCache[str, Location] = cachetools.LRUCache(maxsize=max(cache_size, 1))
         self._lock = threading.Lock()
         # Many addresses share a location: keep one object per distinct location.
-        self._interned: dict[tuple[str, tuple[str, ...]], Location] = {}
+        self._interned: dict[tuple[object, ...], Location] = {}
         self.hits = 0
         self.misses = 0
+        self.lookup_errors = 0
 
     def locate(self, address: str) -> Location:
         """Location of ``address`` (cached). Private, reserved and unlisted
@@ -138,7 +148,7 @@ class GeoDatabase:
         return self._resolve(address)
 
     def record(self, address: str) -> Mapping[str, Any] | None:
-        """The raw database record of ``address``, for ``pdp geo lookup``."""
+        """The whole database record of ``address``, for ``pdp geo lookup``."""
         parse_address(address)
         result = self._reader.get(self._lookup_key(address))
         return result if isinstance(result, Mapping) else None
@@ -158,43 +168,62 @@ class GeoDatabase:
         return address
 
     def _resolve(self, address: str) -> Location:
+        address = self._lookup_key(address)
+        get_path = self._reader.get_path
         try:
-            record = self._reader.get(self._lookup_key(address))
+            country = get_path(address, _COUNTRY)
+            if country is None:
+                return UNKNOWN_LOCATION
+            key: tuple[object, ...] = (country,)
+            for path in self._subdivision_paths:
+                code = get_path(address, path)
+                if code is None:
+                    break
+                key = (*key, code)
         except ValueError:
             # An IPv6 address asked of an IPv4-only database.
             return UNKNOWN_LOCATION
-        # A record is untrusted data even in a database that opened cleanly.
-        if not isinstance(record, dict):
+        except maxminddb_rust.InvalidDatabaseError:
+            # A broken record the probes at open did not reach: no location
+            # rather than a failed call; counted for GetStatus.
+            self.lookup_errors += 1
             return UNKNOWN_LOCATION
-        entry = record.get("country")
-        country = entry.get("iso_code") if isinstance(entry, dict) else None
-        if not isinstance(country, str) or not country:
+        try:
+            location = self._interned.get(key)
+        except TypeError:  # an unhashable value where a code belongs
             return UNKNOWN_LOCATION
-        subdivisions = record.get("subdivisions")
-        key = (country, _subdivision_codes(country, subdivisions) if subdivisions else ())
-        location = self._interned.get(key)
         if location is None:
-            location = self._interned.setdefault(key, Location(*key))
+            location = self._interned.setdefault(key, _location(key))
         return location
 
     def __repr__(self) -> str:
         return f"<GeoDatabase {self.path} type={self.database_type} build={self.build_epoch}>"
 
 
-def _subdivision_codes(country: str, subdivisions: object) -> tuple[str, ...]:
-    if not isinstance(subdivisions, list):
-        return ()
-    return tuple(
-        f"{country}-{entry['iso_code']}" for entry in subdivisions if isinstance(entry, dict) and "iso_code" in entry
-    )
+def _location(codes: tuple[object, ...]) -> Location:
+    """A location from (country, subdivision, ...) as found in a record, which
+    is untrusted data even in a database that opened cleanly."""
+    country, *subdivisions = codes
+    if not isinstance(country, str) or not country:
+        return UNKNOWN_LOCATION
+    return Location(country, tuple(f"{country}-{code}" for code in subdivisions if isinstance(code, str) and code))
 
 
-# Addresses looked up once at open: a database whose search tree or data
-# section is broken fails here, before it can serve a single request.
+# Addresses looked up at open: a database whose search tree or data section is
+# broken fails here, before it can serve a single request.
 _PROBES = ("1.1.1.1", "8.8.8.8", "81.2.69.142", "175.16.199.1", "2001:4860::1", "2001:250::1")
 
 
-def _open(path: str) -> maxminddb.Reader:
+def _codes_from_record(record: object) -> tuple[object, ...] | None:
+    if not isinstance(record, dict) or not isinstance(record.get("country"), dict):
+        return None
+    codes: list[object] = [record["country"].get("iso_code")]
+    for entry in record.get("subdivisions", [])[:2]:
+        codes.append(entry.get("iso_code") if isinstance(entry, dict) else None)
+    return tuple(codes)
+
+
+def _open(path: str) -> tuple[maxminddb_rust.Reader, maxminddb.reader.Metadata]:
     try:
         import maxminddb.extension  # only checks that it exists
     except ImportError:
@@ -204,16 +233,36 @@ def _open(path: str) -> maxminddb.Reader:
         ) from None
     if not Path(path).is_file():
         raise GeoIPError(f"{path}: no such GeoIP database file")
+    identity = _identity(path)
     try:
-        reader = maxminddb.open_database(path, maxminddb.MODE_MMAP_EXT)
+        gate = maxminddb.open_database(path, maxminddb.MODE_MMAP_EXT)
     except (InvalidDatabaseError, ValueError, OSError, UnicodeDecodeError) as error:
         raise GeoIPError(f"{path}: not a valid MaxMind database ({error})") from None
     try:
-        ipv4_only = reader.metadata().ip_version == 4
-        for probe in _PROBES:
-            if not (ipv4_only and ":" in probe):
-                reader.get(probe)
+        metadata = gate.metadata()
+        probes = [probe for probe in _PROBES if not (metadata.ip_version == 4 and ":" in probe)]
+        expected = [_codes_from_record(gate.get(probe)) for probe in probes]
     except (InvalidDatabaseError, ValueError, OSError, UnicodeDecodeError, RecursionError) as error:
-        reader.close()
         raise GeoIPError(f"{path}: corrupt MaxMind database, a test lookup failed ({error})") from None
-    return reader
+    finally:
+        gate.close()
+    if not any(kind in metadata.database_type for kind in _SUPPORTED_TYPES):
+        raise GeoIPError(
+            f"{path}: database type {metadata.database_type!r} has no countries; "
+            "use a GeoIP2/GeoLite2 City or Country database"
+        )
+    try:
+        reader = maxminddb_rust.open_database(path, maxminddb_rust.MODE_MMAP)
+        served = [_codes_from_record(reader.get(probe)) for probe in probes]
+    except (maxminddb_rust.InvalidDatabaseError, ValueError, OSError) as error:
+        raise GeoIPError(f"{path}: the lookup reader refused the database ({error})") from None
+    if _identity(path) != identity or served != expected:
+        reader.close()
+        raise GeoIPError(f"{path}: changed while it was being opened, or its readers disagree; not served")
+    return reader, metadata
+
+
+def _identity(path: str) -> tuple[int, int, int, int]:
+    """What tells one file from its replacement (geoipupdate renames a new file in)."""
+    status = Path(path).stat()
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns

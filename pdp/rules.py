@@ -62,6 +62,7 @@ _RULE_KEYS = frozenset(
 _MEETING_KEYS = ("meeting_ids", "host_accounts", "tags")  # most selective first
 _ACTIONS = {"join": Action.JOIN, "host": Action.HOST}
 _ACTION_NAMES = {int(value): name for name, value in _ACTIONS.items()}
+_ALL_ACTIONS = int(Action.JOIN | Action.HOST)
 _EFFECTS = {"deny": Verdict.DENY, "allow": Verdict.ALLOW}
 _MODES = ("enforce", "shadow")
 
@@ -116,6 +117,9 @@ class Rule:
     position: int  # index in the snapshot, for stable reporting order
     rank: int = 0  # 0 is the strongest: priority desc, deny before allow, file order
     decision: Decision = field(default=Decision(Verdict.ALLOW), compare=False)
+    # True when being found in its index list proves the rule applies: every
+    # action, no window, no selector besides the one it is filed under.
+    settled: bool = False
 
     def applies(self, action: int, meeting: Meeting, now: float) -> bool:
         """True when the rule covers this action, meeting and moment (not location).
@@ -244,7 +248,7 @@ class Policy:
                     for rule in rules:
                         if best is not None and rule.rank >= best.rank:
                             break  # the rest of this list is weaker still
-                        if rule.applies(action, meeting, now):
+                        if rule.settled or rule.applies(action, meeting, now):
                             best = rule
                             break
         decision = self._allow if best is None else best.decision
@@ -262,7 +266,7 @@ class Policy:
             if bucket is not None:
                 for rules in bucket.candidate_lists(meeting):
                     for rule in rules:
-                        if rule.applies(action, meeting, now):
+                        if rule.settled or rule.applies(action, meeting, now):
                             matched[rule.position] = rule.id
         return tuple(matched[position] for position in sorted(matched))
 
@@ -298,7 +302,12 @@ def _with_rank(rule: Rule, rank: int) -> Rule:
         reason = rule.reason or f"participants located in {', '.join(rule.jurisdiction)} are denied by rule {rule.id}"
     else:
         reason = rule.reason or f"exception granted by rule {rule.id}"
-    return dataclasses.replace(rule, rank=rank, decision=Decision(rule.effect, rule.id, reason, rule.legal_basis))
+    selectors = [selector for selector in (rule.meeting_ids, rule.host_accounts, rule.tags) if selector]
+    settled = (rule.actions == _ALL_ACTIONS and rule.valid_from == -math.inf and rule.valid_until == math.inf) and len(
+        selectors
+    ) <= 1
+    decision = Decision(rule.effect, rule.id, reason, rule.legal_basis)
+    return dataclasses.replace(rule, rank=rank, decision=decision, settled=settled)
 
 
 # --------------------------------------------------------------------------- parsing
