@@ -59,14 +59,19 @@ class _VerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verdict.Value
     VERDICT_UNSPECIFIED: _Verdict.ValueType  # 0
     """Never sent by the server."""
     VERDICT_ALLOW: _Verdict.ValueType  # 1
+    """Admit the participant."""
     VERDICT_DENY: _Verdict.ValueType  # 2
+    """Keep the participant out; rule_id, reason and legal_basis say why."""
 
-class Verdict(_Verdict, metaclass=_VerdictEnumTypeWrapper): ...
+class Verdict(_Verdict, metaclass=_VerdictEnumTypeWrapper):
+    """The answer for one participant."""
 
 VERDICT_UNSPECIFIED: Verdict.ValueType  # 0
 """Never sent by the server."""
 VERDICT_ALLOW: Verdict.ValueType  # 1
+"""Admit the participant."""
 VERDICT_DENY: Verdict.ValueType  # 2
+"""Keep the participant out; rule_id, reason and legal_basis say why."""
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
 
 @_typing.final
@@ -142,10 +147,15 @@ class CheckRequest(_message.Message):
     MEETING_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     action: Global___Action.ValueType
+    """What; ACTION_JOIN or ACTION_HOST, required."""
     @_builtins.property
-    def participant(self) -> Global___Participant: ...
+    def participant(self) -> Global___Participant:
+        """Who asks; participant.ip is required."""
+
     @_builtins.property
-    def meeting(self) -> Global___Meeting: ...
+    def meeting(self) -> Global___Meeting:
+        """Where; meeting.meeting_id is required."""
+
     def __init__(
         self,
         *,
@@ -258,6 +268,7 @@ class CheckBatchRequest(_message.Message):
     PARTICIPANTS_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     action: Global___Action.ValueType
+    """What every participant asks; ACTION_JOIN or ACTION_HOST, required."""
     @_builtins.property
     def meeting(self) -> Global___Meeting:
         """The one meeting every participant is checked against."""
@@ -289,7 +300,9 @@ class CheckBatchResponse(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     GEOIP_BUILD_FIELD_NUMBER: _builtins.int
     policy_version: _builtins.int
+    """The policy version every result was decided with."""
     geoip_build: _builtins.int
+    """The GeoIP database build every result was located with (Unix seconds)."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckResponse]:
         """One result per participant, in request order, all from one policy version."""
@@ -311,6 +324,8 @@ Global___CheckBatchResponse: _TypeAlias = CheckBatchResponse  # noqa: Y015
 
 @_typing.final
 class WatchPolicyRequest(_message.Message):
+    """No parameters: every watcher sees every activation."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -356,6 +371,8 @@ Global___PolicyEvent: _TypeAlias = PolicyEvent  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
+    """No parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -392,6 +409,7 @@ class GetStatusResponse(_message.Message):
     serving: _builtins.bool
     """True when both a policy and a GeoIP database are loaded."""
     policy_version: _builtins.int
+    """Version of the active policy (0 when none)."""
     rule_count: _builtins.int
     """Number of rules in the active policy."""
     policy_source: _builtins.str
@@ -403,9 +421,11 @@ class GetStatusResponse(_message.Message):
     last_error: _builtins.str
     """The last error met while loading a policy or database; empty if none."""
     geoip_path: _builtins.str
+    """Path of the GeoIP database file in use."""
     geoip_type: _builtins.str
     """Database type from its metadata, for example "GeoIP2-City"."""
     geoip_build: _builtins.int
+    """Build time of the database (Unix seconds, from its metadata)."""
     cache_size: _builtins.int
     """Location cache: current entries, capacity, hits and misses since start."""
     cache_capacity: _builtins.int
@@ -414,7 +434,9 @@ class GetStatusResponse(_message.Message):
     server_version: _builtins.str
     """pdp's version."""
     @_builtins.property
-    def policy_activated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def policy_activated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the active policy was activated on this sidecar."""
+
     def __init__(
         self,
         *,
