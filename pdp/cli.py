@@ -17,12 +17,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import grpc
 
 from pdp import __version__
-from pdp.config import ConfigError, ServeConfig, add_serve_arguments, describe, resolve
+from pdp.config import ConfigError, add_serve_arguments, describe, resolve
 from pdp.geo import DEMO, DEMO_NOTICE, GeoDatabase, GeoIPError, InvalidAddressError, demo_database_path
 from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Verdict
 from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
@@ -47,18 +46,6 @@ def open_geo(name: str, cache_size: int = 100_000) -> GeoDatabase:
         log.warning(DEMO_NOTICE)
         return GeoDatabase(demo_database_path(), cache_size)
     return GeoDatabase(name, cache_size)
-
-
-def snapshot_path(url: str) -> Path:
-    """The file behind a ``file://`` URL (or a plain path)."""
-    if not url:
-        raise UsageError("no snapshot: pass --snapshot file:///path/rules.yaml or set PDP_SNAPSHOT_URL")
-    if "://" not in url:
-        return Path(url)
-    parsed = urlparse(url)
-    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
-        raise UsageError(f"{url}: only file:// snapshot URLs are supported so far")
-    return Path(unquote(parsed.path))
 
 
 def _format_build(epoch: int) -> str:
@@ -113,37 +100,63 @@ def _add_meeting_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_serve(options: argparse.Namespace) -> int:
     from pdp.policy import PolicyHolder
+    from pdp.reload import GeoWatcher, Reloader, StartupError
     from pdp.server import start_server, wait_for_signal
+    from pdp.signing import SignatureError, TrustedKeys
+    from pdp.sources import SourceOptions, open_source
 
     config = resolve(vars(options))
     logging.getLogger().setLevel(config.log_level.upper())
     log.info("starting pdp %s with %s", __version__, json.dumps(describe(config)))
-    geo, policy = _load_inputs(config)
+    if not config.snapshot:
+        raise UsageError("no snapshot: pass --snapshot file:///path/rules.yaml or set PDP_SNAPSHOT_URL")
+    try:
+        keys = TrustedKeys.from_files(config.pubkey_files)
+    except SignatureError as error:
+        raise UsageError(f"--snapshot-pubkey: {error}") from None
+    geo = open_geo(config.geoip_db, config.cache_size)
+    source_options = SourceOptions(
+        timeout=config.http_timeout,
+        bearer_token_file=config.http_bearer_token_file,
+        ca_bundle=config.http_ca_bundle,
+    )
+    try:
+        source = open_source(config.snapshot, source_options)
+    except ValueError as error:
+        raise UsageError(f"--snapshot: {error}") from None
     holder = PolicyHolder()
+    holder.activate_geo(geo)
+    reloader = Reloader(holder, source, keys=keys, state_dir=config.state_dir or None, poll_seconds=config.poll_seconds)
+    try:
+        reloader.initial()
+    except StartupError as error:
+        source.close()
+        raise UsageError(f"refusing to start: {error}") from None
+    watcher = GeoWatcher(holder, geo.path, cache_size=config.cache_size, poll_seconds=config.geoip_poll_seconds)
     try:
         running = start_server(config, holder)
     except OSError as error:
+        source.close()
         raise UsageError(str(error)) from None
-    holder.activate(policy, geo, config.snapshot)
+    reloader.start()
+    watcher.start()
     # Everything loaded so far lives as long as the process: keep the collector off it.
     gc.collect()
     gc.freeze()
-    counts = policy_summary(policy)
+    policy = holder.policy
+    state = f"policy version {policy.version} ({len(policy.rules)} rules)" if policy else "no policy yet, NOT_SERVING"
     print(
-        f"pdp {__version__} listening on {running.address}: policy version {policy.version} "
-        f"({counts['rules']} rules), {geo.database_type} built {_format_build(geo.build_epoch)}",
+        f"pdp {__version__} listening on {running.address}: {state}, "
+        f"{geo.database_type} built {_format_build(geo.build_epoch)}",
         flush=True,
     )
     print(f"try: pdp check --target {running.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
-    wait_for_signal(running)
+    try:
+        wait_for_signal(running)
+    finally:
+        reloader.stop()
+        watcher.stop()
     return EXIT_OK
-
-
-def _load_inputs(config: ServeConfig) -> tuple[GeoDatabase, Policy]:
-    path = snapshot_path(config.snapshot)
-    geo = open_geo(config.geoip_db, config.cache_size)
-    policy = load_policy(path)
-    return geo, policy
 
 
 def cmd_check(options: argparse.Namespace) -> int:
@@ -159,9 +172,7 @@ def cmd_check(options: argparse.Namespace) -> int:
                 action=Action[options.action.upper()],
             )
         except grpc.RpcError as error:
-            code = error.code().name if hasattr(error, "code") else "UNKNOWN"
-            details = error.details() if hasattr(error, "details") else str(error)
-            raise UsageError(f"{options.target}: {code}: {details}") from None
+            raise UsageError(f"{options.target}: {_rpc_error_text(error)}") from None
     decision = Decision(result.verdict, result.rule_id, result.reason, result.legal_basis, result.shadow_rule_ids)
     _print_decision(decision, result.location, result.policy_version, result.geoip_build, options.json)
     return _verdict_exit(result.verdict)
@@ -252,6 +263,83 @@ def cmd_snapshot_validate(options: argparse.Namespace) -> int:
             f"unknown locations {policy.unknown_location.name.lower()}; sha256 {policy.sha256}"
         )
     return status
+
+
+def cmd_keygen(options: argparse.Namespace) -> int:
+    from pdp.signing import generate_keypair
+
+    base = Path(options.out)
+    private_path, public_path = base.with_name(base.name + ".key"), base.with_name(base.name + ".pub")
+    try:
+        kid = generate_keypair(private_path, public_path)
+    except FileExistsError as error:
+        raise UsageError(str(error)) from None
+    print(f"key id {kid}\n  private {private_path} (mode 0600: sign with it, keep it off the sidecars)")
+    print(f"  public  {public_path} (give it to the sidecars: PDP_SNAPSHOT_PUBKEY)")
+    return EXIT_OK
+
+
+def _signed(path: str, key_file: str | None) -> tuple[bytes, Policy]:
+    """A validated rules file's bytes, wrapped in a signed envelope when a key is given."""
+    from pdp.signing import SignatureError, load_private_key, sign
+
+    policy = load_policy(path)
+    data = Path(path).read_bytes()
+    if not key_file:
+        return data, policy
+    try:
+        return sign(data, policy.version, load_private_key(key_file)), policy
+    except SignatureError as error:
+        raise UsageError(f"--key: {error}") from None
+
+
+def cmd_snapshot_sign(options: argparse.Namespace) -> int:
+    data, policy = _signed(options.file, options.key)
+    if options.out == "-":
+        sys.stdout.write(data.decode())
+    else:
+        Path(options.out).write_bytes(data)
+        print(f"signed version {policy.version} into {options.out}")
+    return EXIT_OK
+
+
+def cmd_snapshot_publish(options: argparse.Namespace) -> int:
+    from pdp.publish import PublishError, publish
+
+    data, policy = _signed(options.file, options.key)
+    try:
+        outcome = publish(data, options.to, policy.version, notify=not options.no_notify)
+    except (PublishError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    signed = "signed" if options.key else "unsigned"
+    print(f"published version {policy.version} ({signed}) to {options.to}: {outcome}")
+    return EXIT_OK
+
+
+def cmd_status(options: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from pdp.client import Client
+
+    with Client(options.target, timeout=options.timeout) as client:
+        try:
+            status = client.status()
+        except grpc.RpcError as error:
+            raise UsageError(f"{options.target}: {_rpc_error_text(error)}") from None
+    document = MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    if options.json:
+        print(json.dumps(document, indent=2))
+    else:
+        width = max(len(key) for key in document)
+        for key, value in document.items():
+            print(f"{key:<{width}}  {value}")
+    return EXIT_OK if status.serving else EXIT_USAGE
+
+
+def _rpc_error_text(error: grpc.RpcError) -> str:
+    if isinstance(error, grpc.Call):
+        return f"{error.code().name}: {error.details()}"
+    return str(error)
 
 
 def _print_decision(decision: Decision, location: Location, version: int, build: int, as_json: bool) -> None:
@@ -354,6 +442,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("file", nargs="+", help="YAML or JSON snapshot")
     validate.set_defaults(handler=cmd_snapshot_validate)
+
+    sign = snapshot.add_parser(
+        "sign",
+        help="wrap a rules file in a signed envelope",
+        description="Validate FILE, then sign it with an Ed25519 private key (pdp keygen). "
+        "The envelope binds the payload, the key id and the version.",
+    )
+    sign.add_argument("file", help="YAML or JSON snapshot")
+    sign.add_argument("--key", required=True, metavar="PRIVATE_KEY", help="PEM private key from pdp keygen")
+    sign.add_argument("--out", required=True, metavar="FILE", help="where to write the envelope ('-' for stdout)")
+    sign.set_defaults(handler=cmd_snapshot_sign)
+
+    publish = snapshot.add_parser(
+        "publish",
+        help="validate, sign and publish a snapshot to a store",
+        description="Validate FILE, sign it when --key is given, and publish it: "
+        "file:// by atomic rename, redis://host:port/db?key=K&channel=C by SET and "
+        "PUBLISH in one MULTI/EXEC. For HTTP stores, upload the signed file with the "
+        "store's own tools (see README).",
+    )
+    publish.add_argument("file", help="YAML or JSON snapshot")
+    publish.add_argument("--to", required=True, metavar="URL", help="file:///path or redis://host:port/db?key=K")
+    publish.add_argument("--key", metavar="PRIVATE_KEY", help="sign with this PEM private key")
+    publish.add_argument(
+        "--no-notify",
+        action="store_true",
+        help="redis: store without the pub/sub notice (sidecars see it at their next poll)",
+    )
+    publish.set_defaults(handler=cmd_snapshot_publish)
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="create an Ed25519 key pair for signing snapshots",
+        description="Write NAME.key (private, mode 0600) and NAME.pub (public, for "
+        "PDP_SNAPSHOT_PUBKEY). Existing files are never overwritten.",
+    )
+    keygen.add_argument("--out", required=True, metavar="NAME", help="path prefix, like keys/pdp-2026")
+    keygen.set_defaults(handler=cmd_keygen)
+
+    status = commands.add_parser(
+        "status",
+        help="show a running sidecar's status",
+        description="Print GetStatus: policy version and source, last fetch, stale flag, "
+        "last error, GeoIP database and cache. Exit 0 when serving, 2 otherwise.",
+    )
+    status.add_argument(
+        "--target",
+        default=os.environ.get("PDP_LISTEN", "127.0.0.1:50051"),
+        help="sidecar address (default $PDP_LISTEN or 127.0.0.1:50051)",
+    )
+    status.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="deadline (default 2)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.set_defaults(handler=cmd_status)
     return parser
 
 
@@ -365,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SnapshotError as error:
         print(f"pdp: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (UsageError, ConfigError, GeoIPError) as error:
+    except (UsageError, ConfigError, GeoIPError, ValueError) as error:
         print(f"pdp: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:

@@ -13,7 +13,7 @@ False
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -23,7 +23,7 @@ from pdp._proto import admission_pb2 as pb
 from pdp._proto import admission_pb2_grpc as pb_grpc
 from pdp.model import Action, Location, Verdict
 
-__all__ = ["CheckResult", "Client", "Participant"]
+__all__ = ["CheckResult", "Client", "Participant", "PolicyEvent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,15 @@ class Participant:
     ip: str
     user_id: str = ""
     account_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEvent:
+    """A policy (or GeoIP database) activation on the sidecar."""
+
+    policy_version: int
+    geoip_build: int
+    activated_at: float  # Unix seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +133,26 @@ class Client:
         )
         response = self._stub.CheckBatch(request, timeout=self.timeout if timeout is None else timeout)
         return [CheckResult.from_message(result) for result in response.results]
+
+    def watch_policy(self, *, timeout: float | None = None) -> Iterator[PolicyEvent]:
+        """Yield the active versions at once, then after every activation.
+
+        Re-check live participants with :meth:`check_batch` on each event. The
+        stream ends when ``timeout`` (default: none) expires or the server stops;
+        call again to resubscribe.
+
+        :raises grpc.RpcError: on any non-OK status other than the deadline.
+        """
+        stream = self._stub.WatchPolicy(pb.WatchPolicyRequest(), timeout=timeout)
+        try:
+            for event in stream:
+                yield PolicyEvent(event.policy_version, event.geoip_build, event.activated_at.ToMicroseconds() / 1e6)
+        except grpc.RpcError as error:
+            if isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return
+            raise
+        finally:
+            stream.cancel()
 
     def status(self, *, timeout: float | None = None) -> pb.GetStatusResponse:
         """The sidecar's status message.

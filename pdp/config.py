@@ -38,6 +38,17 @@ class ServeConfig:
     workers: int = 8
     grace_seconds: float = 5.0
     log_level: str = "info"
+    snapshot_pubkey: str = ""
+    state_dir: str = ""
+    poll_seconds: float = 2.0
+    geoip_poll_seconds: float = 5.0
+    http_timeout: float = 5.0
+    http_bearer_token_file: str = ""
+    http_ca_bundle: str = ""
+
+    @property
+    def pubkey_files(self) -> list[str]:
+        return [part.strip() for part in self.snapshot_pubkey.split(",") if part.strip()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +58,7 @@ class Setting:
     metavar: str
     parse: Callable[[str], Any]
     env_name: str = ""  # when the contract's variable differs from PDP_<NAME>
+    required: bool = False
 
     @property
     def flag(self) -> str:
@@ -81,9 +93,16 @@ def _snapshot_url(text: str) -> str:
     if text and "://" not in text:
         # A bare path is the common case on the command line.
         return Path(text).resolve().as_uri()
-    if text and not text.startswith("file://"):
-        raise ValueError(f"{text!r}: only file:// snapshot sources are supported so far")
+    if text and text.split("://", 1)[0] not in ("file", "http", "https", "redis", "rediss"):
+        raise ValueError(f"{text!r}: snapshot URLs are file://, http(s):// or redis://")
     return text
+
+
+def _interval(text: str) -> float:
+    value = float(text)
+    if not 0.05 <= value <= 86400:
+        raise ValueError(f"{value} is outside 0.05..86400 seconds")
+    return value
 
 
 def _listen(text: str) -> str:
@@ -97,16 +116,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "snapshot",
-        "rules snapshot to serve: file:///path/rules.yaml (or a plain path)",
+        "rules snapshot to follow: file:///path/rules.yaml (or a plain path), http(s)://host/path, or "
+        "redis://host:port/db?key=K&channel=C",
         "URL",
         _snapshot_url,
         "PDP_SNAPSHOT_URL",
+        required=True,
     ),
     Setting(
         "geoip_db",
         "MaxMind City or Country database (.mmdb), or 'demo' for the bundled 2018 GeoLite2-City",
         "PATH",
         str,
+        required=True,
     ),
     Setting("cache_size", "entries in the IP-to-location LRU cache", "N", _positive),
     Setting("batch_limit", "most participants accepted in one CheckBatch", "N", _positive),
@@ -114,6 +136,36 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "gRPC server threads", "N", _positive),
     Setting("grace_seconds", "on SIGTERM, how long in-flight calls may finish", "SECONDS", _seconds),
     Setting("log_level", "debug, info, warning or error", "LEVEL", _log_level),
+    Setting(
+        "snapshot_pubkey",
+        "trusted Ed25519 public key files (PEM), comma-separated; when set, only "
+        "snapshots signed by one of them are accepted",
+        "FILES",
+        str,
+    ),
+    Setting(
+        "state_dir",
+        "directory where the last activated snapshot is kept, to serve (marked stale) "
+        "when the store is unreachable at start",
+        "DIR",
+        str,
+    ),
+    Setting(
+        "poll_seconds",
+        "how often the snapshot source is polled (for redis://, the safety net "
+        "behind pub/sub notices); jittered, with backoff on errors",
+        "SECONDS",
+        _interval,
+    ),
+    Setting("geoip_poll_seconds", "how often the GeoIP database file is checked for replacement", "SECONDS", _interval),
+    Setting("http_timeout", "timeout of one snapshot fetch (http and redis)", "SECONDS", _interval),
+    Setting(
+        "http_bearer_token_file",
+        "file holding a bearer token for http(s) snapshot URLs (read at each fetch, so it can be rotated)",
+        "FILE",
+        str,
+    ),
+    Setting("http_ca_bundle", "CA bundle (PEM) to verify https snapshot URLs", "FILE", str),
 )
 
 CONFIG_ENV = "PDP_CONFIG"
@@ -125,7 +177,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help=f"YAML config file with the keys below [env {CONFIG_ENV}]")
     for setting in SETTINGS:
         default = getattr(defaults, setting.name)
-        shown = f"default {default}" if default != "" else "required"
+        shown = "required" if setting.required else f"default {default}" if default != "" else "unset"
         parser.add_argument(
             setting.flag,
             dest=setting.name,
@@ -219,6 +271,6 @@ def settings_markdown(settings: Sequence[Setting] = SETTINGS) -> str:
     rows = ["| flag | variable | default | meaning |", "|---|---|---|---|"]
     for setting in settings:
         default = getattr(defaults, setting.name)
-        shown = f"`{default}`" if default != "" else "(required)"
+        shown = "(required)" if setting.required else f"`{default}`" if default != "" else "(unset)"
         rows.append(f"| `{setting.flag}` | `{setting.env}` | {shown} | {setting.help} |")
     return "\n".join(rows)

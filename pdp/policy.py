@@ -2,7 +2,9 @@
 
 Both are swapped by replacing a single immutable :class:`Active` reference, so a
 request that reads ``holder.active`` once sees a consistent pair for its whole
-life, and a half-loaded state is never visible.
+life, and a half-loaded state is never visible. A replaced GeoIP database is
+never closed explicitly: its reader is released when the last request holding
+the old :class:`Active` finishes and drops the reference.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pdp.geo import GeoDatabase
 from pdp.rules import Policy
 
-__all__ = ["Active", "PolicyHolder"]
+__all__ = ["Active", "PolicyHolder", "ReloadStatus"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +27,22 @@ class Active:
     policy: Policy
     geo: GeoDatabase
     source: str  # where the policy came from
-    activated_at: float  # Unix seconds
+    activated_at: float  # Unix seconds, when this policy version became active
+
+
+@dataclass(slots=True)
+class ReloadStatus:
+    """How following the store is going; written by the reloaders, read by GetStatus."""
+
+    source: str = ""
+    last_fetch_at: float = 0.0
+    last_fetch_result: str = ""
+    last_error: str = ""
+    stale: bool = False
+    activations: int = 0
+    rejections: int = 0
+    geoip_reloads: int = 0
+    geoip_rejections: int = 0
 
 
 class PolicyHolder:
@@ -33,36 +50,58 @@ class PolicyHolder:
 
     def __init__(self) -> None:
         self.active: Active | None = None
-        self.last_error = ""
+        self.status = ReloadStatus()
+        self._policy: tuple[Policy, str, float] | None = None
+        self._geo: GeoDatabase | None = None
         self._write_lock = threading.Lock()
         self._listeners: dict[int, Callable[[Active], None]] = {}
         self._next_listener = 0
 
+    @property
+    def last_error(self) -> str:
+        return self.status.last_error
+
     def activate(self, policy: Policy, geo: GeoDatabase, source: str) -> Active:
-        """Make ``policy`` and ``geo`` the active pair and notify listeners."""
+        """Make ``policy`` and ``geo`` the active pair."""
         with self._write_lock:
-            active = Active(policy, geo, source, time.time())
-            self.active = active
-            self.last_error = ""
-        self._notify(active)
+            self._geo = geo
+            self._policy = (policy, source, time.time())
+            active = self._publish()
+        assert active is not None
         return active
 
-    def activate_policy(self, policy: Policy, source: str) -> Active:
-        """Replace the policy, keeping the current GeoIP database.
-
-        :raises RuntimeError: no database is active yet.
-        """
+    def activate_policy(self, policy: Policy, source: str) -> Active | None:
+        """Replace the policy (the database stays). Returns the new state, or
+        None while no database is loaded yet."""
         with self._write_lock:
-            if self.active is None:
-                raise RuntimeError("no GeoIP database is active yet")
-            active = replace(self.active, policy=policy, source=source, activated_at=time.time())
-            self.active = active
-        self._notify(active)
+            self._policy = (policy, source, time.time())
+            return self._publish()
+
+    def activate_geo(self, geo: GeoDatabase) -> Active | None:
+        """Replace the GeoIP database (the policy stays)."""
+        with self._write_lock:
+            self._geo = geo
+            return self._publish()
+
+    @property
+    def policy(self) -> Policy | None:
+        """The newest policy, served or (without a database yet) waiting."""
+        return self._policy[0] if self._policy else None
+
+    def _publish(self) -> Active | None:
+        if self._policy is None or self._geo is None:
+            return None
+        policy, source, activated_at = self._policy
+        active = Active(policy, self._geo, source, activated_at)
+        self.active = active
+        for listener in list(self._listeners.values()):
+            listener(active)
         return active
 
     def subscribe(self, listener: Callable[[Active], None]) -> Callable[[], None]:
-        """Call ``listener`` after every activation, from the activating thread;
-        it must not block. Returns the function that unsubscribes it."""
+        """Call ``listener`` after every activation, from the activating thread
+        and under the writers' lock, so it sees activations in order; it must
+        not block. Returns the function that unsubscribes it."""
         with self._write_lock:
             key = self._next_listener
             self._next_listener += 1
@@ -72,7 +111,3 @@ class PolicyHolder:
             self._listeners.pop(key, None)
 
         return unsubscribe
-
-    def _notify(self, active: Active) -> None:
-        for listener in list(self._listeners.values()):
-            listener(active)

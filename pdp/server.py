@@ -128,9 +128,21 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
         active = self._holder.active
+        status = self._holder.status
         response = pb.GetStatusResponse(
-            serving=active is not None, last_error=self._holder.last_error, server_version=__version__
+            serving=active is not None,
+            policy_source=status.source,
+            stale=status.stale,
+            last_error=status.last_error,
+            server_version=__version__,
+            last_fetch_result=status.last_fetch_result,
+            activations=status.activations,
+            rejections=status.rejections,
+            geoip_reloads=status.geoip_reloads,
+            geoip_rejections=status.geoip_rejections,
         )
+        if status.last_fetch_at:
+            response.last_fetch_at.FromDatetime(datetime.fromtimestamp(status.last_fetch_at, UTC))
         if active is not None:
             geo = active.geo
             response.policy_version = active.policy.version
@@ -141,6 +153,7 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
             response.geoip_path = geo.path
             response.geoip_type = geo.database_type
             response.geoip_build = geo.build_epoch
+            response.geoip_lookup_errors = geo.lookup_errors
             response.cache_size = geo.cache_entries
             response.cache_capacity = geo.cache_size
             response.cache_hits = geo.hits

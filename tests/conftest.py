@@ -16,6 +16,8 @@ from pdp.policy import PolicyHolder
 from pdp.rules import Policy, parse_policy
 from pdp.server import RunningServer, start_server
 
+from .servers import http_store, redis_server  # noqa: F401  # fixtures shared by every test module
+
 ROOT = Path(__file__).resolve().parent.parent
 # shared/ lies beside the checkout, both here and in CI's clean clone.
 TESTDATA = Path(os.environ.get("PDP_TESTDATA", ROOT.parent / "shared" / "testdata")) / "maxmind"

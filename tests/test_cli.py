@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from pdp.config import ConfigError, ServeConfig, resolve
 
 from .conftest import BAD_DATA, CITY_DB, CN_MEMORIAL, ROOT
+from .servers import RedisServer
 
 PDP = [sys.executable, "-m", "pdp"]
 
@@ -90,7 +92,6 @@ def test_check_against_nothing_is_a_transport_error(tmp_path: Path) -> None:
     [
         (["--snapshot", "{bad_rules}"], {}, "rules.yaml:4: rules[0] (x).jurisdiction: 'XX' is not"),
         (["--snapshot", "{bad_rules}"], {}, "rules.yaml:3: rules[0] (x).legal_basis: required"),
-        (["--snapshot", "{missing}"], {}, "No such file or directory"),
         (["--geoip-db", "{tmp}/absent.mmdb"], {}, "absent.mmdb: no such GeoIP database file"),
         (
             ["--geoip-db", str(BAD_DATA / "maxminddb-golang" / "cyclic-data-structure.mmdb")],
@@ -107,7 +108,8 @@ def test_check_against_nothing_is_a_transport_error(tmp_path: Path) -> None:
         ([], {"PDP_WORKERS": "many"}, "environment variable PDP_WORKERS: invalid literal"),
         (["--config", "{tmp}/pdp.yaml"], {}, "pdp.yaml:2: unknown setting 'colour'"),
         (["--snapshot", ""], {"PDP_SNAPSHOT_URL": ""}, "no snapshot: pass --snapshot"),
-        (["--snapshot", "https://store.invalid/rules.yaml"], {}, "only file:// snapshot sources"),
+        (["--snapshot", "ftp://store.example/rules.yaml"], {}, "snapshot URLs are file://, http(s):// or redis://"),
+        (["--snapshot-pubkey", "{tmp}/absent.pub"], {}, "--snapshot-pubkey: "),
     ],
 )
 def test_serve_refuses_bad_start_up_input(
@@ -117,7 +119,7 @@ def test_serve_refuses_bad_start_up_input(
     bad_rules.write_text("version: 1\nrules:\n  - id: x\n    jurisdiction: [XX]\n    effect: deny\n")
     (tmp_path / "pdp.yaml").write_text("listen: unix:/tmp/x.sock\ncolour: blue\n")
     base = ["--listen", f"unix:{tmp_path}/s.sock", "--snapshot", str(rules_file), "--geoip-db", str(CITY_DB)]
-    substitutions = {"bad_rules": str(bad_rules), "missing": str(tmp_path / "missing.yaml"), "tmp": str(tmp_path)}
+    substitutions = {"bad_rules": str(bad_rules), "tmp": str(tmp_path)}
     result = run("serve", *base, *[arg.format(**substitutions) for arg in extra], env=env)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
@@ -268,3 +270,82 @@ def test_config_file_errors_name_file_and_line(tmp_path: Path, text: str, messag
 @pytest.mark.parametrize("listen", ["127.0.0.1:0", "[::1]:50051", "localhost:1", "unix:/run/pdp.sock"])
 def test_listen_addresses_accepted(listen: str) -> None:
     assert resolve({"listen": listen}, {}).listen == listen
+
+
+# --------------------------------------------------------------------------- keys, signing, publishing, status
+
+
+def test_keygen_sign_publish_and_serve_a_signed_redis_snapshot(
+    tmp_path: Path, rules_file: Path, redis_server: RedisServer
+) -> None:
+    keygen = run("keygen", "--out", str(tmp_path / "ops"))
+    assert keygen.returncode == 0, keygen.stderr
+    assert (tmp_path / "ops.key").stat().st_mode & 0o777 == 0o600
+    assert run("keygen", "--out", str(tmp_path / "ops")).returncode == 2  # never overwrites
+
+    signed = run("snapshot", "sign", str(rules_file), "--key", str(tmp_path / "ops.key"), "--out", "-")
+    assert signed.returncode == 0
+    assert json.loads(signed.stdout)["version"] == 7
+
+    url = redis_server.url("pdp:cli")
+    published = run("snapshot", "publish", str(rules_file), "--to", url, "--key", str(tmp_path / "ops.key"))
+    assert published.returncode == 0, published.stderr
+    assert "published version 7 (signed)" in published.stdout
+
+    target = f"unix:{tmp_path}/pdp.sock"
+    process = subprocess.Popen(
+        [*PDP, "serve", "--listen", target, "--snapshot", url, "--geoip-db", str(CITY_DB),
+         "--snapshot-pubkey", str(tmp_path / "ops.pub"), "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert "policy version 7 (2 rules)" in process.stdout.readline()
+        status = run("status", "--target", target, "--json")
+        assert status.returncode == 0, status.stderr
+        document = json.loads(status.stdout)
+        assert (document["policy_version"], document["policy_source"], document["stale"]) == ("7", url, False)
+        assert document["last_fetch_result"] == "activated version 7"
+        assert (tmp_path / "state" / "snapshot").is_file()
+        deny = run("check", "--target", target, "--ip", "175.16.199.1", "--meeting", "m", "--tag", "memorial")
+        assert deny.returncode == 3
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+    unsigned = run("snapshot", "publish", str(rules_file), "--to", "https://store.example/rules")
+    assert unsigned.returncode == 2
+    assert "upload to HTTP stores with their own tools" in unsigned.stderr
+
+
+def test_serve_without_a_snapshot_file_waits_not_serving(tmp_path: Path, rules_file: Path) -> None:
+    target = f"unix:{tmp_path}/pdp.sock"
+    missing = tmp_path / "later.yaml"
+    process = subprocess.Popen(
+        [*PDP, "serve", "--listen", target, "--snapshot", str(missing), "--geoip-db", str(CITY_DB),
+         "--poll-seconds", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert "no policy yet, NOT_SERVING" in process.stdout.readline()
+        waiting = run("status", "--target", target)
+        assert waiting.returncode == 2
+        assert "later.yaml" in waiting.stdout
+        unavailable = run("check", "--target", target, "--ip", "175.16.199.1", "--meeting", "m")
+        assert unavailable.returncode == 2
+        assert "UNAVAILABLE: no policy" in unavailable.stderr
+
+        from pdp.client import Client
+
+        with Client(target, timeout=30) as client:
+            events = client.watch_policy(timeout=30)
+            shutil.copy(rules_file, missing)
+            assert next(events).policy_version == 7  # the first event is the first activation
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

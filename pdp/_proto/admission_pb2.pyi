@@ -406,6 +406,13 @@ class GetStatusResponse(_message.Message):
     CACHE_HITS_FIELD_NUMBER: _builtins.int
     CACHE_MISSES_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_FETCH_AT_FIELD_NUMBER: _builtins.int
+    LAST_FETCH_RESULT_FIELD_NUMBER: _builtins.int
+    ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    REJECTIONS_FIELD_NUMBER: _builtins.int
+    GEOIP_RELOADS_FIELD_NUMBER: _builtins.int
+    GEOIP_REJECTIONS_FIELD_NUMBER: _builtins.int
+    GEOIP_LOOKUP_ERRORS_FIELD_NUMBER: _builtins.int
     serving: _builtins.bool
     """True when both a policy and a GeoIP database are loaded."""
     policy_version: _builtins.int
@@ -433,9 +440,25 @@ class GetStatusResponse(_message.Message):
     cache_misses: _builtins.int
     server_version: _builtins.str
     """pdp's version."""
+    last_fetch_result: _builtins.str
+    activations: _builtins.int
+    """Counts since start: policy activations and rejected snapshots, GeoIP
+    database reloads and rejected database files, and lookups that met a
+    broken record (answered as an unknown location).
+    """
+    rejections: _builtins.int
+    geoip_reloads: _builtins.int
+    geoip_rejections: _builtins.int
+    geoip_lookup_errors: _builtins.int
     @_builtins.property
     def policy_activated_at(self) -> _timestamp_pb2.Timestamp:
         """When the active policy was activated on this sidecar."""
+
+    @_builtins.property
+    def last_fetch_at(self) -> _timestamp_pb2.Timestamp:
+        """When the snapshot source was last asked, and what came of it, in words:
+        "activated version 42", "unchanged", "rejected: ...", "error: ...".
+        """
 
     def __init__(
         self,
@@ -456,10 +479,17 @@ class GetStatusResponse(_message.Message):
         cache_hits: _builtins.int = ...,
         cache_misses: _builtins.int = ...,
         server_version: _builtins.str = ...,
+        last_fetch_at: _timestamp_pb2.Timestamp | None = ...,
+        last_fetch_result: _builtins.str = ...,
+        activations: _builtins.int = ...,
+        rejections: _builtins.int = ...,
+        geoip_reloads: _builtins.int = ...,
+        geoip_rejections: _builtins.int = ...,
+        geoip_lookup_errors: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["policy_activated_at", b"policy_activated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_fetch_at", b"last_fetch_at", "policy_activated_at", b"policy_activated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_capacity", b"cache_capacity", "cache_hits", b"cache_hits", "cache_misses", b"cache_misses", "cache_size", b"cache_size", "geoip_build", b"geoip_build", "geoip_path", b"geoip_path", "geoip_type", b"geoip_type", "last_error", b"last_error", "policy_activated_at", b"policy_activated_at", "policy_sha256", b"policy_sha256", "policy_source", b"policy_source", "policy_version", b"policy_version", "rule_count", b"rule_count", "server_version", b"server_version", "serving", b"serving", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "cache_capacity", b"cache_capacity", "cache_hits", b"cache_hits", "cache_misses", b"cache_misses", "cache_size", b"cache_size", "geoip_build", b"geoip_build", "geoip_lookup_errors", b"geoip_lookup_errors", "geoip_path", b"geoip_path", "geoip_rejections", b"geoip_rejections", "geoip_reloads", b"geoip_reloads", "geoip_type", b"geoip_type", "last_error", b"last_error", "last_fetch_at", b"last_fetch_at", "last_fetch_result", b"last_fetch_result", "policy_activated_at", b"policy_activated_at", "policy_sha256", b"policy_sha256", "policy_source", b"policy_source", "policy_version", b"policy_version", "rejections", b"rejections", "rule_count", b"rule_count", "server_version", b"server_version", "serving", b"serving", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
