@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import threading
 import time
@@ -297,17 +296,37 @@ def test_invalid_snapshot_with_nothing_persisted_refuses_to_start(tmp_path: Path
         Reloader(holder, open_source(path.as_uri())).initial()
 
 
-def test_read_only_state_dir_still_activates(tmp_path: Path, holder: PolicyHolder) -> None:
+def test_unwritable_state_dir_still_activates_and_says_so(tmp_path: Path, holder: PolicyHolder) -> None:
+    # A regular file where the directory should be: unwritable even for root.
     state = tmp_path / "state"
-    state.mkdir()
-    state.chmod(0o500)
-    if os.access(state, os.W_OK):  # root ignores permissions
-        pytest.skip("running as root: a read-only directory is still writable")
+    state.write_text("not a directory")
     path = tmp_path / "rules.yaml"
     path.write_bytes(snapshot(2))
     reloader = Reloader(holder, open_source(path.as_uri()), state_dir=state)
     assert reloader.run_once() == "activated version 2"
-    assert "cannot persist" in holder.status.last_error
+    assert version_of(holder) == 2
+    assert "cannot persist the snapshot" in holder.status.last_error
+
+
+def test_rejection_reason_is_visible_in_get_status(tmp_path: Path, holder: PolicyHolder) -> None:
+    from pdp.client import Client
+
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(snapshot(4))
+    reloader = Reloader(holder, open_source(path.as_uri()))
+    reloader.run_once()
+    path.write_bytes(snapshot(3))
+    reloader.run_once()
+    running = start_server(ServeConfig(listen=f"unix:{tmp_path}/s.sock"), holder)
+    try:
+        with Client(running.address, timeout=5) as client:
+            status = client.status()
+        assert status.policy_version == 4
+        assert "version 3 is lower than the active 4 (replay)" in status.last_error
+        assert status.last_fetch_result.startswith("rejected: ")
+        assert (status.activations, status.rejections) == (1, 1)
+    finally:
+        running.stop(grace=0)
 
 
 # --------------------------------------------------------------------------- HTTP
