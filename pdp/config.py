@@ -30,6 +30,7 @@ class ServeConfig:
     """Everything `pdp serve` needs; built by :func:`resolve`."""
 
     listen: str = "127.0.0.1:50051"
+    health_listen: str = ""
     snapshot: str = ""
     geoip_db: str = ""
     cache_size: int = 100_000
@@ -110,9 +111,19 @@ def _listen(text: str) -> str:
     return text
 
 
+def _optional_listen(text: str) -> str:
+    return _listen(text) if text else ""
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "listen", "address to serve on: HOST:PORT (port 0 picks a free one) or unix:/path/to.sock", "ADDR", _listen
+    ),
+    Setting(
+        "health_listen",
+        "extra address serving only grpc.health.v1 (for kubelet gRPC probes when --listen is a Unix socket)",
+        "ADDR",
+        _optional_listen,
     ),
     Setting(
         "snapshot",

@@ -199,6 +199,8 @@ class RunningServer:
     health: health.HealthServicer
     address: str
     grace_seconds: float
+    health_server: grpc.Server | None = None
+    health_address: str = ""
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -209,6 +211,8 @@ class RunningServer:
         """Report NOT_SERVING, let in-flight calls finish, then stop."""
         self.health.enter_graceful_shutdown()
         self.server.stop(self.grace_seconds if grace is None else grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
 
 def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -244,6 +248,19 @@ def start_server(
     address = _bind(server, config.listen)
     server.start()
     running = RunningServer(server, health_servicer, address, config.grace_seconds)
+    if config.health_listen:
+        # Only Health here: this address may be the pod IP, reachable by the kubelet and others.
+        probe_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health"), options=grpc_options(config)
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+        try:
+            running.health_address = _bind(probe_server, config.health_listen)
+        except OSError:
+            server.stop(0)
+            raise
+        probe_server.start()
+        running.health_server = probe_server
     # Health follows the holder: NOT_SERVING until a policy and a database are active.
     running.set_serving(holder.active is not None)
     holder.subscribe(lambda _active: running.set_serving(True))

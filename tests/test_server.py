@@ -258,3 +258,13 @@ def test_policy_swap_under_concurrent_checks_is_never_torn(start: ServerFactory)
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+def test_health_listen_serves_only_health(start: ServerFactory) -> None:
+    running, _, _ = start(health_listen="127.0.0.1:0")
+    assert running.health_address.startswith("127.0.0.1:")
+    assert health_of(running.health_address) == health_pb2.HealthCheckResponse.SERVING
+    stub = pb_grpc.AdmissionServiceStub(grpc.insecure_channel(running.health_address))
+    request = pb.CheckRequest(participant=pb.Participant(ip="81.2.69.142"), meeting=pb.Meeting(meeting_id="m"))
+    code, _ = code_of(lambda: stub.Check(request, timeout=5))
+    assert code == grpc.StatusCode.UNIMPLEMENTED

@@ -1,0 +1,23 @@
+# pdp sidecar image. No GeoIP database inside: mount one (see helm/pdp, geoip.*).
+# Build: docker build -t pdp:0.1.0 .
+
+# --- build: a wheel of pdp and of every runtime dependency
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY pdp ./pdp
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# --- runtime: only the wheels, installed into a venv owned by root, run as a numeric non-root uid
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/pdp/bin:$PATH
+COPY --from=build /wheels /wheels
+RUN python -m venv /opt/pdp \
+ && /opt/pdp/bin/pip install --no-cache-dir --no-index --find-links=/wheels pdp \
+ && rm -rf /wheels
+USER 10001:10001
+EXPOSE 50051 8081
+ENTRYPOINT ["pdp"]
+CMD ["serve"]
