@@ -99,14 +99,17 @@ def _add_meeting_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(options: argparse.Namespace) -> int:
+    from pdp import logs
+    from pdp.audit import AuditConfig, AuditError, AuditLog
     from pdp.policy import PolicyHolder
     from pdp.reload import GeoWatcher, Reloader, StartupError
     from pdp.server import start_server, wait_for_signal
     from pdp.signing import SignatureError, TrustedKeys
     from pdp.sources import SourceOptions, open_source
+    from pdp.telemetry import TelemetryError, configure_from_environment
 
     config = resolve(vars(options))
-    logging.getLogger().setLevel(config.log_level.upper())
+    logs.setup(config.log_format, config.log_level)
     log.info("starting pdp %s with %s", __version__, json.dumps(describe(config)))
     if not config.snapshot:
         raise UsageError("no snapshot: pass --snapshot file:///path/rules.yaml or set PDP_SNAPSHOT_URL")
@@ -133,11 +136,30 @@ def cmd_serve(options: argparse.Namespace) -> int:
         source.close()
         raise UsageError(f"refusing to start: {error}") from None
     watcher = GeoWatcher(holder, geo.path, cache_size=config.cache_size, poll_seconds=config.geoip_poll_seconds)
+    audit = None
     try:
-        running = start_server(config, holder)
-    except OSError as error:
+        telemetry, exporters = configure_from_environment(holder)
+        if config.audit_log:
+            if not config.audit_hmac_key_file:
+                raise UsageError(
+                    "--audit-log needs --audit-hmac-key-file (PDP_AUDIT_HMAC_KEY_FILE): ids are pseudonymised"
+                )
+            audit = AuditLog(
+                AuditConfig(
+                    config.audit_log,
+                    config.audit_hmac_key_file,
+                    config.audit_allow_sample_rate,
+                    config.audit_include_ip,
+                    config.audit_queue_size,
+                    config.audit_max_bytes,
+                )
+            )
+        running = start_server(config, holder, telemetry=telemetry, audit=audit)
+    except (OSError, TelemetryError, AuditError) as error:
         source.close()
         raise UsageError(str(error)) from None
+    for exporter in exporters:
+        log.info("telemetry %s", exporter)
     reloader.start()
     watcher.start()
     # Everything loaded so far lives as long as the process: keep the collector off it.
@@ -156,6 +178,12 @@ def cmd_serve(options: argparse.Namespace) -> int:
     finally:
         reloader.stop()
         watcher.stop()
+        if audit is not None:
+            audit.close()
+            log.info("audit log closed: %d records written, %d dropped", audit.written, audit.dropped)
+        if telemetry is not None:
+            telemetry.shutdown()
+    log.info("shutdown complete")
     return EXIT_OK
 
 
@@ -336,6 +364,21 @@ def cmd_status(options: argparse.Namespace) -> int:
     return EXIT_OK if status.serving else EXIT_USAGE
 
 
+def cmd_report(options: argparse.Namespace) -> int:
+    from pdp.report import ReportError, build, chart, read_records, render
+
+    try:
+        records = list(read_records(options.log))
+        rows = build(records, options.since, options.until)
+        sys.stdout.write(render(rows, options.format))
+        if options.chart:
+            chart(records, rows, options.chart)
+            print(f"chart written to {options.chart}", file=sys.stderr)
+    except ReportError as error:
+        raise UsageError(str(error)) from None
+    return EXIT_OK
+
+
 def _rpc_error_text(error: grpc.RpcError) -> str:
     if isinstance(error, grpc.Call):
         return f"{error.code().name}: {error.details()}"
@@ -495,6 +538,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="deadline (default 2)")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.set_defaults(handler=cmd_status)
+
+    report = commands.add_parser(
+        "report",
+        help="transparency report from decision audit logs",
+        description="Aggregate audit logs per jurisdiction, rule and legal basis: denials, distinct meetings, "
+        "distinct pseudonymous participants, where they were located, first and last seen, shadow matches.",
+    )
+    report.add_argument("log", nargs="+", help="audit log files (JSON lines; rotated files too)")
+    report.add_argument("--since", metavar="TIME", help="include records at or after this time (RFC 3339)")
+    report.add_argument("--until", metavar="TIME", help="include records before this time (RFC 3339)")
+    report.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
+    report.add_argument("--chart", metavar="PNG", help="also draw denials per day (needs the report extra)")
+    report.set_defaults(handler=cmd_report)
     return parser
 
 

@@ -46,6 +46,13 @@ class ServeConfig:
     http_timeout: float = 5.0
     http_bearer_token_file: str = ""
     http_ca_bundle: str = ""
+    log_format: str = "json"
+    audit_log: str = ""
+    audit_hmac_key_file: str = ""
+    audit_allow_sample_rate: float = 0.0
+    audit_include_ip: bool = False
+    audit_queue_size: int = 10_000
+    audit_max_bytes: int = 100 * 1024 * 1024
 
     @property
     def pubkey_files(self) -> list[str]:
@@ -97,6 +104,27 @@ def _snapshot_url(text: str) -> str:
     if text and text.split("://", 1)[0] not in ("file", "http", "https", "redis", "rediss"):
         raise ValueError(f"{text!r}: snapshot URLs are file://, http(s):// or redis://")
     return text
+
+
+def _log_format(text: str) -> str:
+    if text.lower() not in ("json", "text"):
+        raise ValueError(f"{text!r} is not json or text")
+    return text.lower()
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{value} is outside 0..1")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
 
 
 def _interval(text: str) -> float:
@@ -177,6 +205,20 @@ SETTINGS: tuple[Setting, ...] = (
         str,
     ),
     Setting("http_ca_bundle", "CA bundle (PEM) to verify https snapshot URLs", "FILE", str),
+    Setting("log_format", "lifecycle logs on stderr as json or text", "FORMAT", _log_format),
+    Setting("audit_log", "decision audit log: a file path, or stdout; unset: no audit log", "PATH", str),
+    Setting(
+        "audit_hmac_key_file",
+        "file with the key (16+ bytes) that pseudonymises participant and user ids in the audit log",
+        "FILE",
+        str,
+    ),
+    Setting("audit_allow_sample_rate", "share of ALLOW decisions also written to the audit log", "RATE", _rate),
+    Setting("audit_include_ip", "write raw participant IPs into the audit log (opt-in)", "BOOL", _boolean),
+    Setting(
+        "audit_queue_size", "audit records waiting to be written; beyond, they are dropped and counted", "N", _positive
+    ),
+    Setting("audit_max_bytes", "audit log size that triggers rotation (5 old files are kept)", "BYTES", _positive),
 )
 
 CONFIG_ENV = "PDP_CONFIG"
@@ -272,8 +314,13 @@ def parse_listen(address: str) -> tuple[str, int | None]:
 
 
 def describe(config: ServeConfig) -> dict[str, Any]:
-    """The configuration as a plain mapping, for the start-up log line."""
-    return {field.name: getattr(config, field.name) for field in fields(config)}
+    """The configuration as a plain mapping, for the start-up log line; secrets
+    are only ever referenced by file, and URL passwords are masked."""
+    from pdp.logs import redact_url
+
+    described = {field.name: getattr(config, field.name) for field in fields(config)}
+    described["snapshot"] = redact_url(config.snapshot)
+    return described
 
 
 def settings_markdown(settings: Sequence[Setting] = SETTINGS) -> str:

@@ -41,6 +41,7 @@ class ReloadStatus:
     stale: bool = False
     activations: int = 0
     rejections: int = 0
+    fetch_errors: int = 0
     geoip_reloads: int = 0
     geoip_rejections: int = 0
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from pdp.geo import GeoDatabase, GeoIPError
+from pdp.logs import redact_url
 from pdp.policy import PolicyHolder, ReloadStatus
 from pdp.rules import Policy, SnapshotError, parse_policy
 from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
@@ -92,7 +93,7 @@ class Reloader:
         self.poll_seconds = poll_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self.status: ReloadStatus = holder.status
-        self.status.source = source.url
+        self.status.source = redact_url(source.url)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
@@ -107,6 +108,7 @@ class Reloader:
             fetched = self.source.fetch()
         except SourceError as error:
             self._failures += 1
+            self.status.fetch_errors += 1
             self.status.stale = True
             return self._result(f"error: {error}", error=str(error))
         self._failures = 0
@@ -117,7 +119,7 @@ class Reloader:
         if digest == self._rejected_sha:
             return self._result("unchanged (still rejected)")
         try:
-            policy = read_snapshot(fetched.data, self.keys, self.source.url)
+            policy = read_snapshot(fetched.data, self.keys, self.status.source)
             outcome = self._offer(policy, fetched)
         except SnapshotRejectedError as error:
             self._rejected_sha = digest
@@ -138,12 +140,14 @@ class Reloader:
                 )
             if policy.version == current.version:
                 raise SnapshotRejectedError(f"version {policy.version} is already active with other content (conflict)")
-        self.holder.activate_policy(policy, self.source.url)
+        self.holder.activate_policy(policy, self.status.source)
         self.source.commit(fetched)
         self._rejected_sha = ""
         self.status.activations += 1
         self.status.last_error = ""
-        log.info("activated policy version %d (%d rules) from %s", policy.version, len(policy.rules), self.source.url)
+        log.info(
+            "activated policy version %d (%d rules) from %s", policy.version, len(policy.rules), self.status.source
+        )
         self._persist(fetched.data, policy)
         return f"activated version {policy.version}"
 
@@ -174,7 +178,7 @@ class Reloader:
             return
         persisted = self._load_persisted()
         if persisted is not None:
-            self.holder.activate_policy(persisted, self.source.url)
+            self.holder.activate_policy(persisted, self.status.source)
             self.status.stale = True
             log.warning("serving the persisted snapshot, version %d, marked stale: %s", persisted.version, result)
             return
@@ -187,7 +191,7 @@ class Reloader:
     def _persist(self, data: bytes, policy: Policy) -> None:
         if self.state_dir is None:
             return
-        meta = {"source": self.source.url, "version": policy.version, "sha256": policy.sha256}
+        meta = {"source": self.status.source, "version": policy.version, "sha256": policy.sha256}
         try:
             _atomic_write(self.state_dir / PERSISTED, data)
             _atomic_write(self.state_dir / PERSISTED_META, json.dumps(meta).encode())
@@ -204,8 +208,8 @@ class Reloader:
             data = (self.state_dir / PERSISTED).read_bytes()
         except (OSError, ValueError):
             return None
-        if meta.get("source") != self.source.url:
-            log.warning("persisted snapshot came from %s, not %s; not used", meta.get("source"), self.source.url)
+        if meta.get("source") != self.status.source:
+            log.warning("persisted snapshot came from %s, not %s; not used", meta.get("source"), self.status.source)
             return None
         try:
             return read_snapshot(data, self.keys, str(self.state_dir / PERSISTED))

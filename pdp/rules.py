@@ -215,7 +215,17 @@ class Policy:
     so that they never lengthen the enforced walk.
     """
 
-    __slots__ = ("_allow", "_enforced", "_shadow", "_unknown", "rules", "sha256", "unknown_location", "version")
+    __slots__ = (
+        "_allow",
+        "_enforced",
+        "_shadow",
+        "_unknown",
+        "by_id",
+        "rules",
+        "sha256",
+        "unknown_location",
+        "version",
+    )
 
     def __init__(self, version: int, rules: Sequence[Rule], unknown_location: Verdict, sha256: str) -> None:
         self.version = version
@@ -226,6 +236,7 @@ class Policy:
         self.rules: tuple[Rule, ...] = tuple(
             _with_rank(rule, ranks[rule.id]) for rule in sorted(rules, key=lambda r: r.position)
         )
+        self.by_id: dict[str, Rule] = {rule.id: rule for rule in self.rules}
         self._enforced = _build_index(rule for rule in self.rules if not rule.shadow)
         self._shadow = _build_index(rule for rule in self.rules if rule.shadow)
         self._allow = Decision(Verdict.ALLOW, reason="no rule applies")

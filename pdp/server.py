@@ -10,6 +10,7 @@ grpc.aio with the same handler.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -18,25 +19,31 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import SpanKind
 
 from pdp import __version__
 from pdp._proto import admission_pb2 as pb
 from pdp._proto import admission_pb2_grpc as pb_grpc
 from pdp.config import ServeConfig, parse_listen
 from pdp.geo import InvalidAddressError
-from pdp.model import Decision, Location, Meeting
+from pdp.model import Decision, Location, Meeting, Verdict
 from pdp.policy import Active, PolicyHolder
+from pdp.telemetry import verdict_label
+
+if TYPE_CHECKING:
+    from pdp.audit import AuditLog
+    from pdp.telemetry import Telemetry
 
 __all__ = ["SERVICE_NAME", "AdmissionServicer", "RunningServer", "start_server"]
 
@@ -52,15 +59,30 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
 
 
 class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
-    """Answers Check, CheckBatch and GetStatus from the holder's active state."""
+    """Answers Check, CheckBatch and GetStatus from the holder's active state.
 
-    def __init__(self, holder: PolicyHolder, batch_limit: int, max_watchers: int) -> None:
+    Telemetry, tracing and the audit log are optional; without them Check is
+    the bare decision path.
+    """
+
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        batch_limit: int,
+        max_watchers: int,
+        telemetry: Telemetry | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self._holder = holder
         self._batch_limit = batch_limit
         # A sync server gives each open stream a thread of its own; capping the
         # watchers keeps threads free for Check.
         self._watch_slots = threading.BoundedSemaphore(max_watchers)
         self._max_watchers = max_watchers
+        self._telemetry = telemetry
+        self._tracer = telemetry.tracer if telemetry is not None else None
+        self._audit = audit
+        self._observed = telemetry is not None or audit is not None
 
     def _active(self, context: grpc.ServicerContext) -> Active:
         active = self._holder.active
@@ -68,7 +90,21 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
             _abort(context, grpc.StatusCode.UNAVAILABLE, "no policy and GeoIP database loaded yet; retry shortly")
         return active
 
+    # ------------------------------------------------------------------ Check
+
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        if not self._observed:
+            return self._check(request, context)[0]
+        if self._tracer is None:
+            return self._observed_check(request, context)
+        with self._tracer.start_as_current_span("pdp.v1.AdmissionService/Check", kind=SpanKind.SERVER) as span:
+            response = self._observed_check(request, context)
+            span.set_attributes(_span_attributes("Check", response.verdict, response.rule_id, response))
+            return response
+
+    def _check(
+        self, request: pb.CheckRequest, context: grpc.ServicerContext
+    ) -> tuple[pb.CheckResponse, Decision, Location, Active]:
         active = self._active(context)
         meeting = _meeting(request.meeting, request.action, context)
         try:
@@ -76,9 +112,69 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
         except InvalidAddressError as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"participant.ip: {error}")
         decision = active.policy.decide(location, request.action, meeting, time.time())
-        return _response(decision, location, active)
+        return _response(decision, location, active), decision, location, active
+
+    def _observed_check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+        started = time.perf_counter()
+        try:
+            response, decision, location, active = self._check(request, context)
+        except Exception:
+            if self._telemetry is not None:
+                self._telemetry.observe_error("Check", time.perf_counter() - started)
+            raise
+        if self._telemetry is not None:
+            self._telemetry.observe(
+                "Check",
+                time.perf_counter() - started,
+                _VERDICT_NAMES[decision.verdict],
+                ((decision, location),),
+                active,
+            )
+        if self._audit is not None:
+            participant = request.participant
+            self._audit.record(
+                decision, location, active, request.action, request.meeting.meeting_id,
+                participant.ip, participant.user_id, participant.account_id,
+            )  # fmt: skip
+        return response
+
+    # ------------------------------------------------------------------ CheckBatch
 
     def CheckBatch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext) -> pb.CheckBatchResponse:
+        if not self._observed:
+            return self._check_batch(request, context)[0]
+        started = time.perf_counter()
+        span_context = (
+            self._tracer.start_as_current_span("pdp.v1.AdmissionService/CheckBatch", kind=SpanKind.SERVER)
+            if self._tracer is not None
+            else contextlib.nullcontext()
+        )
+        with span_context as span:
+            try:
+                response, decided, active = self._check_batch(request, context)
+            except Exception:
+                if self._telemetry is not None:
+                    self._telemetry.observe_error("CheckBatch", time.perf_counter() - started)
+                raise
+            verdict = verdict_label(decision.verdict for decision, _ in decided)
+            if span is not None:
+                span.set_attributes(
+                    {**_span_attributes("CheckBatch", 0, "", response), "pdp.verdict": verdict,
+                     "pdp.participants": len(decided)}
+                )  # fmt: skip
+        if self._telemetry is not None:
+            self._telemetry.observe("CheckBatch", time.perf_counter() - started, verdict, decided, active)
+        if self._audit is not None:
+            for (decision, location), participant in zip(decided, request.participants, strict=True):
+                self._audit.record(
+                    decision, location, active, request.action, request.meeting.meeting_id,
+                    participant.ip, participant.user_id, participant.account_id,
+                )  # fmt: skip
+        return response
+
+    def _check_batch(
+        self, request: pb.CheckBatchRequest, context: grpc.ServicerContext
+    ) -> tuple[pb.CheckBatchResponse, list[tuple[Decision, Location]], Active]:
         count = len(request.participants)
         if not 1 <= count <= self._batch_limit:
             _abort(
@@ -92,17 +188,21 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
         decide = active.policy.decide
         now = time.time()
         results = []
+        decided = []
         for position, participant in enumerate(request.participants):
             try:
                 location = locate(participant.ip)
             except InvalidAddressError as error:
                 _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"participants[{position}].ip: {error}")
-            results.append(_response(decide(location, request.action, meeting, now), location, active))
-        return pb.CheckBatchResponse(
+            decision = decide(location, request.action, meeting, now)
+            decided.append((decision, location))
+            results.append(_response(decision, location, active))
+        response = pb.CheckBatchResponse(
             results=results,
             policy_version=active.policy.version,
             geoip_build=active.geo.build_epoch,
         )
+        return response, decided, active
 
     def WatchPolicy(self, request: pb.WatchPolicyRequest, context: grpc.ServicerContext) -> Iterator[pb.PolicyEvent]:
         if not self._watch_slots.acquire(blocking=False):
@@ -169,6 +269,24 @@ def _meeting(message: pb.Meeting, action: int, context: grpc.ServicerContext) ->
     return Meeting(message.meeting_id, message.host_account_id, frozenset(message.tags))
 
 
+_VERDICT_NAMES = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY"}
+
+
+def _span_attributes(rpc: str, verdict: int, rule_id: str, response: object) -> dict[str, str | int]:
+    """Decision attributes for a span; never an address or an id of a person."""
+    attributes: dict[str, str | int] = {
+        "rpc.system": "grpc",
+        "rpc.service": SERVICE_NAME,
+        "rpc.method": rpc,
+        "pdp.policy_version": int(getattr(response, "policy_version", 0)),
+        "pdp.geoip_build": int(getattr(response, "geoip_build", 0)),
+    }
+    if verdict:
+        attributes["pdp.verdict"] = _VERDICT_NAMES[Verdict(verdict)]
+        attributes["pdp.rule_id"] = rule_id
+    return attributes
+
+
 def _policy_event(active: Active) -> pb.PolicyEvent:
     event = pb.PolicyEvent(policy_version=active.policy.version, geoip_build=active.geo.build_epoch)
     event.activated_at.FromDatetime(datetime.fromtimestamp(active.activated_at, UTC))
@@ -228,7 +346,9 @@ def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
 def start_server(
     config: ServeConfig,
     holder: PolicyHolder,
-    extra_services: Iterable[tuple[str, object]] = (),
+    *,
+    telemetry: Telemetry | None = None,
+    audit: AuditLog | None = None,
 ) -> RunningServer:
     """Build and start the server on ``config.listen``; health starts NOT_SERVING.
 
@@ -239,7 +359,7 @@ def start_server(
         options=grpc_options(config),
     )
     pb_grpc.add_AdmissionServiceServicer_to_server(
-        AdmissionServicer(holder, config.batch_limit, max(1, config.workers // 2)), server
+        AdmissionServicer(holder, config.batch_limit, max(1, config.workers // 2), telemetry, audit), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -53,6 +53,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "pdp: geoip.source=geoipupdate needs geoip.geoipupdate.accountId and geoip.geoipupdate.licenseKeySecret {name, key}" -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.audit.log (not $v.audit.hmacKeySecret.name) -}}
+{{- fail "pdp: audit.log needs audit.hmacKeySecret {name, key}: participant ids are pseudonymised with it" -}}
+{{- end -}}
+{{- if and $v.audit.log (ne $v.audit.log "stdout") (not $v.stateDir.enabled) -}}
+{{- fail "pdp: an audit.log file needs stateDir.enabled (the root filesystem is read-only); or use audit.log=stdout" -}}
+{{- end -}}
 {{- if and $v.telemetry.serviceMonitor.enabled (ne $v.telemetry.metricsExporter "prometheus") -}}
 {{- fail "pdp: telemetry.serviceMonitor.enabled needs telemetry.metricsExporter=prometheus" -}}
 {{- end -}}

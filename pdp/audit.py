@@ -1,0 +1,208 @@
+"""The decision audit log: one JSON line per DENY and per shadow match.
+
+ALLOWs are sampled (default: none). Participant and user ids are pseudonymised
+with HMAC-SHA256 under a key kept outside the log; raw IPs are written only
+when explicitly asked for. Records leave the request path through a bounded
+queue: when it is full they are dropped and counted, never waited for. A
+writer thread formats and writes them, rotating the file by size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import itertools
+import json
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from pdp.model import Action, Decision, Location, Verdict
+from pdp.policy import Active
+
+__all__ = ["AuditConfig", "AuditError", "AuditLog", "pseudonym"]
+
+_STOP = object()
+
+
+class AuditError(Exception):
+    """The audit log cannot be set up (no key, unwritable path)."""
+
+
+def pseudonym(key: bytes, value: str) -> str:
+    """Stable, unlinkable-without-the-key stand-in for an id; empty stays empty."""
+    if not value:
+        return ""
+    return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+class _Pending(NamedTuple):
+    """What the request path hands to the writer: references only, no formatting."""
+
+    time: float
+    decision: Decision
+    location: Location
+    active: Active
+    action: int
+    meeting_id: str
+    ip: str
+    user_id: str
+    account_id: str
+    enforced: bool  # log the verdict itself (a DENY, or a sampled ALLOW), not just shadow matches
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    target: str  # a path, or "stdout"
+    hmac_key_file: str
+    allow_sample_rate: float = 0.0
+    include_ip: bool = False
+    queue_size: int = 10_000
+    max_bytes: int = 100 * 1024 * 1024
+    backups: int = 5
+
+
+class AuditLog:
+    """Queue plus writer thread. :meth:`record` is called on the request path."""
+
+    def __init__(self, config: AuditConfig) -> None:
+        self.config = config
+        try:
+            self._key = Path(config.hmac_key_file).read_bytes().strip()
+        except OSError as error:
+            raise AuditError(f"audit HMAC key file {config.hmac_key_file}: {error.strerror or error}") from None
+        if len(self._key) < 16:
+            raise AuditError(f"audit HMAC key file {config.hmac_key_file}: use at least 16 bytes of key")
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_size)
+        self._ids = itertools.count(1)
+        self._prefix = os.urandom(4).hex()
+        self._stream: IO[str] | None = None
+        self._size = 0
+        self._open()
+        self.dropped = 0
+        self.written = 0
+        self._thread = threading.Thread(target=self._write_loop, name="pdp-audit", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ request path
+
+    def record(
+        self,
+        decision: Decision,
+        location: Location,
+        active: Active,
+        action: int,
+        meeting_id: str,
+        ip: str,
+        user_id: str,
+        account_id: str,
+    ) -> None:
+        """Queue the decision if it is to be logged; never blocks."""
+        enforced = decision.verdict == Verdict.DENY or bool(
+            self.config.allow_sample_rate and random.random() < self.config.allow_sample_rate  # noqa: S311
+        )
+        if not (enforced or decision.shadow_rule_ids):
+            return
+        item = _Pending(time.time(), decision, location, active, action, meeting_id, ip, user_id, account_id, enforced)
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+
+    # ------------------------------------------------------------------ writer
+
+    def _open(self) -> None:
+        if self.config.target == "stdout":
+            self._stream = sys.stdout
+            return
+        path = Path(self.config.target)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._stream = path.open("a", encoding="utf-8")
+            self._size = path.stat().st_size
+        except OSError as error:
+            raise AuditError(f"audit log {path}: {error.strerror or error}") from None
+
+    def _rotate(self) -> None:
+        if self.config.target == "stdout" or self._stream is None:
+            return
+        self._stream.close()
+        path = Path(self.config.target)
+        for number in range(self.config.backups - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{number}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{number + 1}"))
+        path.replace(path.with_name(f"{path.name}.1"))
+        self._open()
+
+    def _lines(self, item: _Pending) -> list[str]:
+        moment, decision, location, active, action, meeting_id, ip, user_id, account_id, enforced = item
+        base = {
+            "time": dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="milliseconds"),
+            "action": "join" if action == Action.JOIN else "host",
+            "location": {"country": location.country, "subdivisions": list(location.subdivisions)},
+            "meeting_id": meeting_id,
+            "participant": pseudonym(self._key, str(account_id)),
+            "user": pseudonym(self._key, str(user_id)),
+            "policy_version": active.policy.version,
+            "geoip_build": active.geo.build_epoch,
+        }
+        if self.config.include_ip:
+            base["ip"] = ip
+        lines = []
+        by_id = active.policy.by_id
+        entries: list[tuple[str, str, str, str]] = []
+        if enforced:
+            entries.append(("enforce", decision.verdict.name, decision.rule_id, decision.legal_basis))
+        for shadow_id in decision.shadow_rule_ids:
+            shadow = by_id[shadow_id]
+            entries.append(("shadow", shadow.effect.name, shadow_id, shadow.legal_basis))
+        for mode, verdict, rule_id, legal_basis in entries:
+            rule = by_id.get(rule_id)
+            record = {
+                "decision_id": f"{self._prefix}-{next(self._ids)}",
+                "mode": mode,
+                "verdict": verdict,
+                "rule_id": rule_id,
+                "legal_basis": legal_basis,
+                "jurisdiction": list(rule.jurisdiction) if rule else [],
+                **base,
+            }
+            lines.append(json.dumps(record, separators=(",", ":"), ensure_ascii=False))
+        return lines
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if not isinstance(item, _Pending):
+                break
+            try:
+                for line in self._lines(item):
+                    self._write(line + "\n")
+            except Exception:  # one bad record must not stop the log
+                self.dropped += 1
+
+    def _write(self, line: str) -> None:
+        assert self._stream is not None
+        if self.config.target != "stdout" and self._size + len(line) > self.config.max_bytes and self._size:
+            self._rotate()
+        self._stream.write(line)
+        self._stream.flush()
+        self._size += len(line.encode())
+        self.written += 1
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=timeout)
+        self._thread.join(timeout=timeout)
+        if self._stream is not None and self._stream is not sys.stdout:
+            self._stream.close()

@@ -1,0 +1,366 @@
+"""Metrics, traces, the audit log, the transparency report and lifecycle logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from pdp.audit import AuditConfig, AuditLog, pseudonym
+from pdp.client import Client, Participant
+from pdp.config import ServeConfig, describe
+from pdp.geo import GeoDatabase
+from pdp.logs import JsonFormatter, redact_url
+from pdp.model import Verdict
+from pdp.policy import PolicyHolder
+from pdp.report import build, read_records, render
+from pdp.server import RunningServer, start_server
+from pdp.telemetry import DURATION_BUCKETS, Telemetry, TelemetryError, _load, configure_from_environment
+
+from .conftest import CITY_DB, policy_from
+
+RULES = """
+version: 12
+rules:
+  - {id: cn, effect: deny, jurisdiction: [CN], legal_basis: Order 17/2020}
+  - {id: gb-draft, effect: deny, jurisdiction: [GB], mode: shadow, legal_basis: Draft 3}
+"""
+CN, HK, GB = "175.16.199.1", "2001:2e0::1", "81.2.69.142"
+
+
+def loaded_holder(rules: str = RULES) -> PolicyHolder:
+    holder = PolicyHolder()
+    holder.activate(policy_from(rules), GeoDatabase(CITY_DB), "file:///rules.yaml")
+    return holder
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    running: list[tuple[RunningServer, Client]] = []
+
+    def start(holder: PolicyHolder, **kwargs: Any) -> Client:
+        server = start_server(ServeConfig(listen=f"unix:{tmp_path}/s{len(running)}.sock"), holder, **kwargs)
+        client = Client(server.address, timeout=10)
+        running.append((server, client))
+        return client
+
+    yield start
+    for server, client in running:
+        client.close()
+        server.stop(grace=0)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metric_points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], Any]]]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+    for resource_metrics in data.resource_metrics:
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                points[metric.name] = [(dict(point.attributes or {}), point) for point in metric.data.data_points]
+    return points
+
+
+def test_metrics_after_known_checks(serve: Any) -> None:
+    holder = loaded_holder()
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(holder, MeterProvider(metric_readers=[reader]))
+    client = serve(holder, telemetry=telemetry)
+    client.check(CN, "m")
+    client.check(CN, "m")
+    client.check(HK, "m")
+    client.check(GB, "m")
+    client.check_batch("m", [CN, HK])
+    points = metric_points(reader)
+
+    decisions = {
+        (a["verdict"], a["rule_id"], a["mode"], a["jurisdiction"]): p.value for a, p in points["pdp.decisions"]
+    }
+    assert decisions == {
+        ("DENY", "cn", "enforce", "CN"): 3,
+        ("ALLOW", "", "enforce", "HK"): 2,
+        ("ALLOW", "", "enforce", "GB"): 1,
+        ("DENY", "gb-draft", "shadow", "GB"): 1,
+    }
+    durations = {(a["rpc"], a["verdict"]): p for a, p in points["pdp.check.duration"]}
+    assert {key: point.count for key, point in durations.items()} == {
+        ("Check", "DENY"): 2,
+        ("Check", "ALLOW"): 2,
+        ("CheckBatch", "MIXED"): 1,
+    }
+    assert tuple(durations[("Check", "DENY")].explicit_bounds) == DURATION_BUCKETS
+    assert DURATION_BUCKETS[0] < 0.0001  # resolves tens of microseconds
+    cache = {a["result"]: p.value for a, p in points["pdp.geoip.cache"]}
+    assert cache == {"hit": 3, "miss": 3}
+    assert points["pdp.policy.version"][0][1].value == 12
+    assert points["pdp.geoip.build_epoch"][0][1].value == GeoDatabase(CITY_DB).build_epoch
+    assert points["pdp.policy.age_seconds"][0][1].value >= 0
+    reloads = {a["result"]: p.value for a, p in points["pdp.policy.reloads"]}
+    assert reloads["activated"] == 0
+    assert {a["source"] for a, _ in points["pdp.policy.reloads"]} == {"file"}
+
+
+def test_failed_calls_are_timed_as_errors(serve: Any) -> None:
+    holder = loaded_holder()
+    reader = InMemoryMetricReader()
+    client = serve(holder, telemetry=Telemetry(holder, MeterProvider(metric_readers=[reader])))
+    with pytest.raises(grpc.RpcError, match=r"participant\.ip"):
+        client.check("1.2.3", "m")
+    durations = {(a["rpc"], a["verdict"]): p.count for a, p in metric_points(reader)["pdp.check.duration"]}
+    assert durations == {("Check", "ERROR"): 1}
+
+
+def test_traces_carry_the_decision_and_never_an_address(serve: Any) -> None:
+    holder = loaded_holder()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry = Telemetry(holder, MeterProvider(), tracer=provider.get_tracer("test"))
+    client = serve(holder, telemetry=telemetry)
+    client.check(CN, "m", user_id="alice", account_id="acct-1")
+    client.check_batch("m", [Participant(HK, "bob")])
+    spans = exporter.get_finished_spans()
+    assert [span.name for span in spans] == ["pdp.v1.AdmissionService/Check", "pdp.v1.AdmissionService/CheckBatch"]
+    check = dict(spans[0].attributes or {})
+    assert (check["pdp.verdict"], check["pdp.rule_id"], check["pdp.policy_version"]) == ("DENY", "cn", 12)
+    text = json.dumps([dict(span.attributes or {}) for span in spans])
+    for secret in (CN, HK, "alice", "bob", "acct-1"):
+        assert secret not in text
+
+
+def test_prometheus_endpoint_is_scraped_over_http(serve: Any) -> None:
+    holder = loaded_holder()
+    environ = {"OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_PORT": "0"}
+    telemetry, described = configure_from_environment(holder, environ)
+    assert telemetry is not None
+    try:
+        client = serve(holder, telemetry=telemetry)
+        client.check(CN, "m")
+        (where,) = described
+        url = where.removeprefix("metrics: ")
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310  # our own endpoint
+            body = response.read().decode()
+        assert 'pdp_decisions_total{jurisdiction="CN",mode="enforce",rule_id="cn",verdict="DENY"} 1.0' in body
+        assert "pdp_check_duration_seconds_bucket" in body
+        assert "pdp_policy_version 12.0" in body
+    finally:
+        telemetry.shutdown()
+
+
+def test_exporter_configuration_errors_say_what_to_install() -> None:
+    with pytest.raises(TelemetryError, match=r"pip install 'pdp\[otlp\]'"):
+        _load("pdp_no_such_module.exporter", "OTLPMetricExporter", "otlp")
+    with pytest.raises(TelemetryError, match="OTEL_METRICS_EXPORTER='jaeger'"):
+        configure_from_environment(loaded_holder(), {"OTEL_METRICS_EXPORTER": "jaeger"})
+    assert configure_from_environment(loaded_holder(), {}) == (None, [])
+    assert configure_from_environment(loaded_holder(), {"OTEL_SDK_DISABLED": "true"}) == (None, [])
+
+
+# --------------------------------------------------------------------------- audit log
+
+
+@pytest.fixture
+def hmac_key(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.key"
+    path.write_bytes(b"0123456789abcdef0123456789abcdef")
+    return path
+
+
+def audit_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_deny_line_has_every_field_and_no_raw_ip(serve: Any, tmp_path: Path, hmac_key: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    audit = AuditLog(AuditConfig(str(log), str(hmac_key)))
+    client = serve(loaded_holder(), audit=audit)
+    client.check(CN, "m-1", user_id="alice", account_id="acct-1")
+    client.check(HK, "m-1", user_id="bob", account_id="acct-2")  # ALLOW: not logged at sample rate 0
+    client.check(GB, "m-2", user_id="carol", account_id="acct-3")  # ALLOW with a shadow match
+    audit.close()
+    deny, shadow = audit_lines(log)
+    assert set(deny) == {
+        "decision_id", "mode", "verdict", "rule_id", "legal_basis", "jurisdiction", "time", "action",
+        "location", "meeting_id", "participant", "user", "policy_version", "geoip_build",
+    }  # fmt: skip
+    assert (deny["verdict"], deny["rule_id"], deny["legal_basis"], deny["jurisdiction"]) == (
+        "DENY", "cn", "Order 17/2020", ["CN"],
+    )  # fmt: skip
+    assert deny["location"] == {"country": "CN", "subdivisions": ["CN-22"]}
+    assert (deny["meeting_id"], deny["action"], deny["policy_version"]) == ("m-1", "join", 12)
+    assert deny["participant"] == pseudonym(hmac_key.read_bytes(), "acct-1")
+    assert deny["user"] == pseudonym(hmac_key.read_bytes(), "alice")
+    assert (shadow["mode"], shadow["verdict"], shadow["rule_id"]) == ("shadow", "DENY", "gb-draft")
+    text = log.read_text()
+    for raw in (CN, GB, "alice", "acct-1", "carol"):
+        assert raw not in text
+
+
+def test_raw_ip_only_when_opted_in_and_allows_sampled(serve: Any, tmp_path: Path, hmac_key: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    audit = AuditLog(AuditConfig(str(log), str(hmac_key), allow_sample_rate=1.0, include_ip=True))
+    client = serve(loaded_holder(), audit=audit)
+    client.check(CN, "m")
+    client.check(HK, "m")
+    audit.close()
+    lines = audit_lines(log)
+    assert [(line["verdict"], line["ip"]) for line in lines] == [("DENY", CN), ("ALLOW", HK)]
+
+
+def test_pseudonyms_are_stable_per_key_and_differ_across_keys() -> None:
+    key_a, key_b = b"a" * 32, b"b" * 32
+    assert pseudonym(key_a, "acct-1") == pseudonym(key_a, "acct-1")
+    assert pseudonym(key_a, "acct-1") != pseudonym(key_b, "acct-1")
+    assert pseudonym(key_a, "acct-1") != pseudonym(key_a, "acct-2")
+    assert pseudonym(key_a, "") == ""
+
+
+def test_full_queue_drops_and_counts_but_never_fails_a_check(serve: Any, tmp_path: Path, hmac_key: Path) -> None:
+    # A pipe nobody reads: the writer blocks once the kernel buffer is full, as on a stuck disk.
+    fifo = tmp_path / "audit.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    audit = AuditLog(AuditConfig(str(fifo), str(hmac_key), queue_size=2))
+    client = serve(loaded_holder(), audit=audit)
+    results = [client.check(CN, "m").verdict for _ in range(600)]
+    assert results == [Verdict.DENY] * 600
+    assert audit.dropped > 0
+    assert audit.written + audit.dropped <= 600
+
+    draining = threading.Event()
+
+    def drain() -> None:
+        os.set_blocking(reader, True)
+        while os.read(reader, 65536):
+            draining.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    audit.close()
+    os.close(reader)
+
+
+def test_size_rotation_keeps_old_files(serve: Any, tmp_path: Path, hmac_key: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    audit = AuditLog(AuditConfig(str(log), str(hmac_key), max_bytes=2000, backups=2))
+    client = serve(loaded_holder(), audit=audit)
+    for _ in range(30):
+        client.check(CN, "m")
+    audit.close()
+    rotated = sorted(path.name for path in tmp_path.glob("audit.jsonl*"))
+    assert rotated == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert all(path.stat().st_size <= 2000 for path in tmp_path.glob("audit.jsonl*"))
+
+
+def test_audit_needs_a_real_key(tmp_path: Path) -> None:
+    from pdp.audit import AuditError
+
+    short = tmp_path / "short.key"
+    short.write_bytes(b"tiny")
+    with pytest.raises(AuditError, match="at least 16 bytes"):
+        AuditLog(AuditConfig(str(tmp_path / "a.jsonl"), str(short)))
+    with pytest.raises(AuditError, match=r"absent\.key"):
+        AuditLog(AuditConfig(str(tmp_path / "a.jsonl"), str(tmp_path / "absent.key")))
+
+
+# --------------------------------------------------------------------------- transparency report
+
+
+def fixture_log(path: Path) -> Path:
+    def line(time: str, rule: str, meeting: str, who: str, country: str, mode: str = "enforce") -> str:
+        record = {
+            "decision_id": "x", "mode": mode, "verdict": "DENY", "rule_id": rule,
+            "legal_basis": {"cn": "Order 17/2020", "wa": "WA statute"}[rule],
+            "jurisdiction": {"cn": ["CN"], "wa": ["US-WA"]}[rule], "time": time, "action": "join",
+            "location": {"country": country, "subdivisions": ["US-WA"] if rule == "wa" else []},
+            "meeting_id": meeting, "participant": who, "user": "", "policy_version": 3, "geoip_build": 1,
+        }  # fmt: skip
+        return json.dumps(record)
+
+    lines = [
+        line("2026-06-01T10:00:00+00:00", "cn", "m1", "p1", "CN"),
+        line("2026-06-01T11:00:00+00:00", "cn", "m1", "p2", "CN"),
+        line("2026-06-02T09:00:00+00:00", "cn", "m2", "p1", "CN"),
+        line("2026-06-03T09:00:00+00:00", "cn", "m3", "p3", "CN", mode="shadow"),
+        line("2026-06-02T12:00:00+00:00", "wa", "m9", "p7", "US"),
+        line("2026-07-01T00:00:00+00:00", "cn", "m4", "p4", "CN"),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_report_counts_exactly(tmp_path: Path) -> None:
+    log = fixture_log(tmp_path / "audit.jsonl")
+    rows = build(read_records([log]), since="2026-06-01T00:00:00Z", until="2026-07-01T00:00:00Z")
+    table = [row.as_dict() for row in rows]
+    assert table == [
+        {
+            "jurisdiction": "CN", "rule_id": "cn", "legal_basis": "Order 17/2020", "denials": 3,
+            "distinct_meetings": 2, "distinct_participants": 2, "located_in": ["CN"],
+            "first_seen": "2026-06-01T10:00:00+00:00", "last_seen": "2026-06-02T09:00:00+00:00",
+            "shadow_matches": 1,
+        },
+        {
+            "jurisdiction": "US-WA", "rule_id": "wa", "legal_basis": "WA statute", "denials": 1,
+            "distinct_meetings": 1, "distinct_participants": 1, "located_in": ["US", "US-WA"],
+            "first_seen": "2026-06-02T12:00:00+00:00", "last_seen": "2026-06-02T12:00:00+00:00",
+            "shadow_matches": 0,
+        },
+    ]  # fmt: skip
+    markdown = render(rows, "md")
+    assert markdown.splitlines()[2].startswith("| CN | cn | Order 17/2020 | 3 | 2 | 2 | CN |")
+    assert render(rows, "csv").splitlines()[1].startswith("CN,cn,Order 17/2020,3,2,2,CN,")
+
+
+def test_report_command_writes_a_png(tmp_path: Path) -> None:
+    log = fixture_log(tmp_path / "audit.jsonl")
+    png = tmp_path / "report.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "pdp", "report", str(log), "--format", "json", "--chart", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [row["denials"] for row in json.loads(result.stdout)] == [4, 1]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"time": "x"}\nnot json\n')
+    failed = subprocess.run(
+        [sys.executable, "-m", "pdp", "report", str(bad)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert failed.returncode == 2
+    assert "bad.jsonl:1: not an audit record" in failed.stderr
+
+
+# --------------------------------------------------------------------------- lifecycle logs
+
+
+def test_lifecycle_logs_are_json_and_mask_secrets() -> None:
+    import logging
+
+    record = logging.LogRecord("pdp", logging.INFO, __file__, 1, "activated version %d", (3,), None)
+    document = json.loads(JsonFormatter().format(record))
+    assert (document["level"], document["logger"], document["message"]) == ("info", "pdp", "activated version 3")
+    assert redact_url("redis://pdp:hunter2@redis:6379/0?key=k") == "redis://pdp:***@redis:6379/0?key=k"
+    assert redact_url("https://store/rules") == "https://store/rules"
+    described = describe(ServeConfig(snapshot="redis://:hunter2@redis:6379/0"))
+    assert "hunter2" not in json.dumps(described)
