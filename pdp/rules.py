@@ -10,13 +10,14 @@ A compiled :class:`Policy` is immutable and safe to share between threads.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime as dt
+import gc
 import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ _RULE_KEYS = frozenset(
     }
 )
 _MEETING_KEYS = ("meeting_ids", "host_accounts", "tags")  # most selective first
-_ACTIONS = {"join": Action.JOIN, "host": Action.HOST}
+_ACTIONS = {"join": int(Action.JOIN), "host": int(Action.HOST)}
 _ACTION_NAMES = {int(value): name for name, value in _ACTIONS.items()}
 _ALL_ACTIONS = int(Action.JOIN | Action.HOST)
 _EFFECTS = {"deny": Verdict.DENY, "allow": Verdict.ALLOW}
@@ -228,14 +229,11 @@ class Policy:
     )
 
     def __init__(self, version: int, rules: Sequence[Rule], unknown_location: Verdict, sha256: str) -> None:
+        """``rules`` in file order, already ranked (see :func:`parse_policy`)."""
         self.version = version
         self.unknown_location = unknown_location
         self.sha256 = sha256
-        order = sorted(rules, key=lambda r: (-r.priority, r.effect != Verdict.DENY, r.position))
-        ranks = {rule.id: rank for rank, rule in enumerate(order)}
-        self.rules: tuple[Rule, ...] = tuple(
-            _with_rank(rule, ranks[rule.id]) for rule in sorted(rules, key=lambda r: r.position)
-        )
+        self.rules: tuple[Rule, ...] = tuple(rules)
         self.by_id: dict[str, Rule] = {rule.id: rule for rule in self.rules}
         self._enforced = _build_index(rule for rule in self.rules if not rule.shadow)
         self._shadow = _build_index(rule for rule in self.rules if rule.shadow)
@@ -308,17 +306,24 @@ class Policy:
         return f"<Policy version={self.version} rules={len(self.rules)} sha256={self.sha256[:12]}>"
 
 
-def _with_rank(rule: Rule, rank: int) -> Rule:
-    if rule.effect == Verdict.DENY:
-        reason = rule.reason or f"participants located in {', '.join(rule.jurisdiction)} are denied by rule {rule.id}"
+def _ranked(spec: dict[str, Any], rank: int) -> Rule:
+    """The final rule: its rank, its precomputed decision, whether finding it settles it."""
+    if spec["effect"] == Verdict.DENY:
+        reason = (
+            spec["reason"]
+            or f"participants located in {', '.join(spec['jurisdiction'])} are denied by rule {spec['id']}"
+        )
     else:
-        reason = rule.reason or f"exception granted by rule {rule.id}"
-    selectors = [selector for selector in (rule.meeting_ids, rule.host_accounts, rule.tags) if selector]
-    settled = (rule.actions == _ALL_ACTIONS and rule.valid_from == -math.inf and rule.valid_until == math.inf) and len(
-        selectors
-    ) <= 1
-    decision = Decision(rule.effect, rule.id, reason, rule.legal_basis)
-    return dataclasses.replace(rule, rank=rank, decision=decision, settled=settled)
+        reason = spec["reason"] or f"exception granted by rule {spec['id']}"
+    selectors = sum(1 for key in ("meeting_ids", "host_accounts", "tags") if spec[key])
+    settled = (
+        spec["actions"] == _ALL_ACTIONS
+        and spec["valid_from"] == -math.inf
+        and spec["valid_until"] == math.inf
+        and selectors <= 1
+    )
+    decision = Decision(spec["effect"], spec["id"], reason, spec["legal_basis"])
+    return Rule(**spec, rank=rank, decision=decision, settled=settled)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -451,11 +456,13 @@ class _Checker:
 
     def string_list(self, mapping: _Mapping, key: str, path: str) -> list[str]:
         value = mapping.get(key)
-        line = _line(mapping, key)
         if value is None:
             return []
         if isinstance(value, str):
             value = [value]
+        if type(value) is list and all(type(item) is str and item for item in value):
+            return value  # the common case, checked in one pass
+        line = _line(mapping, key)
         if not isinstance(value, list):
             self.fail(f"{path}.{key}", f"must be a list of strings, not {_kind(value)}", line)
             return []
@@ -469,6 +476,8 @@ class _Checker:
 
     def integer(self, mapping: _Mapping, key: str, path: str, *, low: int, high: int, default: int | None) -> int:
         value = mapping.get(key)
+        if type(value) is int and low <= value <= high:
+            return value
         line = _line(mapping, key) or mapping.line
         if value is None:
             if default is None:
@@ -485,9 +494,9 @@ class _Checker:
 
     def moment(self, mapping: _Mapping, key: str, path: str, default: float) -> float:
         value = mapping.get(key)
-        line = _line(mapping, key)
         if value is None:
             return default
+        line = _line(mapping, key)
         if isinstance(value, str):
             try:
                 value = dt.datetime.fromisoformat(value)
@@ -517,7 +526,7 @@ def _kind(value: object) -> str:
     )
 
 
-def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, int]) -> Rule | None:
+def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, int]) -> dict[str, Any] | None:
     if not isinstance(raw, _Mapping):
         checker.fail(f"rules[{position}]", f"must be a mapping, not {_kind(raw)}", None)
         return None
@@ -592,22 +601,22 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
     if valid_from >= valid_until:
         checker.fail(f"{path}.valid_until", "must be later than valid_from", _line(raw, "valid_until"))
 
-    return Rule(
-        id=rule_id,
-        effect=_EFFECTS.get(effect, Verdict.ALLOW),
-        jurisdiction=tuple(dict.fromkeys(jurisdiction)),
-        actions=int(actions),
-        meeting_ids=selectors["meeting_ids"],
-        host_accounts=selectors["host_accounts"],
-        tags=selectors["tags"],
-        priority=priority,
-        shadow=mode == "shadow",
-        legal_basis=legal_basis.strip(),
-        reason=reason.strip(),
-        valid_from=valid_from,
-        valid_until=valid_until,
-        position=position,
-    )
+    return {
+        "id": rule_id,
+        "effect": _EFFECTS.get(effect, Verdict.ALLOW),
+        "jurisdiction": tuple(dict.fromkeys(jurisdiction)),
+        "actions": int(actions),
+        "meeting_ids": selectors["meeting_ids"],
+        "host_accounts": selectors["host_accounts"],
+        "tags": selectors["tags"],
+        "priority": priority,
+        "shadow": mode == "shadow",
+        "legal_basis": legal_basis.strip(),
+        "reason": reason.strip(),
+        "valid_from": valid_from,
+        "valid_until": valid_until,
+        "position": position,
+    }
 
 
 def parse_policy(data: bytes, source: str = "<snapshot>", fmt: str | None = None) -> Policy:
@@ -618,6 +627,25 @@ def parse_policy(data: bytes, source: str = "<snapshot>", fmt: str | None = None
 
     :raises SnapshotError: listing every problem found, with lines for YAML.
     """
+    with _collector_paused():
+        return _parse_policy(data, source, fmt)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Compiling creates tens of thousands of acyclic objects; the cyclic
+    collector would walk them over and over (a third of the time for 10,000
+    rules) and find nothing to free."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _parse_policy(data: bytes, source: str, fmt: str | None) -> Policy:
     fmt = fmt or _guess_format(data, source)
     try:
         document = _parse_document(data, fmt)
@@ -640,7 +668,7 @@ def parse_policy(data: bytes, source: str = "<snapshot>", fmt: str | None = None
             checker.unknown_keys(defaults, _DEFAULTS_KEYS, "defaults")
             unknown_location = checker.choice(defaults, "unknown_location", "defaults", ("allow", "deny"), "allow")
 
-    rules: list[Rule] = []
+    specs: list[dict[str, Any]] = []
     raw_rules = document.get("rules")
     if raw_rules is None:
         checker.fail("rules", "required (a list, which may be empty)", _line(document, "rules") or document.line)
@@ -649,11 +677,15 @@ def parse_policy(data: bytes, source: str = "<snapshot>", fmt: str | None = None
     else:
         seen: dict[str, int] = {}
         for position, raw in enumerate(raw_rules):
-            rule = _check_rule(checker, raw, position, seen)
-            if rule is not None:
-                rules.append(rule)
+            spec = _check_rule(checker, raw, position, seen)
+            if spec is not None:
+                specs.append(spec)
     if checker.problems:
         raise SnapshotError(source, checker.problems)
+    # Rank 0 is the strongest rule: priority first, then deny before allow, then file order.
+    order = sorted(range(len(specs)), key=lambda n: (-specs[n]["priority"], specs[n]["effect"] != Verdict.DENY, n))
+    rank_of = {spec_index: rank for rank, spec_index in enumerate(order)}
+    rules = [_ranked(spec, rank_of[n]) for n, spec in enumerate(specs)]
     return Policy(version, rules, _EFFECTS[unknown_location], hashlib.sha256(data).hexdigest())
 
 
