@@ -307,12 +307,15 @@ def cmd_keygen(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _signed(path: str, key_file: str | None) -> tuple[bytes, Policy]:
-    """A validated rules file's bytes, wrapped in a signed envelope when a key is given."""
+def _signed(path: str, key_file: str | None, as_json: bool = False) -> tuple[bytes, Policy]:
+    """A validated rules file's bytes (as JSON if asked), in a signed envelope when a key is given."""
+    from pdp.rules import snapshot_as_json
     from pdp.signing import SignatureError, load_private_key, sign
 
     policy = load_policy(path)
     data = Path(path).read_bytes()
+    if as_json:
+        data = snapshot_as_json(data, path)
     if not key_file:
         return data, policy
     try:
@@ -322,7 +325,7 @@ def _signed(path: str, key_file: str | None) -> tuple[bytes, Policy]:
 
 
 def cmd_snapshot_sign(options: argparse.Namespace) -> int:
-    data, policy = _signed(options.file, options.key)
+    data, policy = _signed(options.file, options.key, options.json)
     if options.out == "-":
         sys.stdout.write(data.decode())
     else:
@@ -334,7 +337,7 @@ def cmd_snapshot_sign(options: argparse.Namespace) -> int:
 def cmd_snapshot_publish(options: argparse.Namespace) -> int:
     from pdp.publish import PublishError, publish
 
-    data, policy = _signed(options.file, options.key)
+    data, policy = _signed(options.file, options.key, options.json)
     try:
         outcome = publish(data, options.to, policy.version, notify=not options.no_notify)
     except (PublishError, ValueError) as error:
@@ -495,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("file", help="YAML or JSON snapshot")
     sign.add_argument("--key", required=True, metavar="PRIVATE_KEY", help="PEM private key from pdp keygen")
     sign.add_argument("--out", required=True, metavar="FILE", help="where to write the envelope ('-' for stdout)")
+    sign.add_argument("--json", action="store_true", help="convert to compact JSON first (compiles faster)")
     sign.set_defaults(handler=cmd_snapshot_sign)
 
     publish = snapshot.add_parser(
@@ -512,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-notify",
         action="store_true",
         help="redis: store without the pub/sub notice (sidecars see it at their next poll)",
+    )
+    publish.add_argument(
+        "--json",
+        action="store_true",
+        help="publish as compact JSON (sidecars compile it several times faster than YAML)",
     )
     publish.set_defaults(handler=cmd_snapshot_publish)
 

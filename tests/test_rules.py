@@ -327,3 +327,19 @@ def test_explain_agrees_with_decide_and_says_why() -> None:
         "low": "matched, outranked",
     }
     assert policy.decide(CN, Action.JOIN, MEMORIAL, NOW).rule_id == "deny-tag"
+
+
+def test_snapshot_as_json_keeps_the_policy() -> None:
+    from pdp.rules import snapshot_as_json
+
+    source = (ROOT / "examples" / "rules.yaml").read_bytes()
+    converted = snapshot_as_json(source, "examples/rules.yaml")
+    original, again = parse_policy(source, "a.yaml"), parse_policy(converted, "a.json")
+    assert [dataclass_fields(rule) for rule in original.rules] == [dataclass_fields(rule) for rule in again.rules]
+    assert json.loads(converted)["version"] == original.version
+
+
+def dataclass_fields(rule: object) -> tuple[object, ...]:
+    import dataclasses
+
+    return tuple(getattr(rule, field.name) for field in dataclasses.fields(rule))  # type: ignore[arg-type]
