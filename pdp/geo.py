@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,10 @@ class GeoIPError(Exception):
 
 
 class InvalidAddressError(ValueError):
-    """An address is not a plain IPv4 or IPv6 address."""
+    """An address is not a plain IPv4 or IPv6 address. ``position`` is its index
+    in a batch (see :meth:`GeoDatabase.locate_many`)."""
+
+    position: int = 0
 
 
 def demo_database_path() -> Path:
@@ -141,6 +144,31 @@ class GeoDatabase:
             self.misses += 1
             self._cache[address] = location
         return location
+
+    def locate_many(self, addresses: Sequence[str]) -> list[Location]:
+        """:meth:`locate` for a whole batch, taking the cache lock once for its hits.
+
+        :raises InvalidAddressError: with ``position`` set to the bad address's index.
+        """
+        found: list[Location | None]
+        with self._lock:
+            get = self._cache.get
+            found = [get(address) for address in addresses]
+        missing = [position for position, location in enumerate(found) if location is None]
+        resolved = []
+        for position in missing:
+            try:
+                parse_address(addresses[position])
+            except InvalidAddressError as error:
+                error.position = position
+                raise
+            resolved.append(self._resolve(addresses[position]))
+        with self._lock:
+            self.hits += len(addresses) - len(missing)
+            self.misses += len(missing)
+            for position, location in zip(missing, resolved, strict=True):
+                found[position] = self._cache[addresses[position]] = location
+        return found  # type: ignore[return-value]  # every None was filled above
 
     def lookup_uncached(self, address: str) -> Location:
         """Like :meth:`locate`, bypassing (and not filling) the cache."""

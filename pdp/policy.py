@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdp.geo import GeoDatabase
 from pdp.rules import Policy
@@ -28,6 +28,10 @@ class Active:
     geo: GeoDatabase
     source: str  # where the policy came from
     activated_at: float  # Unix seconds, when this policy version became active
+    # Response bytes already encoded for this state (see pdp.wire); dies with it.
+    encoded: dict[tuple[int, int], tuple[bytes, bytes, object, object]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 @dataclass(slots=True)

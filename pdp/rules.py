@@ -218,8 +218,7 @@ class Policy:
 
     __slots__ = (
         "_allow",
-        "_enforced",
-        "_shadow",
+        "_index",
         "_unknown",
         "by_id",
         "rules",
@@ -235,8 +234,12 @@ class Policy:
         self.sha256 = sha256
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.by_id: dict[str, Rule] = {rule.id: rule for rule in self.rules}
-        self._enforced = _build_index(rule for rule in self.rules if not rule.shadow)
-        self._shadow = _build_index(rule for rule in self.rules if rule.shadow)
+        enforced = _build_index(rule for rule in self.rules if not rule.shadow)
+        shadow = _build_index(rule for rule in self.rules if rule.shadow)
+        # One lookup per jurisdiction code finds both kinds.
+        self._index: dict[str, tuple[_Bucket | None, _Bucket | None]] = {
+            code: (enforced.get(code), shadow.get(code)) for code in enforced.keys() | shadow.keys()
+        }
         self._allow = Decision(Verdict.ALLOW, reason="no rule applies")
         self._unknown = Decision(
             unknown_location,
@@ -250,34 +253,32 @@ class Policy:
             return self._unknown
         action = int(action)
         best: Rule | None = None
+        shadows: dict[int, str] | None = None  # by position: a rule reached twice counts once
         for code in codes:
-            bucket = self._enforced.get(code)
-            if bucket is not None:
-                for rules in bucket.candidate_lists(meeting):
+            buckets = self._index.get(code)
+            if buckets is None:
+                continue
+            enforced, shadow = buckets
+            if enforced is not None:
+                for rules in enforced.candidate_lists(meeting):
                     for rule in rules:
                         if best is not None and rule.rank >= best.rank:
                             break  # the rest of this list is weaker still
                         if rule.settled or rule.applies(action, meeting, now):
                             best = rule
                             break
-        decision = self._allow if best is None else best.decision
-        if not self._shadow:
-            return decision
-        shadows = self._shadows(codes, action, meeting, now)
-        if not shadows:
-            return decision
-        return Decision(decision.verdict, decision.rule_id, decision.reason, decision.legal_basis, shadows)
-
-    def _shadows(self, codes: tuple[str, ...], action: int, meeting: Meeting, now: float) -> tuple[str, ...]:
-        matched: dict[int, str] = {}  # a rule reached through two codes or tags counts once
-        for code in codes:
-            bucket = self._shadow.get(code)
-            if bucket is not None:
-                for rules in bucket.candidate_lists(meeting):
+            if shadow is not None:
+                for rules in shadow.candidate_lists(meeting):
                     for rule in rules:
                         if rule.settled or rule.applies(action, meeting, now):
-                            matched[rule.position] = rule.id
-        return tuple(matched[position] for position in sorted(matched))
+                            if shadows is None:
+                                shadows = {}
+                            shadows[rule.position] = rule.id
+        decision = self._allow if best is None else best.decision
+        if shadows is None:
+            return decision
+        shadow_ids = tuple(shadows[position] for position in sorted(shadows))
+        return Decision(decision.verdict, decision.rule_id, decision.reason, decision.legal_basis, shadow_ids)
 
     def explain(self, location: Location, action: int, meeting: Meeting, now: float) -> list[Trace]:
         """Every rule whose jurisdiction covers ``location``, with how it fared.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,12 +34,12 @@ from opentelemetry.trace import SpanKind
 
 from pdp import __version__
 from pdp._proto import admission_pb2 as pb
-from pdp._proto import admission_pb2_grpc as pb_grpc
 from pdp.config import ServeConfig, parse_listen
 from pdp.geo import InvalidAddressError
 from pdp.model import Decision, Location, Meeting, Verdict
 from pdp.policy import Active, PolicyHolder
 from pdp.telemetry import verdict_label
+from pdp.wire import encode_batch, encode_check, encode_result
 
 if TYPE_CHECKING:
     from pdp.audit import AuditLog
@@ -58,7 +58,7 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     raise AssertionError("unreachable: abort raises")  # for type checkers that miss NoReturn
 
 
-class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
+class AdmissionServicer:
     """Answers Check, CheckBatch and GetStatus from the holder's active state.
 
     Telemetry, tracing and the audit log are optional; without them Check is
@@ -92,19 +92,23 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
 
     # ------------------------------------------------------------------ Check
 
-    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> bytes:
+        """Returns the serialized CheckResponse (see pdp.wire)."""
         if not self._observed:
             return self._check(request, context)[0]
         if self._tracer is None:
-            return self._observed_check(request, context)
+            return self._observed_check(request, context)[0]
         with self._tracer.start_as_current_span("pdp.v1.AdmissionService/Check", kind=SpanKind.SERVER) as span:
-            response = self._observed_check(request, context)
-            span.set_attributes(_span_attributes("Check", response.verdict, response.rule_id, response))
+            response, decision, active = self._observed_check(request, context)
+            span.set_attributes(
+                {**_span_attributes("Check", active), "pdp.verdict": _VERDICT_NAMES[decision.verdict],
+                 "pdp.rule_id": decision.rule_id}
+            )  # fmt: skip
             return response
 
     def _check(
         self, request: pb.CheckRequest, context: grpc.ServicerContext
-    ) -> tuple[pb.CheckResponse, Decision, Location, Active]:
+    ) -> tuple[bytes, Decision, Location, Active]:
         active = self._active(context)
         meeting = _meeting(request.meeting, request.action, context)
         try:
@@ -112,9 +116,11 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
         except InvalidAddressError as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"participant.ip: {error}")
         decision = active.policy.decide(location, request.action, meeting, time.time())
-        return _response(decision, location, active), decision, location, active
+        return encode_check(decision, location, active), decision, location, active
 
-    def _observed_check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
+    def _observed_check(
+        self, request: pb.CheckRequest, context: grpc.ServicerContext
+    ) -> tuple[bytes, Decision, Active]:
         started = time.perf_counter()
         try:
             response, decision, location, active = self._check(request, context)
@@ -136,11 +142,12 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
                 decision, location, active, request.action, request.meeting.meeting_id,
                 participant.ip, participant.user_id, participant.account_id,
             )  # fmt: skip
-        return response
+        return response, decision, active
 
     # ------------------------------------------------------------------ CheckBatch
 
-    def CheckBatch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext) -> pb.CheckBatchResponse:
+    def CheckBatch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext) -> bytes:
+        """Returns the serialized CheckBatchResponse (see pdp.wire)."""
         if not self._observed:
             return self._check_batch(request, context)[0]
         started = time.perf_counter()
@@ -159,9 +166,8 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
             verdict = verdict_label(decision.verdict for decision, _ in decided)
             if span is not None:
                 span.set_attributes(
-                    {**_span_attributes("CheckBatch", 0, "", response), "pdp.verdict": verdict,
-                     "pdp.participants": len(decided)}
-                )  # fmt: skip
+                    {**_span_attributes("CheckBatch", active), "pdp.verdict": verdict, "pdp.participants": len(decided)}
+                )
         if self._telemetry is not None:
             self._telemetry.observe("CheckBatch", time.perf_counter() - started, verdict, decided, active)
         if self._audit is not None:
@@ -174,7 +180,7 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
 
     def _check_batch(
         self, request: pb.CheckBatchRequest, context: grpc.ServicerContext
-    ) -> tuple[pb.CheckBatchResponse, list[tuple[Decision, Location]], Active]:
+    ) -> tuple[bytes, list[tuple[Decision, Location]], Active]:
         count = len(request.participants)
         if not 1 <= count <= self._batch_limit:
             _abort(
@@ -184,25 +190,26 @@ class AdmissionServicer(pb_grpc.AdmissionServiceServicer):
             )
         active = self._active(context)
         meeting = _meeting(request.meeting, request.action, context)
-        locate = active.geo.locate
         decide = active.policy.decide
         now = time.time()
-        results = []
+        action = request.action
+        try:
+            locations = active.geo.locate_many([participant.ip for participant in request.participants])
+        except InvalidAddressError as error:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"participants[{error.position}].ip: {error}")
         decided = []
-        for position, participant in enumerate(request.participants):
-            try:
-                location = locate(participant.ip)
-            except InvalidAddressError as error:
-                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"participants[{position}].ip: {error}")
-            decision = decide(location, request.action, meeting, now)
-            decided.append((decision, location))
-            results.append(_response(decision, location, active))
-        response = pb.CheckBatchResponse(
-            results=results,
-            policy_version=active.policy.version,
-            geoip_build=active.geo.build_epoch,
-        )
-        return response, decided, active
+        framed = []
+        # One meeting, one action, one moment: the decision depends on the
+        # location alone, and locations are interned, so decide once per place.
+        by_location: dict[int, tuple[Decision, bytes]] = {}
+        for location in locations:
+            known = by_location.get(id(location))
+            if known is None:
+                decision = decide(location, action, meeting, now)
+                known = by_location[id(location)] = (decision, encode_result(decision, location, active))
+            decided.append((known[0], location))
+            framed.append(known[1])
+        return encode_batch(framed, active), decided, active
 
     def WatchPolicy(self, request: pb.WatchPolicyRequest, context: grpc.ServicerContext) -> Iterator[pb.PolicyEvent]:
         if not self._watch_slots.acquire(blocking=False):
@@ -272,19 +279,15 @@ def _meeting(message: pb.Meeting, action: int, context: grpc.ServicerContext) ->
 _VERDICT_NAMES = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY"}
 
 
-def _span_attributes(rpc: str, verdict: int, rule_id: str, response: object) -> dict[str, str | int]:
-    """Decision attributes for a span; never an address or an id of a person."""
-    attributes: dict[str, str | int] = {
+def _span_attributes(rpc: str, active: Active) -> dict[str, str | int]:
+    """Attributes every span carries; never an address or an id of a person."""
+    return {
         "rpc.system": "grpc",
         "rpc.service": SERVICE_NAME,
         "rpc.method": rpc,
-        "pdp.policy_version": int(getattr(response, "policy_version", 0)),
-        "pdp.geoip_build": int(getattr(response, "geoip_build", 0)),
+        "pdp.policy_version": active.policy.version,
+        "pdp.geoip_build": active.geo.build_epoch,
     }
-    if verdict:
-        attributes["pdp.verdict"] = _VERDICT_NAMES[Verdict(verdict)]
-        attributes["pdp.rule_id"] = rule_id
-    return attributes
 
 
 def _policy_event(active: Active) -> pb.PolicyEvent:
@@ -293,17 +296,22 @@ def _policy_event(active: Active) -> pb.PolicyEvent:
     return event
 
 
-def _response(decision: Decision, location: Location, active: Active) -> pb.CheckResponse:
-    return pb.CheckResponse(
-        verdict=decision.verdict,  # type: ignore[arg-type]  # IntEnum values equal the proto's
-        rule_id=decision.rule_id,
-        reason=decision.reason,
-        legal_basis=decision.legal_basis,
-        location=pb.Location(found=location.found, country=location.country, subdivisions=location.subdivisions),
-        policy_version=active.policy.version,
-        geoip_build=active.geo.build_epoch,
-        shadow_rule_ids=decision.shadow_rule_ids,
-    )
+def _passthrough(data: bytes) -> bytes:
+    return data
+
+
+def _handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
+    """AdmissionService's methods; Check and CheckBatch return bytes already encoded."""
+    unary = grpc.unary_unary_rpc_method_handler
+    methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Check": unary(servicer.Check, pb.CheckRequest.FromString, _passthrough),
+        "CheckBatch": unary(servicer.CheckBatch, pb.CheckBatchRequest.FromString, _passthrough),
+        "GetStatus": unary(servicer.GetStatus, pb.GetStatusRequest.FromString, pb.GetStatusResponse.SerializeToString),
+        "WatchPolicy": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchPolicy, pb.WatchPolicyRequest.FromString, pb.PolicyEvent.SerializeToString
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
 
 # --------------------------------------------------------------------------- running
@@ -358,9 +366,8 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp-rpc"),
         options=grpc_options(config),
     )
-    pb_grpc.add_AdmissionServiceServicer_to_server(
-        AdmissionServicer(holder, config.batch_limit, max(1, config.workers // 2), telemetry, audit), server
-    )
+    servicer = AdmissionServicer(holder, config.batch_limit, max(1, config.workers // 2), telemetry, audit)
+    server.add_generic_rpc_handlers((_handlers(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]

@@ -245,15 +245,15 @@ def test_full_queue_drops_and_counts_but_never_fails_a_check(serve: Any, tmp_pat
     assert audit.dropped > 0
     assert audit.written + audit.dropped <= 600
 
-    draining = threading.Event()
-
     def drain() -> None:
         os.set_blocking(reader, True)
-        while os.read(reader, 65536):
-            draining.set()
+        while os.read(reader, 65536):  # until the writer end closes
+            pass
 
-    threading.Thread(target=drain, daemon=True).start()
+    drainer = threading.Thread(target=drain)
+    drainer.start()
     audit.close()
+    drainer.join(timeout=30)
     os.close(reader)
 
 
