@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint proto bench-inprocess clean help
+.PHONY: run test lint proto bench bench-quick bench-inprocess clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,12 @@ proto: $(STAMP)  ## regenerate pdp/_proto/ from proto/
 
 bench-inprocess: $(STAMP)  ## decision cost in µs on the real GeoLite2-City
 	$(BIN)/python -m benchmarks.inprocess
+
+bench: $(STAMP)  ## the full benchmark suite (about 10 minutes): benchmarks/results/<date>.{json,md,png}
+	$(BIN)/python -m benchmarks.suite
+
+bench-quick: $(STAMP)  ## the suite with fewer repeats (under 2 minutes)
+	$(BIN)/python -m benchmarks.suite --quick
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -164,6 +164,36 @@ def measure(rule_count: int, repeats: int, warm_size: int, cold_size: int) -> di
     }
 
 
+def realistic_mix(rule_count: int, distinct: int = 50_000, lookups: int = 200_000) -> dict[str, Any]:
+    """Decisions over a skewed address mix (popularity ~ 1/rank), cold start, one pass."""
+    policy = parse_policy(make_rules(rule_count), f"{rule_count}-rules.json")
+    addresses = located_addresses(distinct, seed=SEED + 1)
+    rng = random.Random(SEED + 2)
+    weights = [1 / (rank + 1) for rank in range(distinct)]
+    stream = rng.choices(addresses, weights=weights, k=lookups)
+    geo = GeoDatabase(demo_database_path(), cache_size=100_000)
+    gc.collect()
+    cost = per_decision(geo, policy, stream, meetings(997))
+    hit_ratio = geo.hits / (geo.hits + geo.misses)
+    geo.close()
+    return {
+        "description": f"{lookups:,} lookups over {distinct:,} addresses, popularity 1/rank, {rule_count:,} rules",
+        "us_per_decision": round(cost, 3),
+        "hit_ratio": round(hit_ratio, 4),
+    }
+
+
+def activation_ms(rule_count: int, repeats: int) -> float:
+    """Median milliseconds to parse, validate and compile a JSON snapshot of ``rule_count`` rules."""
+    data = make_rules(rule_count)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        parse_policy(data, "activation.json")
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rules", type=int, nargs="+", default=[10, 1000, 10_000])

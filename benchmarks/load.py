@@ -108,13 +108,18 @@ def open_loop(target: str, rpc: str, requests: list[Any], rate: float, seconds: 
     return elapsed
 
 
-async def closed_loop(method: Any, requests: list[Any], in_flight: int, seconds: float, recorder: Recorder) -> float:
+async def closed_loop(
+    method: Any, requests: list[Any], in_flight: int, seconds: float, recorder: Recorder, max_calls: int = 0
+) -> float:
     deadline = time.perf_counter() + seconds
-    counter = iter(range(10**12))
+    counter = iter(range(max_calls or 10**12))
 
     async def caller() -> None:
         while (sent := time.perf_counter()) < deadline:
-            await call_once(method, requests[next(counter) % len(requests)], sent, recorder, 10)
+            number = next(counter, None)
+            if number is None:
+                return
+            await call_once(method, requests[number % len(requests)], sent, recorder, 10)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(in_flight)))
@@ -136,7 +141,9 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
                 open_loop, options.target, options.rpc, requests, options.rate, options.seconds, recorder
             )
         else:
-            elapsed = await closed_loop(method, requests, options.in_flight, options.seconds, recorder)
+            elapsed = await closed_loop(
+                method, requests, options.in_flight, options.seconds, recorder, options.max_calls
+            )
     histogram = recorder.histogram
     per_call = options.batch if options.rpc == "batch" else 1
     ok_calls = histogram.get_total_count()
@@ -168,6 +175,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--addresses", help="file of IP addresses to cycle through")
+    parser.add_argument("--max-calls", type=int, default=0, help="closed loop: stop after this many calls")
     options = parser.parse_args()
     print(json.dumps(asyncio.run(run(options))))
     return 0

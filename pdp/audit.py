@@ -180,23 +180,37 @@ class AuditLog:
         return lines
 
     def _write_loop(self) -> None:
+        # Drain what is queued before flushing: one write and one flush per burst, not per line.
         while True:
-            item = self._queue.get()
-            if not isinstance(item, _Pending):
+            pending = [self._queue.get()]
+            while len(pending) < 512:
+                try:
+                    pending.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = False
+            for item in pending:
+                if not isinstance(item, _Pending):
+                    stop = True
+                    continue
+                try:
+                    for line in self._lines(item):
+                        self._write(line + "\n")
+                except Exception:  # one bad record must not stop the log
+                    self.dropped += 1
+            if self._stream is not None:
+                self._stream.flush()
+            if stop:
                 break
-            try:
-                for line in self._lines(item):
-                    self._write(line + "\n")
-            except Exception:  # one bad record must not stop the log
-                self.dropped += 1
 
     def _write(self, line: str) -> None:
         assert self._stream is not None
-        if self.config.target != "stdout" and self._size + len(line) > self.config.max_bytes and self._size:
+        size = len(line.encode())
+        if self.config.target != "stdout" and self._size + size > self.config.max_bytes and self._size:
+            self._stream.flush()
             self._rotate()
         self._stream.write(line)
-        self._stream.flush()
-        self._size += len(line.encode())
+        self._size += size
         self.written += 1
 
     def close(self, timeout: float = 10.0) -> None:

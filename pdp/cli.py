@@ -106,7 +106,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
     from pdp.server import start_server, wait_for_signal
     from pdp.signing import SignatureError, TrustedKeys
     from pdp.sources import SourceOptions, open_source
-    from pdp.telemetry import TelemetryError, configure_from_environment
+    from pdp.telemetry import TelemetryError, configure_from_environment, wanted
 
     config = resolve(vars(options))
     logs.setup(config.log_format, config.log_level)
@@ -138,7 +138,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
     watcher = GeoWatcher(holder, geo.path, cache_size=config.cache_size, poll_seconds=config.geoip_poll_seconds)
     audit = None
     try:
-        telemetry, exporters = configure_from_environment(holder)
+        telemetry, exporters = configure_from_environment(holder) if wanted(os.environ) else (None, [])
         if config.audit_log:
             if not config.audit_hmac_key_file:
                 raise UsageError(

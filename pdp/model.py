@@ -7,6 +7,7 @@ usable and testable without gRPC.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -23,6 +24,12 @@ class Verdict(enum.IntEnum):
 
     ALLOW = 1
     DENY = 2
+
+
+def verdict_label(verdicts: Iterable[Verdict]) -> str:
+    """ALLOW or DENY when all agree (always, for one decision), else MIXED."""
+    seen = set(verdicts)
+    return next(iter(seen)).name if len(seen) == 1 else "MIXED"
 
 
 @dataclass(frozen=True, slots=True)

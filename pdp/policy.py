@@ -46,6 +46,7 @@ class ReloadStatus:
     activations: int = 0
     rejections: int = 0
     fetch_errors: int = 0
+    last_compile_ms: float = 0.0
     geoip_reloads: int = 0
     geoip_rejections: int = 0
 

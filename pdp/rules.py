@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
+_PACE_EVERY = 128  # rules compiled between two calls of parse_policy's ``pace``
 """Larger snapshots are refused before parsing (10,000 rules take about 3 MB)."""
 
 _INT64_MAX = 2**63 - 1
@@ -61,6 +62,7 @@ _RULE_KEYS = frozenset(
     }
 )
 _MEETING_KEYS = ("meeting_ids", "host_accounts", "tags")  # most selective first
+_NO_VALUES: frozenset[str] = frozenset()  # shared by every rule without a selector
 _ACTIONS = {"join": int(Action.JOIN), "host": int(Action.HOST)}
 _ACTION_NAMES = {int(value): name for name, value in _ACTIONS.items()}
 _ALL_ACTIONS = int(Action.JOIN | Action.HOST)
@@ -574,7 +576,7 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
         else:
             actions |= _ACTIONS[name]
 
-    selectors: dict[str, frozenset[str]] = {key: frozenset() for key in _MEETING_KEYS}
+    selectors: dict[str, frozenset[str]] = dict.fromkeys(_MEETING_KEYS, _NO_VALUES)
     meetings = raw.get("meetings")
     if meetings is not None:
         if not isinstance(meetings, _Mapping):
@@ -586,7 +588,8 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
         else:
             checker.unknown_keys(meetings, _MEETING_KEYS, f"{path}.meetings")
             for key in _MEETING_KEYS:
-                selectors[key] = frozenset(checker.string_list(meetings, key, f"{path}.meetings"))
+                values = checker.string_list(meetings, key, f"{path}.meetings")
+                selectors[key] = frozenset(values) if values else _NO_VALUES
 
     legal_basis = checker.string(raw, "legal_basis", path)
     if effect == "deny" and isinstance(raw.get("legal_basis", ""), str) and not legal_basis.strip():
@@ -620,16 +623,24 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
     }
 
 
-def parse_policy(data: bytes, source: str = "<snapshot>", fmt: str | None = None) -> Policy:
+def parse_policy(
+    data: bytes, source: str = "<snapshot>", fmt: str | None = None, *, pace: Callable[[], None] | None = None
+) -> Policy:
     """Parse, validate and compile a snapshot given as bytes.
 
     ``fmt`` is ``"yaml"`` or ``"json"``; by default it is guessed from the
-    ``source`` name's suffix, then from the first character.
+    ``source`` name's suffix, then from the first character. ``pace``, when
+    given, is called every few hundred rules: a server passes a short sleep so
+    that compiling a large snapshot shares the interpreter with requests.
 
     :raises SnapshotError: listing every problem found, with lines for YAML.
     """
     with _collector_paused():
-        return _parse_policy(data, source, fmt)
+        return _parse_policy(data, source, fmt, pace or _no_pause)
+
+
+def _no_pause() -> None:
+    """The default pace: compile without stopping."""
 
 
 @contextlib.contextmanager
@@ -646,7 +657,7 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _parse_policy(data: bytes, source: str, fmt: str | None) -> Policy:
+def _parse_policy(data: bytes, source: str, fmt: str | None, pace: Callable[[], None]) -> Policy:
     fmt = fmt or _guess_format(data, source)
     try:
         document = _parse_document(data, fmt)
@@ -678,6 +689,8 @@ def _parse_policy(data: bytes, source: str, fmt: str | None) -> Policy:
     else:
         seen: dict[str, int] = {}
         for position, raw in enumerate(raw_rules):
+            if position % _PACE_EVERY == 0:
+                pace()
             spec = _check_rule(checker, raw, position, seen)
             if spec is not None:
                 specs.append(spec)
@@ -686,7 +699,11 @@ def _parse_policy(data: bytes, source: str, fmt: str | None) -> Policy:
     # Rank 0 is the strongest rule: priority first, then deny before allow, then file order.
     order = sorted(range(len(specs)), key=lambda n: (-specs[n]["priority"], specs[n]["effect"] != Verdict.DENY, n))
     rank_of = {spec_index: rank for rank, spec_index in enumerate(order)}
-    rules = [_ranked(spec, rank_of[n]) for n, spec in enumerate(specs)]
+    rules = []
+    for n, spec in enumerate(specs):
+        if n % _PACE_EVERY == 0:
+            pace()
+        rules.append(_ranked(spec, rank_of[n]))
     return Policy(version, rules, _EFFECTS[unknown_location], hashlib.sha256(data).hexdigest())
 
 

@@ -30,15 +30,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.trace import SpanKind
 
 from pdp import __version__
 from pdp._proto import admission_pb2 as pb
 from pdp.config import ServeConfig, parse_listen
 from pdp.geo import InvalidAddressError
-from pdp.model import Decision, Location, Meeting, Verdict
+from pdp.model import Decision, Location, Meeting, Verdict, verdict_label
 from pdp.policy import Active, PolicyHolder
-from pdp.telemetry import verdict_label
 from pdp.wire import encode_batch, encode_check, encode_result
 
 if TYPE_CHECKING:
@@ -81,6 +79,11 @@ class AdmissionServicer:
         self._max_watchers = max_watchers
         self._telemetry = telemetry
         self._tracer = telemetry.tracer if telemetry is not None else None
+        if self._tracer is not None:
+            # Imported here: a sidecar without tracing never loads the SDK's trace module.
+            from opentelemetry.trace import SpanKind
+
+            self._span_kind = SpanKind.SERVER
         self._audit = audit
         self._observed = telemetry is not None or audit is not None
 
@@ -98,7 +101,7 @@ class AdmissionServicer:
             return self._check(request, context)[0]
         if self._tracer is None:
             return self._observed_check(request, context)[0]
-        with self._tracer.start_as_current_span("pdp.v1.AdmissionService/Check", kind=SpanKind.SERVER) as span:
+        with self._tracer.start_as_current_span("pdp.v1.AdmissionService/Check", kind=self._span_kind) as span:
             response, decision, active = self._observed_check(request, context)
             span.set_attributes(
                 {**_span_attributes("Check", active), "pdp.verdict": _VERDICT_NAMES[decision.verdict],
@@ -152,7 +155,7 @@ class AdmissionServicer:
             return self._check_batch(request, context)[0]
         started = time.perf_counter()
         span_context = (
-            self._tracer.start_as_current_span("pdp.v1.AdmissionService/CheckBatch", kind=SpanKind.SERVER)
+            self._tracer.start_as_current_span("pdp.v1.AdmissionService/CheckBatch", kind=self._span_kind)
             if self._tracer is not None
             else contextlib.nullcontext()
         )

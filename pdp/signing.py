@@ -20,10 +20,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+# cryptography is imported where keys are used: a sidecar that trusts no key,
+# and so verifies nothing, never loads it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
     "SignatureError",
@@ -46,6 +48,8 @@ class SignatureError(ValueError):
 
 def key_id(public_key: Ed25519PublicKey) -> str:
     """Short stable name of a key: the first 16 hex digits of its SHA-256."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
@@ -93,6 +97,9 @@ class TrustedKeys:
 
         :raises SignatureError: a file is unreadable or holds no Ed25519 public key.
         """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
         keys = []
         for path in paths:
             try:
@@ -116,6 +123,8 @@ class TrustedKeys:
 
         :raises SignatureError: not an envelope, malformed, unknown key, bad signature.
         """
+        from cryptography.exceptions import InvalidSignature
+
         envelope = _parse(data)
         key = self._keys.get(envelope.key_id)
         if key is None:
@@ -171,6 +180,9 @@ def generate_keypair(private_path: Path, public_path: Path) -> str:
 
     :raises FileExistsError: either file exists already (keys are never overwritten).
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private_key = Ed25519PrivateKey.generate()
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -191,6 +203,9 @@ def generate_keypair(private_path: Path, public_path: Path) -> str:
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """:raises SignatureError: the file is unreadable or not an Ed25519 private key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         loaded = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as error:

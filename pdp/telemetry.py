@@ -29,10 +29,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from pdp import __version__
-from pdp.model import Decision, Location, Verdict
+from pdp.model import Decision, Location
 from pdp.policy import Active, PolicyHolder
 
-__all__ = ["DURATION_BUCKETS", "Telemetry", "TelemetryError", "configure_from_environment"]
+__all__ = ["DURATION_BUCKETS", "Telemetry", "TelemetryError", "configure_from_environment", "wanted"]
 
 # Seconds; a warm Check is tens of microseconds of server time, so resolve those.
 DURATION_BUCKETS = (
@@ -156,14 +156,6 @@ def _scheme(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "none"
 
 
-def verdict_label(verdicts: Iterable[Verdict]) -> str:
-    """ALLOW or DENY when all agree (always, for Check), else MIXED."""
-    seen = set(verdicts)
-    if len(seen) == 1:
-        return next(iter(seen)).name
-    return "MIXED"
-
-
 # --------------------------------------------------------------------------- configuration
 
 
@@ -225,6 +217,15 @@ def _span_exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
 
         return ConsoleSpanExporter()
     raise TelemetryError(f"OTEL_TRACES_EXPORTER={name!r}: use none, otlp or console")
+
+
+def wanted(environ: Mapping[str, str]) -> bool:
+    """Whether the OTEL_* variables ask for any exporter."""
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    return any(
+        (environ.get(name) or "none").lower() != "none" for name in ("OTEL_METRICS_EXPORTER", "OTEL_TRACES_EXPORTER")
+    )
 
 
 def configure_from_environment(
