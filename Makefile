@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint proto bench bench-quick bench-inprocess clean help
+.PHONY: run test lint proto fuzz bench bench-quick bench-inprocess clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,9 @@ proto: $(STAMP)  ## regenerate pdp/_proto/ from proto/
 
 bench-inprocess: $(STAMP)  ## decision cost in µs on the real GeoLite2-City
 	$(BIN)/python -m benchmarks.inprocess
+
+fuzz: $(STAMP)  ## longer fuzzing of the snapshot parser and the request handler
+	PDP_FUZZ_EXAMPLES=50000 $(BIN)/pytest tests/test_fuzz.py -p no:cacheprovider --timeout 3600
 
 bench: $(STAMP)  ## the full benchmark suite (about 10 minutes): benchmarks/results/<date>.{json,md,png}
 	$(BIN)/python -m benchmarks.suite

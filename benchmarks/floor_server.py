@@ -49,21 +49,26 @@ def handlers(check: object) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler("pdp.v1.AdmissionService", {"Check": method})
 
 
+def _address(listen: str, port: int) -> str:
+    """What clients dial: the listen address with the port the kernel picked."""
+    return listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
+
+
 def serve_sync(config: ServeConfig) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=grpc_options(config))
     server.add_generic_rpc_handlers((handlers(sync_check),))
-    server.add_insecure_port(config.listen)
+    bound = server.add_insecure_port(config.listen)
     server.start()
-    print(f"floor (sync) listening on {config.listen}", flush=True)
+    print(f"floor (sync) listening on {_address(config.listen, bound)}", flush=True)
     server.wait_for_termination()
 
 
 async def serve_aio(config: ServeConfig) -> None:
     server = grpc.aio.server(options=grpc_options(config))
     server.add_generic_rpc_handlers((handlers(aio_check),))
-    server.add_insecure_port(config.listen)
+    bound = server.add_insecure_port(config.listen)
     await server.start()
-    print(f"floor (aio) listening on {config.listen}", flush=True)
+    print(f"floor (aio) listening on {_address(config.listen, bound)}", flush=True)
     await server.wait_for_termination()
 
 

@@ -85,9 +85,11 @@ class Server:
             self.process.stdout.close()
 
 
-def pdp_serve(listen: str, snapshot: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+def pdp_serve(
+    listen: str, snapshot: Path, *extra: str, env: dict[str, str] | None = None, geoip: str = "demo"
+) -> Server:
     argv = [sys.executable, "-m", "pdp", "serve", "--listen", listen, "--snapshot", str(snapshot),
-            "--geoip-db", "demo", "--log-format", "text", *extra]  # fmt: skip
+            "--geoip-db", geoip, "--log-format", "text", *extra]  # fmt: skip
     return Server.start(argv, env=env)
 
 

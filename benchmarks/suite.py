@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -121,7 +122,10 @@ def section_transport(run: Run) -> None:
                     "achieved": {name: statistics.median(r["achieved_rate"] for r in rs) for name, rs in runs.items()},
                     "floor_us": floor_latency,
                     "pdp_us": pdp_latency,
-                    "ratio": {key: round(pdp_latency[key] / floor_latency[key], 3) for key in PERCENTILE_KEYS},
+                    "ratio": {
+                        key: round(pdp_latency[key] / floor_latency[key], 3) if floor_latency[key] else None
+                        for key in PERCENTILE_KEYS
+                    },
                     "errors": {"floor": _errors(runs["floor"]), "pdp": _errors(runs["pdp"])},
                     # Includes the warm-up calls' CPU, so it is an upper bound.
                     "pdp_cpu_s_per_1000_decisions": round(pdp_cpu / decisions * 1000, 4) if decisions else None,
@@ -276,6 +280,69 @@ def section_memory(run: Run) -> None:
         pdp.stop()
 
 
+def section_soak(run: Run) -> None:
+    seconds = 15.0 if run.quick else 60.0
+    run.say(f"soak: {seconds:.0f} s at 80 % of the floor's maximum, activation every 2 s, GeoIP reload every 10 s")
+    snapshot = run.folder / "soak.json"
+    snapshot.write_bytes(run.rules.read_bytes())
+    from pdp.geo import demo_database_path
+
+    database = run.folder / "GeoLite2-City.mmdb"
+    shutil.copy(demo_database_path(), database)
+    pdp = pdp_serve(f"unix:{run.folder}/soak.sock", snapshot, "--poll-seconds", "0.5", "--geoip-poll-seconds", "1",
+                    geoip=str(database))  # fmt: skip
+    stop = threading.Event()
+    samples: list[tuple[float, float, int, int]] = []
+
+    def churn() -> None:
+        document = json.loads(snapshot.read_bytes())
+        started = time.monotonic()
+        next_geo = started + 10
+        while not stop.wait(2.0):
+            document["version"] += 1
+            staged = snapshot.with_suffix(".tmp")
+            staged.write_text(json.dumps(document))
+            staged.replace(snapshot)
+            if time.monotonic() >= next_geo:
+                next_geo += 10
+                copy = database.with_suffix(".new")
+                shutil.copy(demo_database_path(), copy)
+                copy.replace(database)
+
+    def sample() -> None:
+        started = time.monotonic()
+        while not stop.wait(1.0):
+            samples.append((time.monotonic() - started, pdp.rss_mb(), pdp.fds(), pdp.threads()))
+
+    workers = [threading.Thread(target=churn), threading.Thread(target=sample)]
+    try:
+        rate = str(round(run.results["transport"]["unix"]["closed_loop_max"]["floor"] * 0.8))
+        for worker in workers:
+            worker.start()
+        result = run.load(pdp.address, "--mode", "open", "--rate", rate, "--seconds", str(seconds), "--warmup", "0")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+        activations = _activations(pdp) if pdp.process.poll() is None else -1
+        pdp.stop()
+    warm = [row for row in samples if row[0] >= seconds * 0.25] or samples
+    first, last = warm[0], warm[-1]
+    run.results["soak"] = {
+        "seconds": seconds,
+        "rate": float(rate),
+        "achieved": result["achieved_rate"],
+        "errors": result["errors"],
+        "latency_us": result["latency_us"],
+        "activations": activations,
+        "rss_mb_after_warmup": first[1],
+        "rss_mb_end": last[1],
+        "rss_growth": round(last[1] / first[1] - 1, 4) if first[1] else None,
+        "fds": [first[2], last[2]],
+        "threads": [first[3], last[3]],
+    }
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -302,6 +369,15 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     memory = results["memory"]
     rows.append(("peak RSS ≤ 150 MB (100,000 cache entries)", f"{memory['peak_rss_mb']:.0f} MB",
                  memory["peak_rss_mb"] <= 150))  # fmt: skip
+    soak = results.get("soak")
+    if soak:
+        errors = sum(soak["errors"].values())
+        rows.append(("soak: zero failed calls", f"{errors} failed of {soak['achieved'] * soak['seconds']:,.0f}",
+                     errors == 0))  # fmt: skip
+        rows.append(("soak: RSS growth ≤ 5 % after warm-up", f"{soak['rss_growth']:+.1%}",
+                     soak["rss_growth"] is not None and soak["rss_growth"] <= 0.05))  # fmt: skip
+        rows.append(("soak: no fd or thread growth", f"fds {soak['fds']}, threads {soak['threads']}",
+                     soak["fds"][1] <= soak["fds"][0] and soak["threads"][1] <= soak["threads"][0]))  # fmt: skip
     telemetry = results["telemetry"]["ratio_p50"]
     rows.append(("p50 with Prometheus ≤ 1.10× off", f"{telemetry['prometheus']:.3f}×", telemetry["prometheus"] <= 1.10))
     rows.append(("p50 with audit log ≤ 1.05× off", f"{telemetry['audit']:.3f}×", telemetry["audit"] <= 1.05))
@@ -381,6 +457,18 @@ def markdown(results: dict[str, Any]) -> str:
               "|---|---:|---:|"]  # fmt: skip
     for name, value in telemetry["p50_us"].items():
         lines.append(f"| {name} | {value:,.0f} | {telemetry['ratio_p50'][name]:.3f}× |")
+    soak = results.get("soak")
+    if soak:
+        lines += [
+            "",
+            "## Soak",
+            "",
+            f"{soak['seconds']:.0f} s open loop at {soak['rate']:,.0f}/s (80 % of the floor's maximum), a "
+            f"snapshot activation every 2 s ({soak['activations']} in all) and a GeoIP reload every 10 s: "
+            f"errors {soak['errors'] or 'none'}; RSS {soak['rss_mb_after_warmup']:.0f} -> "
+            f"{soak['rss_mb_end']:.0f} MB after warm-up; fds {soak['fds']}; threads {soak['threads']}; "
+            f"latency {soak['latency_us']}.",
+        ]
     memory = results["memory"]
     lines += ["", f"Peak RSS: {memory['peak_rss_mb']:.0f} MB with {memory['rules']:,} rules and "
               f"{memory['cache_entries']:,} cache entries (GeoLite2-City mapped)."]  # fmt: skip
@@ -430,7 +518,7 @@ def main() -> int:
     run.results["repeats"], run.results["seconds"] = run.repeats, run.seconds
     sections: list[Callable[[Run], None]] = [
         section_inprocess, section_transport, section_batch_and_peer, section_reload, section_telemetry,
-        section_memory,
+        section_memory, section_soak,
     ]  # fmt: skip
     started = time.monotonic()
     for section in sections:

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -25,6 +25,9 @@ from pdp.config import ConfigError, add_serve_arguments, describe, resolve
 from pdp.geo import DEMO, DEMO_NOTICE, GeoDatabase, GeoIPError, InvalidAddressError, demo_database_path
 from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Verdict
 from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
+
+if TYPE_CHECKING:
+    from pdp.client import Client
 
 log = logging.getLogger("pdp")
 
@@ -188,9 +191,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
 
 
 def cmd_check(options: argparse.Namespace) -> int:
-    from pdp.client import Client
-
-    with Client(options.target, timeout=options.timeout) as client:
+    with _client(options) as client:
         try:
             result = client.check(
                 options.ip,
@@ -350,9 +351,7 @@ def cmd_snapshot_publish(options: argparse.Namespace) -> int:
 def cmd_status(options: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    from pdp.client import Client
-
-    with Client(options.target, timeout=options.timeout) as client:
+    with _client(options) as client:
         try:
             status = client.status()
         except grpc.RpcError as error:
@@ -380,6 +379,32 @@ def cmd_report(options: argparse.Namespace) -> int:
     except ReportError as error:
         raise UsageError(str(error)) from None
     return EXIT_OK
+
+
+def _client(options: argparse.Namespace) -> Client:
+    from pdp.client import Client
+
+    return Client(
+        options.target,
+        timeout=options.timeout,
+        tls_ca=options.tls_ca,
+        tls_cert=options.tls_cert,
+        tls_key=options.tls_key,
+        server_name=options.tls_server_name,
+    )
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("PDP_LISTEN", "127.0.0.1:50051"),
+        help="sidecar address, HOST:PORT or unix:/path (default $PDP_LISTEN or 127.0.0.1:50051)",
+    )
+    parser.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="deadline (default 2)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting this CA bundle (PEM)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate, for a sidecar that requires one")
+    parser.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert")
+    parser.add_argument("--tls-server-name", metavar="NAME", help="name to check in the server's certificate")
 
 
 def _rpc_error_text(error: grpc.RpcError) -> str:
@@ -431,13 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask a running sidecar about one participant",
         description="Ask a running sidecar. Exit 0 on ALLOW, 3 on DENY, 2 on usage or transport errors.",
     )
-    check.add_argument(
-        "--target",
-        default=os.environ.get("PDP_LISTEN", "127.0.0.1:50051"),
-        help="sidecar address, HOST:PORT or unix:/path (default $PDP_LISTEN or 127.0.0.1:50051)",
-    )
+    _add_client_arguments(check)
     check.add_argument("--ip", required=True, help="participant's IP address")
-    check.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="deadline (default 2)")
     _add_meeting_arguments(check)
     check.set_defaults(handler=cmd_check)
 
@@ -539,12 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print GetStatus: policy version and source, last fetch, stale flag, "
         "last error, GeoIP database and cache. Exit 0 when serving, 2 otherwise.",
     )
-    status.add_argument(
-        "--target",
-        default=os.environ.get("PDP_LISTEN", "127.0.0.1:50051"),
-        help="sidecar address (default $PDP_LISTEN or 127.0.0.1:50051)",
-    )
-    status.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS", help="deadline (default 2)")
+    _add_client_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.set_defaults(handler=cmd_status)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -81,10 +82,32 @@ class Client:
     ``timeout`` is the default deadline of each call, in seconds.
     """
 
-    def __init__(self, target: str, *, timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 1.0,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        """With ``tls_ca``, the channel uses TLS and trusts that CA; add
+        ``tls_cert`` and ``tls_key`` for a sidecar that requires client
+        certificates. ``server_name`` overrides the name checked in the
+        server's certificate."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        if tls_ca:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes(),
+                private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+            )
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.AdmissionServiceStub(self._channel)
 
     def check(

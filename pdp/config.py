@@ -47,6 +47,10 @@ class ServeConfig:
     http_bearer_token_file: str = ""
     http_ca_bundle: str = ""
     log_format: str = "json"
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    allow_insecure_remote: bool = False
     audit_log: str = ""
     audit_hmac_key_file: str = ""
     audit_allow_sample_rate: float = 0.0
@@ -206,6 +210,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("http_ca_bundle", "CA bundle (PEM) to verify https snapshot URLs", "FILE", str),
     Setting("log_format", "lifecycle logs on stderr as json or text", "FORMAT", _log_format),
+    Setting("tls_cert", "PEM certificate chain: serve TCP with TLS", "FILE", str),
+    Setting("tls_key", "PEM private key of --tls-cert", "FILE", str),
+    Setting("tls_client_ca", "PEM CA bundle: require client certificates it signed (mutual TLS)", "FILE", str),
+    Setting(
+        "allow_insecure_remote",
+        "serve a non-loopback TCP address without TLS (refused otherwise)",
+        "BOOL",
+        _boolean,
+    ),
     Setting("audit_log", "decision audit log: a file path, or stdout; unset: no audit log", "PATH", str),
     Setting(
         "audit_hmac_key_file",

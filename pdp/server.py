@@ -11,6 +11,7 @@ grpc.aio with the same handler.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import queue
@@ -19,7 +20,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -114,8 +116,11 @@ class AdmissionServicer:
     ) -> tuple[bytes, Decision, Location, Active]:
         active = self._active(context)
         meeting = _meeting(request.meeting, request.action, context)
+        participant = request.participant
+        if len(participant.user_id) > MAX_ID_LENGTH or len(participant.account_id) > MAX_ID_LENGTH:
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _participant_problem(participant, "participant") or "")
         try:
-            location = active.geo.locate(request.participant.ip)
+            location = active.geo.locate(participant.ip)
         except InvalidAddressError as error:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"participant.ip: {error}")
         decision = active.policy.decide(location, request.action, meeting, time.time())
@@ -196,6 +201,10 @@ class AdmissionServicer:
         decide = active.policy.decide
         now = time.time()
         action = request.action
+        for position, participant in enumerate(request.participants):
+            if len(participant.user_id) > MAX_ID_LENGTH or len(participant.account_id) > MAX_ID_LENGTH:
+                problem = _participant_problem(participant, f"participants[{position}]") or ""
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             locations = active.geo.locate_many([participant.ip for participant in request.participants])
         except InvalidAddressError as error:
@@ -271,12 +280,45 @@ class AdmissionServicer:
         return response
 
 
+# Bounds on what one request may carry: ids and tags are labels, never documents.
+MAX_ID_LENGTH = 256
+MAX_TAGS = 64
+MAX_TAG_LENGTH = 128
+
+
 def _meeting(message: pb.Meeting, action: int, context: grpc.ServicerContext) -> Meeting:
-    if not message.meeting_id:
+    meeting_id = message.meeting_id
+    if not meeting_id:
         _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "meeting.meeting_id: required")
     if action not in _VALID_ACTIONS:
         _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"action: {action} is not ACTION_JOIN (1) or ACTION_HOST (2)")
-    return Meeting(message.meeting_id, message.host_account_id, frozenset(message.tags))
+    tags = message.tags
+    if (
+        len(meeting_id) > MAX_ID_LENGTH
+        or len(message.host_account_id) > MAX_ID_LENGTH
+        or len(tags) > MAX_TAGS
+        or any(len(tag) > MAX_TAG_LENGTH for tag in tags)
+    ):
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, _meeting_problem(message))
+    return Meeting(meeting_id, message.host_account_id, frozenset(tags))
+
+
+def _meeting_problem(message: pb.Meeting) -> str:
+    if len(message.meeting_id) > MAX_ID_LENGTH:
+        return f"meeting.meeting_id: longer than {MAX_ID_LENGTH} characters"
+    if len(message.host_account_id) > MAX_ID_LENGTH:
+        return f"meeting.host_account_id: longer than {MAX_ID_LENGTH} characters"
+    if len(message.tags) > MAX_TAGS:
+        return f"meeting.tags: {len(message.tags)} given, at most {MAX_TAGS} accepted"
+    return f"meeting.tags: a tag longer than {MAX_TAG_LENGTH} characters"
+
+
+def _participant_problem(participant: pb.Participant, field: str) -> str | None:
+    if len(participant.user_id) > MAX_ID_LENGTH:
+        return f"{field}.user_id: longer than {MAX_ID_LENGTH} characters"
+    if len(participant.account_id) > MAX_ID_LENGTH:
+        return f"{field}.account_id: longer than {MAX_ID_LENGTH} characters"
+    return None
 
 
 _VERDICT_NAMES = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY"}
@@ -303,15 +345,51 @@ def _passthrough(data: bytes) -> bytes:
     return data
 
 
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Stands for request bytes that are not the expected message."""
+
+    type_name: str
+    reason: str
+
+
+def _decoder(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: gRPC would answer INTERNAL."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as error:
+            return _Undecodable(message.DESCRIPTOR.name, str(error) or "malformed protobuf")
+
+    return decode
+
+
+def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        if type(request) is _Undecodable:
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request: not a valid {request.type_name} ({request.reason})",
+            )
+        return method(request, context)
+
+    return handler
+
+
 def _handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
     """AdmissionService's methods; Check and CheckBatch return bytes already encoded."""
     unary = grpc.unary_unary_rpc_method_handler
+    guard = _refusing_undecodable
     methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Check": unary(servicer.Check, pb.CheckRequest.FromString, _passthrough),
-        "CheckBatch": unary(servicer.CheckBatch, pb.CheckBatchRequest.FromString, _passthrough),
-        "GetStatus": unary(servicer.GetStatus, pb.GetStatusRequest.FromString, pb.GetStatusResponse.SerializeToString),
+        "Check": unary(guard(servicer.Check), _decoder(pb.CheckRequest), _passthrough),
+        "CheckBatch": unary(guard(servicer.CheckBatch), _decoder(pb.CheckBatchRequest), _passthrough),
+        "GetStatus": unary(
+            guard(servicer.GetStatus), _decoder(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
+        ),
         "WatchPolicy": grpc.unary_stream_rpc_method_handler(
-            servicer.WatchPolicy, pb.WatchPolicyRequest.FromString, pb.PolicyEvent.SerializeToString
+            guard(servicer.WatchPolicy), _decoder(pb.WatchPolicyRequest), pb.PolicyEvent.SerializeToString
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
@@ -375,7 +453,7 @@ def start_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    address = _bind(server, config.listen)
+    address = _bind(server, config.listen, config)
     server.start()
     running = RunningServer(server, health_servicer, address, config.grace_seconds)
     if config.health_listen:
@@ -385,7 +463,7 @@ def start_server(
         )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
         try:
-            running.health_address = _bind(probe_server, config.health_listen)
+            running.health_address = _bind(probe_server, config.health_listen, health_only=True)
         except OSError:
             server.stop(0)
             raise
@@ -397,22 +475,72 @@ def start_server(
     return running
 
 
-def _bind(server: grpc.Server, listen: str) -> str:
+def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *, health_only: bool = False) -> str:
+    """Add ``listen`` to ``server``; with TLS when ``config`` carries certificates.
+
+    :raises OSError: the address is busy or invalid, or a non-loopback address
+        would be served without TLS (and ``--allow-insecure-remote`` is not set).
+    """
     host, port = parse_listen(listen)
     if port is None:
         _clear_stale_socket(Path(host))
+        _make_socket_directory(Path(host).parent)
         target = f"unix:{host}"
-        bound = server.add_insecure_port(target)
+        # The socket is born group-only (0660): no moment where others may connect.
+        previous = os.umask(0o117)
+        try:
+            bound = server.add_insecure_port(target)
+        finally:
+            os.umask(previous)
         if not bound:
             raise OSError(f"cannot listen on {listen}")
         return target
+    credentials = _server_credentials(config) if config is not None else None
+    insecure_allowed = health_only or (config is not None and config.allow_insecure_remote)
+    if credentials is None and not insecure_allowed and not _is_loopback(host):
+        raise OSError(
+            f"refusing to serve {listen} without TLS: it is reachable from other hosts; pass --tls-cert and "
+            "--tls-key (and --tls-client-ca for mutual TLS), or --allow-insecure-remote"
+        )
     try:
-        bound = server.add_insecure_port(listen)
+        bound = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     except RuntimeError as error:
         raise OSError(f"cannot listen on {listen}: {error}") from None
     if not bound:
         raise OSError(f"cannot listen on {listen} (address in use or not local)")
     return f"{host}:{bound}"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def _make_socket_directory(directory: Path) -> None:
+    """Create the socket's directory for the server alone (and its group), if missing."""
+    if not directory.exists():
+        directory.mkdir(mode=0o750, parents=True)
+
+
+def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise OSError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise OSError("TLS needs both --tls-cert and --tls-key")
+    try:
+        key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
+        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    except OSError as error:
+        raise OSError(f"TLS: {error.filename}: {error.strerror}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def _clear_stale_socket(path: Path) -> None:

@@ -188,6 +188,12 @@ def test_rendered_args_and_env_are_parsed_by_pdp_serve(scenario: str, meeting_no
     values = scenario_values(scenario)
     if values.get("snapshot", {}).get("signing", {}).get("enabled"):
         assert config.pubkey_files == ["/etc/pdp/keys/ops-2026.pub", "/etc/pdp/keys/ops-2027.pub"]
+    if values.get("mode") == "daemonset":
+        tls = values.get("tls", {})
+        assert config.allow_insecure_remote == (not tls.get("existingSecret"))
+        if tls.get("existingSecret"):
+            assert (config.tls_cert, config.tls_key) == ("/etc/pdp/tls/tls.crt", "/etc/pdp/tls/tls.key")
+            assert config.tls_client_ca == ("/etc/pdp/tls/ca.crt" if tls.get("requireClientCert") else "")
     if values.get("audit", {}).get("log"):
         assert (config.audit_log, config.audit_hmac_key_file) == ("stdout", "/etc/pdp/audit/hmac-key")
 
@@ -244,6 +250,7 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
         ({"geoip__source": "geoipupdate"}, "geoip.source=geoipupdate needs geoip.geoipupdate.accountId"),
         ({"telemetry__serviceMonitor": {"enabled": True}}, "needs telemetry.metricsExporter=prometheus"),
         ({"audit__log": "stdout"}, "audit.log needs audit.hmacKeySecret"),
+        ({"tls__requireClientCert": True}, "tls.requireClientCert needs tls.existingSecret"),
         ({"telemetry__metricsExporter": "otlp"}, "telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint"),
     ],
 )

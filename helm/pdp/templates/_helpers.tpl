@@ -53,6 +53,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "pdp: geoip.source=geoipupdate needs geoip.geoipupdate.accountId and geoip.geoipupdate.licenseKeySecret {name, key}" -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.tls.requireClientCert (not $v.tls.existingSecret) -}}
+{{- fail "pdp: tls.requireClientCert needs tls.existingSecret (with tls.crt, tls.key and ca.crt)" -}}
+{{- end -}}
 {{- if and $v.audit.log (not $v.audit.hmacKeySecret.name) -}}
 {{- fail "pdp: audit.log needs audit.hmacKeySecret {name, key}: participant ids are pseudonymised with it" -}}
 {{- end -}}
@@ -190,6 +193,11 @@ chart writes, inside its pod's `containers:` list:
       mountPath: /etc/pdp/audit
       readOnly: true
     {{- end }}
+    {{- if and (eq .Values.mode "daemonset") .Values.tls.existingSecret }}
+    - name: pdp-tls
+      mountPath: /etc/pdp/tls
+      readOnly: true
+    {{- end }}
 {{- if eq .Values.geoip.source "geoipupdate" }}
 {{ include "pdp.geoipupdateContainer" (dict "root" . "once" false) }}
 {{- end }}
@@ -284,6 +292,11 @@ chart writes, inside its pod's `containers:` list:
 - name: pdp-audit-key
   secret:
     secretName: {{ .Values.audit.hmacKeySecret.name }}
+{{- end }}
+{{- if and (eq .Values.mode "daemonset") .Values.tls.existingSecret }}
+- name: pdp-tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
 {{- end }}
 {{- end -}}
 
