@@ -54,7 +54,13 @@ def yield_to_requests() -> None:
     time.sleep(0.0005)
 
 
-def read_snapshot(data: bytes, keys: TrustedKeys, source: str, pace: Callable[[], None] | None = None) -> Policy:
+def read_snapshot(
+    data: bytes,
+    keys: TrustedKeys,
+    source: str,
+    pace: Callable[[], None] | None = None,
+    previous: Policy | None = None,
+) -> Policy:
     """Verify (when keys are trusted) and compile snapshot bytes as stored.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
@@ -66,8 +72,8 @@ def read_snapshot(data: bytes, keys: TrustedKeys, source: str, pace: Callable[[]
         elif is_envelope(data):
             opened = open_envelope(data)  # no key to check against: payload only
         else:
-            return parse_policy(data, source, pace=pace)
-        policy = parse_policy(opened.payload, source, pace=pace)
+            return parse_policy(data, source, pace=pace, previous=previous)
+        policy = parse_policy(opened.payload, source, pace=pace, previous=previous)
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
     except SnapshotError as error:
@@ -126,7 +132,9 @@ class Reloader:
             return self._result("unchanged (still rejected)")
         started = time.perf_counter()
         try:
-            policy = read_snapshot(fetched.data, self.keys, self.status.source, yield_to_requests)
+            policy = read_snapshot(
+                fetched.data, self.keys, self.status.source, yield_to_requests, previous=self.holder.policy
+            )
             self.status.last_compile_ms = round((time.perf_counter() - started) * 1000, 1)
             outcome = self._offer(policy, fetched)
         except SnapshotRejectedError as error:

@@ -118,7 +118,10 @@ class Rule:
     valid_from: float  # Unix seconds; -inf when open
     valid_until: float  # Unix seconds, exclusive; +inf when open
     position: int  # index in the snapshot, for stable reporting order
-    rank: int = 0  # 0 is the strongest: priority desc, deny before allow, file order
+    # Lower is stronger: priority descending, then deny before allow, then file
+    # order. Computed from the rule alone (see _rank), so an unchanged rule keeps
+    # its rank, and its compiled form, across snapshots.
+    rank: int = 0
     decision: Decision = field(default=Decision(Verdict.ALLOW), compare=False)
     # True when being found in its index list proves the rule applies: every
     # action, no window, no selector besides the one it is filed under.
@@ -223,15 +226,26 @@ class Policy:
         "_index",
         "_unknown",
         "by_id",
+        "fingerprints",
         "rules",
         "sha256",
         "unknown_location",
         "version",
     )
 
-    def __init__(self, version: int, rules: Sequence[Rule], unknown_location: Verdict, sha256: str) -> None:
+    def __init__(
+        self,
+        version: int,
+        rules: Sequence[Rule],
+        unknown_location: Verdict,
+        sha256: str,
+        fingerprints: dict[tuple[int, str], Rule] | None = None,
+    ) -> None:
         """``rules`` in file order, already ranked (see :func:`parse_policy`)."""
         self.version = version
+        # (position, repr of the rule as parsed) -> its compiled form, so that the
+        # next snapshot recompiles only the rules that changed.
+        self.fingerprints = fingerprints or {}
         self.unknown_location = unknown_location
         self.sha256 = sha256
         self.rules: tuple[Rule, ...] = tuple(rules)
@@ -309,8 +323,17 @@ class Policy:
         return f"<Policy version={self.version} rules={len(self.rules)} sha256={self.sha256[:12]}>"
 
 
-def _ranked(spec: dict[str, Any], rank: int) -> Rule:
+_PRIORITY_LIMIT = 10**9
+
+
+def _rank(priority: int, effect: Verdict, position: int) -> int:
+    """An integer that orders rules as the semantics do, from one rule's own fields."""
+    return ((_PRIORITY_LIMIT - priority) << 33) | ((effect != Verdict.DENY) << 32) | position
+
+
+def _ranked(spec: dict[str, Any]) -> Rule:
     """The final rule: its rank, its precomputed decision, whether finding it settles it."""
+    rank = _rank(spec["priority"], spec["effect"], spec["position"])
     if spec["effect"] == Verdict.DENY:
         reason = (
             spec["reason"]
@@ -599,7 +622,7 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
             _line(raw, "legal_basis") or raw.line,
         )
     reason = checker.string(raw, "reason", path)
-    priority = checker.integer(raw, "priority", path, low=-(10**9), high=10**9, default=0)
+    priority = checker.integer(raw, "priority", path, low=-_PRIORITY_LIMIT, high=_PRIORITY_LIMIT, default=0)
     valid_from = checker.moment(raw, "valid_from", path, -math.inf)
     valid_until = checker.moment(raw, "valid_until", path, math.inf)
     if valid_from >= valid_until:
@@ -624,7 +647,12 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
 
 
 def parse_policy(
-    data: bytes, source: str = "<snapshot>", fmt: str | None = None, *, pace: Callable[[], None] | None = None
+    data: bytes,
+    source: str = "<snapshot>",
+    fmt: str | None = None,
+    *,
+    pace: Callable[[], None] | None = None,
+    previous: Policy | None = None,
 ) -> Policy:
     """Parse, validate and compile a snapshot given as bytes.
 
@@ -632,11 +660,13 @@ def parse_policy(
     ``source`` name's suffix, then from the first character. ``pace``, when
     given, is called every few hundred rules: a server passes a short sleep so
     that compiling a large snapshot shares the interpreter with requests.
+    ``previous``, the active policy, lets rules that did not change (same text,
+    same place) be reused instead of validated and compiled again.
 
     :raises SnapshotError: listing every problem found, with lines for YAML.
     """
     with _collector_paused():
-        return _parse_policy(data, source, fmt, pace or _no_pause)
+        return _parse_policy(data, source, fmt, pace or _no_pause, previous)
 
 
 def _no_pause() -> None:
@@ -657,7 +687,9 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _parse_policy(data: bytes, source: str, fmt: str | None, pace: Callable[[], None]) -> Policy:
+def _parse_policy(
+    data: bytes, source: str, fmt: str | None, pace: Callable[[], None], previous: Policy | None
+) -> Policy:
     fmt = fmt or _guess_format(data, source)
     try:
         document = _parse_document(data, fmt)
@@ -680,7 +712,9 @@ def _parse_policy(data: bytes, source: str, fmt: str | None, pace: Callable[[], 
             checker.unknown_keys(defaults, _DEFAULTS_KEYS, "defaults")
             unknown_location = checker.choice(defaults, "unknown_location", "defaults", ("allow", "deny"), "allow")
 
-    specs: list[dict[str, Any]] = []
+    rules: list[Rule] = []
+    fingerprints: dict[tuple[int, str], Rule] = {}
+    known = previous.fingerprints if previous is not None else {}
     raw_rules = document.get("rules")
     if raw_rules is None:
         checker.fail("rules", "required (a list, which may be empty)", _line(document, "rules") or document.line)
@@ -691,20 +725,21 @@ def _parse_policy(data: bytes, source: str, fmt: str | None, pace: Callable[[], 
         for position, raw in enumerate(raw_rules):
             if position % _PACE_EVERY == 0:
                 pace()
-            spec = _check_rule(checker, raw, position, seen)
-            if spec is not None:
-                specs.append(spec)
+            # A rule identical to the one at the same place in the active policy was
+            # valid there and compiles the same: reuse it (its id must still be unique).
+            fingerprint = (position, repr(raw))
+            rule = known.get(fingerprint)
+            if rule is not None and rule.id not in seen:
+                seen[rule.id] = position
+            else:
+                spec = _check_rule(checker, raw, position, seen)
+                rule = _ranked(spec) if spec is not None and not checker.problems else None
+            if rule is not None:
+                rules.append(rule)
+                fingerprints[fingerprint] = rule
     if checker.problems:
         raise SnapshotError(source, checker.problems)
-    # Rank 0 is the strongest rule: priority first, then deny before allow, then file order.
-    order = sorted(range(len(specs)), key=lambda n: (-specs[n]["priority"], specs[n]["effect"] != Verdict.DENY, n))
-    rank_of = {spec_index: rank for rank, spec_index in enumerate(order)}
-    rules = []
-    for n, spec in enumerate(specs):
-        if n % _PACE_EVERY == 0:
-            pace()
-        rules.append(_ranked(spec, rank_of[n]))
-    return Policy(version, rules, _EFFECTS[unknown_location], hashlib.sha256(data).hexdigest())
+    return Policy(version, rules, _EFFECTS[unknown_location], hashlib.sha256(data).hexdigest(), fingerprints)
 
 
 def snapshot_as_json(data: bytes, source: str = "<snapshot>") -> bytes:

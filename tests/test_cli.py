@@ -349,3 +349,25 @@ def test_serve_without_a_snapshot_file_waits_not_serving(tmp_path: Path, rules_f
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+def test_recheck_example_runs_against_a_real_sidecar(served: tuple[subprocess.Popen[str], str], tmp_path: Path) -> None:
+    _, target = served
+    # The example's own meetings.json uses real addresses for the demo database; the
+    # test database knows other ones: the same meetings, located in CN, US and HK.
+    meetings = json.loads((ROOT / "examples" / "meetings.json").read_text())
+    replacements = {"1.0.1.1": "175.16.199.1", "8.8.8.8": "2001:480:10::1", "202.45.84.58": "2001:2e0::1"}
+    for meeting in meetings.values():
+        for person in meeting["participants"]:
+            person["ip"] = replacements[person["ip"]]
+    (tmp_path / "meetings.json").write_text(json.dumps(meetings))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "recheck.py"), "--target", target,
+         "--meetings", str(tmp_path / "meetings.json"), "--once"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "policy version 7 active: re-checking 2 meetings" in result.stdout
+    assert "remove u-1 from m-1: cn-memorial" in result.stdout
+    assert "u-2" not in result.stdout  # US: outside the jurisdiction
+    assert "u-3" not in result.stdout  # HK: outside the jurisdiction

@@ -179,3 +179,33 @@ def test_arbitrary_documents_are_accepted_or_rejected_cleanly(document: Any) -> 
     except SnapshotError as error:
         reasons = error.problems
     assert reasons  # accepted, or rejected with at least one reason; never another exception
+
+
+@settings(max_examples=200, deadline=None)
+@given(snapshots(), st.data(), st.sampled_from(LOCATIONS), actions, meetings, moments)
+def test_recompiling_against_the_active_policy_equals_a_fresh_compile(
+    first: dict[str, Any], data: st.DataObject, location: Location, action: Action, meeting: Meeting, now: float
+) -> None:
+    # The next snapshot keeps some rules, changes or drops others, adds new ones.
+    rules = list(first["rules"])
+    change: bool = data.draw(st.booleans())
+    drop: bool = data.draw(st.booleans())
+    if rules and change:
+        rules[data.draw(st.integers(0, len(rules) - 1))] = data.draw(rule_documents(len(rules) + 100))
+    if rules and drop:
+        del rules[data.draw(st.integers(0, len(rules) - 1))]
+    rules.append(data.draw(rule_documents(len(rules) + 200)))
+    rules = [dict(rule, id=f"r{n}") for n, rule in enumerate(rules)]
+    second = dict(first, version=first["version"] + 1, rules=rules)
+    previous = compile_document(first)
+    encoded = json.dumps(second).encode()
+    incremental = parse_policy(encoded, "second.json", previous=previous)
+    fresh = parse_policy(encoded, "second.json")
+    assert [_fields(rule) for rule in incremental.rules] == [_fields(rule) for rule in fresh.rules]
+    assert incremental.decide(location, action, meeting, now) == fresh.decide(location, action, meeting, now)
+
+
+def _fields(rule: Rule) -> tuple[object, ...]:
+    import dataclasses
+
+    return tuple(getattr(rule, field.name) for field in dataclasses.fields(rule))
