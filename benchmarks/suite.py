@@ -180,8 +180,10 @@ def section_reload(run: Run) -> None:
     try:
         rate = str(round(run.results["transport"]["unix"]["closed_loop_max"]["floor"] * 0.5))
         args = ("--mode", "open", "--rate", rate, "--seconds", str(run.seconds), "--warmup", "0.5")
-        for repeat in range(run.repeats):
+        # All steady runs first: a run during reloads may leave a backlog behind it.
+        for _ in range(run.repeats):
             steady.append(run.load(pdp.address, *args))
+        for repeat in range(run.repeats):
             stop = threading.Event()
             publisher = threading.Thread(target=_publish_every_second, args=(snapshot, stop, 1000 * (repeat + 1)))
             before = _activations(pdp)
