@@ -16,7 +16,7 @@ from pdp._proto import admission_pb2 as pb
 from pdp.model import Decision, Location
 from pdp.policy import Active
 
-__all__ = ["check_response", "encode_batch", "encode_check", "encode_result"]
+__all__ = ["check_response", "encode_batch", "encode_check", "encode_result", "varint"]
 
 # Distinct (decision, location) pairs kept per activation; a policy with many
 # rules seen from many places refills after a clear, it never grows unbounded.
@@ -38,7 +38,8 @@ def check_response(decision: Decision, location: Location, active: Active) -> pb
     )
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 encoding of a non-negative integer."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -51,14 +52,14 @@ def _encoded(decision: Decision, location: Location, active: Active) -> tuple[by
     """(CheckResponse bytes, the same framed as one CheckBatchResponse result)."""
     if decision.shadow_rule_ids:  # a fresh object per call: not worth caching
         data = check_response(decision, location, active).SerializeToString()
-        return data, _RESULTS_TAG + _varint(len(data)) + data
+        return data, _RESULTS_TAG + varint(len(data)) + data
     cache = active.encoded
     key = (id(decision), id(location))
     hit = cache.get(key)
     if hit is not None:
         return hit[0], hit[1]
     data = check_response(decision, location, active).SerializeToString()
-    framed = _RESULTS_TAG + _varint(len(data)) + data
+    framed = _RESULTS_TAG + varint(len(data)) + data
     if len(cache) >= CACHE_LIMIT:
         cache.clear()
     # The entry holds the decision and location so that their ids stay theirs.

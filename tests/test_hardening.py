@@ -26,6 +26,7 @@ from pdp.policy import PolicyHolder
 from pdp.reload import GeoWatcher, Reloader
 from pdp.server import MAX_TAGS, start_server
 from pdp.sources import SourceOptions, open_source
+from pdp.wire import varint
 
 from .conftest import CITY_DB, CN_MEMORIAL, policy_from
 from .servers import HttpStore
@@ -55,18 +56,7 @@ def field(number: int, wire_type: int, payload: bytes) -> bytes:
 
 
 def length_delimited(number: int, data: bytes) -> bytes:
-    return (
-        field(number, 2, bytes([len(data)]) + data) if len(data) < 128 else field(number, 2, _varint(len(data)) + data)
-    )
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return field(number, 2, varint(len(data)) + data)
 
 
 def participant_ip(raw: bytes) -> bytes:
