@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 run: $(STAMP)  ## start the sidecar on the example rules and the demo GeoIP database
-	$(BIN)/pdp serve --listen $(LISTEN) --snapshot file://$(CURDIR)/examples/rules.yaml --geoip-db demo
+	$(BIN)/pdp serve --listen $(LISTEN) --snapshot file://$(CURDIR)/examples/rules.yaml --geoip-db demo --log-format text
 
 test: $(STAMP)  ## lint, type-check and run the whole test suite
 	$(MAKE) --no-print-directory lint
