@@ -68,7 +68,7 @@ class AuditConfig:
 
 
 class AuditLog:
-    """Queue plus writer thread. :meth:`record` is called on the request path."""
+    """A bounded deque plus a writer thread. :meth:`record` is called on the request path."""
 
     def __init__(self, config: AuditConfig) -> None:
         self.config = config

@@ -2,9 +2,9 @@
 
 Off unless asked for (``OTEL_METRICS_EXPORTER`` / ``OTEL_TRACES_EXPORTER`` =
 ``otlp``, ``prometheus`` (metrics), ``console``; default ``none``). The hot path
-pays for one histogram record and one dict increment per decision; decision
-counts, cache counts, policy and database gauges are read by callbacks only
-when the exporter collects.
+pays for one deque append and one dict increment per decision: durations reach
+the SDK's histogram from a thread of their own, and decision counts, cache
+counts, policy and database gauges are read by callbacks when the exporter collects.
 
 Exporters are optional extras: ``pdp[otlp]``, ``pdp[prometheus]``.
 """

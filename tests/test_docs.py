@@ -31,3 +31,8 @@ def test_every_module_is_in_the_module_map() -> None:
 
 def test_example_rules_load() -> None:
     assert load_policy(ROOT / "examples" / "rules.yaml").version >= 1
+
+
+def test_no_section_appears_twice() -> None:
+    headings = [line for line in README.splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings)), headings
