@@ -28,6 +28,7 @@ import maxminddb
 import maxminddb_rust
 from maxminddb.errors import InvalidDatabaseError
 
+from pdp.files import identity as file_identity
 from pdp.model import UNKNOWN_LOCATION, Location
 
 __all__ = ["DEMO", "GeoDatabase", "GeoIPError", "InvalidAddressError", "demo_database_path", "parse_address"]
@@ -261,7 +262,7 @@ def _open(path: str) -> tuple[maxminddb_rust.Reader, maxminddb.reader.Metadata]:
         ) from None
     if not Path(path).is_file():
         raise GeoIPError(f"{path}: no such GeoIP database file")
-    identity = _identity(path)
+    identity = file_identity(path)
     try:
         gate = maxminddb.open_database(path, maxminddb.MODE_MMAP_EXT)
     except (InvalidDatabaseError, ValueError, OSError, UnicodeDecodeError) as error:
@@ -284,13 +285,7 @@ def _open(path: str) -> tuple[maxminddb_rust.Reader, maxminddb.reader.Metadata]:
         served = [_codes_from_record(reader.get(probe)) for probe in probes]
     except (maxminddb_rust.InvalidDatabaseError, ValueError, OSError) as error:
         raise GeoIPError(f"{path}: the lookup reader refused the database ({error})") from None
-    if _identity(path) != identity or served != expected:
+    if file_identity(path) != identity or served != expected:
         reader.close()
         raise GeoIPError(f"{path}: changed while it was being opened, or its readers disagree; not served")
     return reader, metadata
-
-
-def _identity(path: str) -> tuple[int, int, int, int]:
-    """What tells one file from its replacement (geoipupdate renames a new file in)."""
-    status = Path(path).stat()
-    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns

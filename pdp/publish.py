@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from pdp.reload import _atomic_write
+from pdp.files import atomic_write
 from pdp.sources.file_source import file_path
 from pdp.sources.redis_source import redis_target
 
@@ -34,7 +34,7 @@ def publish(data: bytes, url: str, version: int, *, notify: bool = True) -> str:
     if scheme == "file":
         path = file_path(url)
         try:
-            _atomic_write(path, data)
+            atomic_write(path, data)
         except OSError as error:
             raise PublishError(f"{path}: {error.strerror or error}") from None
         return f"wrote {len(data)} bytes to {path}"

@@ -14,18 +14,17 @@ Rules that keep a fleet safe (learnt from OPA's and Cerbos's issue trackers):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pdp.files import atomic_write
+from pdp.files import identity as file_identity
 from pdp.geo import GeoDatabase, GeoIPError
 from pdp.logs import redact_url
 from pdp.policy import PolicyHolder, ReloadStatus
@@ -85,8 +84,45 @@ def read_snapshot(
     return policy
 
 
-class Reloader:
+class _Poller:
+    """A daemon thread calling :meth:`run_once` after each :meth:`_wait` until stopped."""
+
+    name = "pdp-poller"
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> str:
+        raise NotImplementedError
+
+    def _wait(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wait()
+            if self._stopping.is_set():
+                break
+            try:
+                self.run_once()
+            except Exception:  # a bug in one step must not end the polling
+                log.exception("%s: step failed", self.name)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+class Reloader(_Poller):
     """Follows one source; :meth:`run_once` is one fetch-and-maybe-activate step."""
+
+    name = "pdp-reloader"
 
     def __init__(
         self,
@@ -106,8 +142,7 @@ class Reloader:
         self.max_backoff_seconds = max_backoff_seconds
         self.status: ReloadStatus = holder.status
         self.status.source = redact_url(source.url)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
         self._failures = 0
         self._rejected_sha = ""
 
@@ -213,8 +248,8 @@ class Reloader:
             return
         meta = {"source": self.status.source, "version": policy.version, "sha256": policy.sha256}
         try:
-            _atomic_write(self.state_dir / PERSISTED, data)
-            _atomic_write(self.state_dir / PERSISTED_META, json.dumps(meta).encode())
+            atomic_write(self.state_dir / PERSISTED, data)
+            atomic_write(self.state_dir / PERSISTED_META, json.dumps(meta).encode())
         except OSError as error:
             # Serving the new policy matters more than remembering it.
             self.status.last_error = f"cannot persist the snapshot in {self.state_dir}: {error.strerror or error}"
@@ -245,42 +280,31 @@ class Reloader:
         base = self.poll_seconds * (2 ** min(self._failures, 16)) if self._failures else self.poll_seconds
         return min(base, max(self.max_backoff_seconds, self.poll_seconds)) * random.uniform(0.8, 1.2)  # noqa: S311
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="pdp-reloader", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.source.wait(self.next_wait())
-            if self._stop.is_set():
-                break
-            try:
-                self.run_once()
-            except Exception:  # a bug here must not end following the store
-                log.exception("reload step failed")
+    def _wait(self) -> None:
+        self.source.wait(self.next_wait())  # a Redis notice or close() ends the wait early
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()  # before close() wakes the wait, so no step runs on a closed source
         self.source.close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        super().stop()
 
 
-class GeoWatcher:
+class GeoWatcher(_Poller):
     """Reopens the GeoIP database when its file is replaced (geoipupdate renames
     a new file in); a file that fails the checks is refused until it changes again."""
+
+    name = "pdp-geoip-watcher"
 
     def __init__(self, holder: PolicyHolder, path: str, *, cache_size: int, poll_seconds: float = 5.0) -> None:
         self.holder = holder
         self.path = path
         self.cache_size = cache_size
         self.poll_seconds = poll_seconds
-        self._seen = _identity(path)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._seen = file_identity(path)
+        super().__init__()
 
     def run_once(self) -> str:
-        identity = _identity(self.path)
+        identity = file_identity(self.path)
         if identity is None or identity == self._seen:
             return "unchanged" if identity else "missing: the current database keeps serving"
         self._seen = identity
@@ -297,47 +321,5 @@ class GeoWatcher:
         log.info("GeoIP database reloaded: %s built %d", geo.database_type, geo.build_epoch)
         return f"reloaded build {geo.build_epoch}"
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="pdp-geoip-watcher", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.run_once()
-            except Exception:  # a bug here must not end watching the file
-                log.exception("GeoIP reload step failed")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-
-def _identity(path: str) -> tuple[int, int, int, int] | None:
-    try:
-        status = Path(path).stat()
-    except OSError:
-        return None
-    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(temporary).replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(temporary).unlink()
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    def _wait(self) -> None:
+        self._stopping.wait(self.poll_seconds)

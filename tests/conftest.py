@@ -82,3 +82,19 @@ def start(tmp_path: Path) -> Iterator[ServerFactory]:
     for running, client in started:
         client.close()
         running.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Client]]:
+    """One real server for a whole module (CN_MEMORIAL rules): (address, client).
+
+    For tests that throw many requests at it and check afterwards that it still decides the same.
+    """
+    folder = tmp_path_factory.mktemp("module-server")
+    holder = PolicyHolder()
+    holder.activate(policy_from(CN_MEMORIAL), GeoDatabase(CITY_DB), "test.yaml")
+    running = start_server(ServeConfig(listen=f"unix:{folder}/s.sock"), holder)
+    client = Client(running.address, timeout=10)
+    yield running.address, client
+    client.close()
+    running.stop(grace=0)

@@ -10,23 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pdp.client import Client
-from pdp.config import ServeConfig
-from pdp.geo import GeoDatabase
 from pdp.model import Verdict
-from pdp.policy import PolicyHolder
 from pdp.rules import SnapshotError, parse_policy
-from pdp.server import start_server
 
-from .conftest import CITY_DB, CN_MEMORIAL, policy_from
+from .conftest import CN_MEMORIAL
 from .test_hardening import CORPUS, GOOD, SNAPSHOTS, check
 
 DEFAULT_EXAMPLES = 10_000 if os.environ.get("CI") == "true" else 300
@@ -77,18 +71,6 @@ def test_snapshot_parser_survives_arbitrary_bytes(data: bytes) -> None:
         parse_policy(data, "fuzz")
 
 
-@pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Client]]:
-    folder = tmp_path_factory.mktemp("fuzz")
-    holder = PolicyHolder()
-    holder.activate(policy_from(CN_MEMORIAL), GeoDatabase(CITY_DB), "s")
-    running = start_server(ServeConfig(listen=f"unix:{folder}/s.sock"), holder)
-    client = Client(running.address, timeout=10)
-    yield running.address, client
-    client.close()
-    running.stop(grace=0)
-
-
 REQUEST_SEEDS = [data for _, method, data, _, _ in CORPUS if method == "Check" and len(data) < 4096] + [
     check(tags=["memorial"])
 ]
@@ -98,9 +80,9 @@ ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 @FUZZ
 @given(st.sampled_from(REQUEST_SEEDS), st.data())
 def test_request_handler_answers_every_mutation_with_a_specific_status(
-    target: tuple[str, Client], seed: bytes, data: st.DataObject
+    module_server: tuple[str, Client], seed: bytes, data: st.DataObject
 ) -> None:
-    address, _client = target
+    address, _client = module_server
     with grpc.insecure_channel(address) as channel:
         call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/pdp.v1.AdmissionService/Check")
         try:
@@ -111,8 +93,8 @@ def test_request_handler_answers_every_mutation_with_a_specific_status(
     assert code in ALLOWED
 
 
-def test_server_is_unchanged_after_fuzzing(target: tuple[str, Client]) -> None:
-    _, client = target
+def test_server_is_unchanged_after_fuzzing(module_server: tuple[str, Client]) -> None:
+    _, client = module_server
     assert client.check("175.16.199.1", "m", tags=["memorial"]).verdict == Verdict.DENY
     assert client.status().serving
 

@@ -158,18 +158,6 @@ def test_corpus_has_at_least_fifty_requests() -> None:
     assert len(CORPUS) + 3 >= 50  # plus the deadline, cancellation and watch cases below
 
 
-@pytest.fixture(scope="module")
-def hostile_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Client]]:
-    folder = tmp_path_factory.mktemp("hostile")
-    holder = PolicyHolder()
-    holder.activate(policy_from(CN_MEMORIAL), GeoDatabase(CITY_DB), "test.yaml")
-    running = start_server(ServeConfig(listen=f"unix:{folder}/s.sock"), holder)
-    client = Client(running.address, timeout=10)
-    yield running.address, client
-    client.close()
-    running.stop(grace=0)
-
-
 def raw_call(target: str, method: str, data: bytes) -> tuple[grpc.StatusCode, str]:
     path = method if method.startswith("/") else f"/pdp.v1.AdmissionService/{method}"
     with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]) as channel:
@@ -185,9 +173,9 @@ def raw_call(target: str, method: str, data: bytes) -> tuple[grpc.StatusCode, st
 
 @pytest.mark.parametrize(("name", "method", "data", "code", "text"), CORPUS, ids=[row[0] for row in CORPUS])
 def test_hostile_request_gets_a_specific_status(
-    hostile_target: tuple[str, Client], name: str, method: str, data: bytes, code: grpc.StatusCode, text: str
+    module_server: tuple[str, Client], name: str, method: str, data: bytes, code: grpc.StatusCode, text: str
 ) -> None:
-    target, client = hostile_target
+    target, client = module_server
     got, details = raw_call(target, method, data)
     assert got == code, details
     assert text in details
@@ -196,8 +184,8 @@ def test_hostile_request_gets_a_specific_status(
     assert (result.verdict, result.rule_id) == (Verdict.DENY, "cn-memorial")
 
 
-def test_expired_deadline_cancelled_call_and_garbage_watch(hostile_target: tuple[str, Client]) -> None:
-    target, client = hostile_target
+def test_expired_deadline_cancelled_call_and_garbage_watch(module_server: tuple[str, Client]) -> None:
+    target, client = module_server
     with grpc.insecure_channel(target) as channel:
         call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/pdp.v1.AdmissionService/Check")
         with pytest.raises(grpc.RpcError) as expired:

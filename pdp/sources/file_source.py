@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pdp.files import Identity, identity_of
 from pdp.rules import MAX_SNAPSHOT_BYTES
 from pdp.sources.base import Fetched, Source, SourceError, read_limited
 
@@ -30,13 +31,13 @@ class FileSource(Source):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.path = file_path(url)
-        self._seen_identity: tuple[int, ...] | None = None
-        self._fetched_identity: tuple[int, ...] | None = None
+        self._seen_identity: Identity | None = None
+        self._fetched_identity: Identity | None = None
 
     def fetch(self) -> Fetched | None:
         try:
             status = self.path.stat()
-            identity = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+            identity = identity_of(status)
             if identity == self._seen_identity:
                 return None
             with self.path.open("rb") as handle:
