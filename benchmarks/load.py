@@ -16,24 +16,21 @@ latency percentiles in microseconds (HdrHistogram, 3 significant digits).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import functools
 import json
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import grpc
 from hdrh.histogram import HdrHistogram
 
+from benchmarks.h2client import Connection, grpc_message
 from pdp._proto import admission_pb2 as pb
-from pdp._proto import admission_pb2_grpc as pb_grpc
 
 PERCENTILES = (50, 90, 99, 99.9)
 MAX_LATENCY_US = 60_000_000
+CALL_TIMEOUT_S = 10  # sent as grpc-timeout; calls still out 2 s later count as UNFINISHED
 
 
 def build_requests(addresses: list[str], rpc: str, batch: int) -> list[Any]:
@@ -64,86 +61,72 @@ class Recorder:
             self.errors[status] += 1
 
 
-async def call_once(method: Any, request: Any, intended: float, recorder: Recorder, timeout: float) -> None:
-    try:
-        await method(request, timeout=timeout)
-        status = "OK"
-    except grpc.aio.AioRpcError as error:
-        status = error.code().name
-    recorder.done(time.perf_counter() - intended, status)
-
-
-def open_loop(target: str, rpc: str, requests: list[Any], rate: float, seconds: float, recorder: Recorder) -> float:
-    """Fixed-rate sending from one thread with sync futures: time.sleep is precise
-    to tens of microseconds, where the asyncio timer wakes a millisecond late."""
-    channel = grpc.insecure_channel(target)
-    stub = pb_grpc.AdmissionServiceStub(channel)
-    method = stub.Check if rpc == "check" else stub.CheckBatch
+def open_loop(connection: Connection, messages: list[bytes], rate: float, seconds: float, drain: float) -> float:
+    """Calls leave at fixed intervals whether or not earlier ones returned. Calls
+    that fell due while the loop was busy leave together, still timed from
+    their intended moments; ``select`` sleeps to the microsecond, where
+    epoll-based timers (asyncio's) wake a millisecond late."""
     interval = 1.0 / rate
     total = int(rate * seconds)
-    lock = threading.Lock()
-    finished = threading.Event()
-    outstanding = [total]
-
-    def completed(future: grpc.Future[Any], intended: float) -> None:
-        exception = future.exception()
-        status = "OK" if exception is None else getattr(exception, "code", lambda: grpc.StatusCode.UNKNOWN)().name
-        with lock:
-            recorder.done(time.perf_counter() - intended, status)
-            outstanding[0] -= 1
-            if outstanding[0] == 0:
-                finished.set()
-
-    start = time.perf_counter() + 0.05
-    for sent in range(total):
-        intended = start + sent * interval
-        wait = intended - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
-        future = method.future(requests[sent % len(requests)], timeout=10)
-        future.add_done_callback(functools.partial(completed, intended=intended))
-    finished.wait(timeout=60)
-    elapsed = time.perf_counter() - start
-    channel.close()
-    return elapsed
+    start = time.perf_counter() + 0.01
+    sent = 0
+    while sent < total:
+        now = time.perf_counter()
+        while sent < total and (intended := start + sent * interval) <= now:
+            connection.call(messages[sent % len(messages)], intended)
+            sent += 1
+        connection.poll(start + sent * interval - time.perf_counter() if sent < total else 0.0)
+    _drain(connection, drain)
+    return time.perf_counter() - start
 
 
-async def closed_loop(
-    method: Any, requests: list[Any], in_flight: int, seconds: float, recorder: Recorder, max_calls: int = 0
+def closed_loop(
+    connection: Connection, messages: list[bytes], in_flight: int, seconds: float, drain: float, max_calls: int = 0
 ) -> float:
-    deadline = time.perf_counter() + seconds
-    counter = iter(range(max_calls or 10**12))
-
-    async def caller() -> None:
-        while (sent := time.perf_counter()) < deadline:
-            number = next(counter, None)
-            if number is None:
-                return
-            await call_once(method, requests[number % len(requests)], sent, recorder, 10)
-
+    """``in_flight`` calls outstanding at all times until ``seconds`` or ``max_calls``."""
     started = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(in_flight)))
+    deadline = started + seconds
+    limit = max_calls or 10**12
+    sent = 0
+    while (now := time.perf_counter()) < deadline and sent < limit:
+        while connection.in_flight < in_flight and sent < limit:
+            connection.call(messages[sent % len(messages)], now)
+            sent += 1
+        connection.poll(deadline - now)
+    _drain(connection, drain)
     return time.perf_counter() - started
 
 
-async def run(options: argparse.Namespace) -> dict[str, Any]:
+def _drain(connection: Connection, seconds: float) -> None:
+    """Wait for the calls still out; those unanswered by then count as UNFINISHED."""
+    deadline = time.perf_counter() + seconds
+    while connection.in_flight and (left := deadline - time.perf_counter()) > 0:
+        connection.poll(left)
+    now = time.perf_counter()
+    for started in [*connection.open.values(), *(started for _, started in connection.blocked)]:
+        connection.on_done(now - started, "UNFINISHED")
+    connection.open.clear()
+    connection.blocked.clear()
+
+
+def run(options: argparse.Namespace) -> dict[str, Any]:
     addresses = Path(options.addresses).read_text().split() if options.addresses else ["175.16.199.1", "81.2.69.142"]
-    requests = build_requests(addresses, options.rpc, options.batch)
-    async with grpc.aio.insecure_channel(options.target) as channel:
-        stub = pb_grpc.AdmissionServiceStub(channel)
-        method = stub.Check if options.rpc == "check" else stub.CheckBatch
-        warm = Recorder()
+    messages = [grpc_message(request) for request in build_requests(addresses, options.rpc, options.batch)]
+    path = "/pdp.v1.AdmissionService/" + ("Check" if options.rpc == "check" else "CheckBatch")
+    warm, recorder = Recorder(), Recorder()
+    connection = Connection(options.target, path, warm.done, timeout_s=CALL_TIMEOUT_S)
+    try:
         if options.warmup:
-            await closed_loop(method, requests, 4, options.warmup, warm)
-        recorder = Recorder()
+            closed_loop(connection, messages, 4, options.warmup, CALL_TIMEOUT_S + 2)
+        connection.on_done = recorder.done
         if options.mode == "open":
-            elapsed = await asyncio.to_thread(
-                open_loop, options.target, options.rpc, requests, options.rate, options.seconds, recorder
-            )
+            elapsed = open_loop(connection, messages, options.rate, options.seconds, CALL_TIMEOUT_S + 2)
         else:
-            elapsed = await closed_loop(
-                method, requests, options.in_flight, options.seconds, recorder, options.max_calls
+            elapsed = closed_loop(
+                connection, messages, options.in_flight, options.seconds, CALL_TIMEOUT_S + 2, options.max_calls
             )
+    finally:
+        connection.close()
     histogram = recorder.histogram
     per_call = options.batch if options.rpc == "batch" else 1
     ok_calls = histogram.get_total_count()
@@ -161,6 +144,7 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
         "latency_us": {f"p{p:g}": histogram.get_value_at_percentile(p) for p in PERCENTILES}
         | {"max": histogram.get_max_value()},
         "curve_us": [[p, histogram.get_value_at_percentile(p)] for p in (1, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9)],
+        "client_cpu_seconds": round(time.process_time(), 3),
     }
 
 
@@ -177,7 +161,7 @@ def main() -> int:
     parser.add_argument("--addresses", help="file of IP addresses to cycle through")
     parser.add_argument("--max-calls", type=int, default=0, help="closed loop: stop after this many calls")
     options = parser.parse_args()
-    print(json.dumps(asyncio.run(run(options))))
+    print(json.dumps(run(options)))
     return 0
 
 
