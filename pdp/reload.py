@@ -27,6 +27,7 @@ from pdp.files import atomic_write
 from pdp.files import identity as file_identity
 from pdp.geo import GeoDatabase, GeoIPError
 from pdp.logs import redact_url
+from pdp.pacing import in_background
 from pdp.policy import PolicyHolder, ReloadStatus
 from pdp.rules import Policy, SnapshotError, parse_policy
 from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
@@ -46,11 +47,6 @@ class SnapshotRejectedError(Exception):
 
 class StartupError(Exception):
     """Nothing valid to serve at start: the store's snapshot is invalid and none was persisted."""
-
-
-def yield_to_requests() -> None:
-    """Between two slices of a compile: let request threads take the interpreter."""
-    time.sleep(0.0005)
 
 
 def read_snapshot(
@@ -167,9 +163,8 @@ class Reloader(_Poller):
             return self._result("unchanged (still rejected)")
         started = time.perf_counter()
         try:
-            policy = read_snapshot(
-                fetched.data, self.keys, self.status.source, yield_to_requests, previous=self.holder.policy
-            )
+            with in_background() as pace:
+                policy = read_snapshot(fetched.data, self.keys, self.status.source, pace, previous=self.holder.policy)
             self.status.last_compile_ms = round((time.perf_counter() - started) * 1000, 1)
             outcome = self._offer(policy, fetched)
         except SnapshotRejectedError as error:

@@ -14,9 +14,13 @@ import contextlib
 import datetime as dt
 import gc
 import hashlib
+import itertools
 import json
+import json.scanner
 import math
+import operator
 import re
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +194,13 @@ class _Bucket:
         else:
             self.everyone.append(rule)
 
+    def rules(self) -> Iterator[Rule]:
+        """Every rule filed here, some more than once."""
+        yield from self.everyone
+        for lists in (self.by_meeting, self.by_host, self.by_tag):
+            for rules in lists.values():
+                yield from rules
+
     def candidate_lists(self, meeting: Meeting) -> list[list[Rule]]:
         """The lists that may hold rules covering ``meeting``."""
         found = [self.everyone] if self.everyone else []
@@ -204,11 +215,44 @@ class _Bucket:
         return found
 
 
-def _build_index(rules: Iterable[Rule]) -> dict[str, _Bucket]:
-    index: dict[str, _Bucket] = {}
-    for rule in sorted(rules, key=lambda r: r.rank):
+_Index = dict[str, tuple[_Bucket | None, _Bucket | None]]  # code -> (enforced, shadow)
+
+
+def _changes(rules: Sequence[Rule], previous: Policy) -> tuple[list[Rule], list[Rule]]:
+    """(rules new in ``rules``, rules of ``previous`` gone from it), by identity:
+    an unchanged rule is the same object at the same position (see parse_policy).
+    Compared in C (map, compress): this runs on every activation."""
+    before = previous.rules
+    differs = list(map(operator.is_not, rules, before))
+    added = list(itertools.compress(rules, differs)) + list(rules[len(before) :])
+    removed = list(itertools.compress(before, differs)) + list(before[len(rules) :])
+    return added, removed
+
+
+def _index(rules: Sequence[Rule], previous: Policy | None, affected: set[str] | None, added: list[Rule]) -> _Index:
+    """One lookup per jurisdiction code finds both kinds of rule. With
+    ``affected`` codes, every other code keeps its lists from ``previous``, and
+    the affected ones are rebuilt from their old lists and the added rules."""
+    index: _Index = {}
+    members: Iterable[Rule] = rules
+    if previous is not None and affected is not None:
+        index = dict(previous._index)
+        found: dict[int, Rule] = {}
+        for code in affected:
+            for bucket in index.pop(code, ()):
+                for rule in bucket.rules() if bucket is not None else ():
+                    if rule.position < len(rules) and rules[rule.position] is rule:
+                        found[id(rule)] = rule
+        found.update((id(rule), rule) for rule in added)
+        members = found.values()
+    enforced: dict[str, _Bucket] = {}
+    shadow: dict[str, _Bucket] = {}
+    for rule in sorted(members, key=lambda r: r.rank):
         for code in rule.jurisdiction:
-            index.setdefault(code, _Bucket()).add(rule)
+            if affected is None or code in affected:
+                (shadow if rule.shadow else enforced).setdefault(code, _Bucket()).add(rule)
+    for code in enforced.keys() | shadow.keys():
+        index[code] = (enforced.get(code), shadow.get(code))
     return index
 
 
@@ -227,6 +271,7 @@ class Policy:
         "_unknown",
         "by_id",
         "fingerprints",
+        "json_source",
         "rules",
         "sha256",
         "unknown_location",
@@ -239,23 +284,42 @@ class Policy:
         rules: Sequence[Rule],
         unknown_location: Verdict,
         sha256: str,
-        fingerprints: dict[tuple[int, str], Rule] | None = None,
+        fingerprints: dict[str, Rule] | None = None,
+        previous: Policy | None = None,
+        pace: Callable[[], None] | None = None,
+        json_source: JsonSource | None = None,
     ) -> None:
-        """``rules`` in file order, already ranked (see :func:`parse_policy`)."""
+        """``rules`` in file order, already ranked (see :func:`parse_policy`).
+
+        With ``previous``, whose unchanged rules ``rules`` reuses as the same
+        objects at the same positions, only what changed is built again: the
+        id map is patched and only the affected codes' index lists are rebuilt.
+        ``pace`` is called between the steps.
+        """
+        pace = pace or _no_pause
         self.version = version
-        # (position, repr of the rule as parsed) -> its compiled form, so that the
-        # next snapshot recompiles only the rules that changed.
+        # What lets the next snapshot recompile only the rules that changed: for
+        # JSON, the text and where each rule lies in it; for YAML, each rule's
+        # marked repr -> its compiled form.
+        self.json_source = json_source
         self.fingerprints = fingerprints or {}
         self.unknown_location = unknown_location
         self.sha256 = sha256
         self.rules: tuple[Rule, ...] = tuple(rules)
-        self.by_id: dict[str, Rule] = {rule.id: rule for rule in self.rules}
-        enforced = _build_index(rule for rule in self.rules if not rule.shadow)
-        shadow = _build_index(rule for rule in self.rules if rule.shadow)
-        # One lookup per jurisdiction code finds both kinds.
-        self._index: dict[str, tuple[_Bucket | None, _Bucket | None]] = {
-            code: (enforced.get(code), shadow.get(code)) for code in enforced.keys() | shadow.keys()
-        }
+        added, removed = _changes(self.rules, previous) if previous is not None else (list(self.rules), [])
+        pace()
+        affected: set[str] | None = None
+        self.by_id: dict[str, Rule]
+        if previous is not None and (len(added) + len(removed)) * 4 < len(self.rules):
+            self.by_id = previous.by_id.copy()
+            for rule in removed:
+                del self.by_id[rule.id]
+            self.by_id.update((rule.id, rule) for rule in added)
+            affected = {code for rule in added + removed for code in rule.jurisdiction}
+        else:  # much changed: building anew is as quick
+            self.by_id = {rule.id: rule for rule in self.rules}
+        pace()
+        self._index = _index(self.rules, previous, affected, added)
         self._allow = Decision(Verdict.ALLOW, reason="no rule applies")
         self._unknown = Decision(
             unknown_location,
@@ -409,15 +473,23 @@ def _json_object(pairs: list[tuple[str, Any]]) -> _Mapping:
     return mapping
 
 
-def _parse_document(data: bytes, fmt: str) -> Any:
-    """Turn bytes into plain data; raises SnapshotError on any syntax problem."""
+def _decode_text(data: bytes) -> str:
+    """The snapshot's text; raises SnapshotError when too large or not UTF-8."""
     if len(data) > MAX_SNAPSHOT_BYTES:
         raise SnapshotError("", [Problem("", f"{len(data)} bytes exceeds the {MAX_SNAPSHOT_BYTES}-byte limit")])
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise SnapshotError("", [Problem("", f"not UTF-8 (byte {error.start})")]) from None
-    text = text.removeprefix("\ufeff")
+    return text.removeprefix("\ufeff")
+
+
+def _parse_document(data: bytes, fmt: str) -> Any:
+    """Turn bytes into plain data; raises SnapshotError on any syntax problem."""
+    return _parse_text(_decode_text(data), fmt)
+
+
+def _parse_text(text: str, fmt: str) -> Any:
     try:
         if fmt == "json":
             return json.loads(text, object_pairs_hook=_json_object)
@@ -432,6 +504,194 @@ def _parse_document(data: bytes, fmt: str) -> Any:
         raise SnapshotError("", [Problem("", f"invalid YAML: {error.problem or error}", line)]) from None
     except (yaml.YAMLError, RecursionError, ValueError) as error:
         raise SnapshotError("", [Problem("", f"invalid {fmt.upper()}: {error}")]) from None
+
+
+# Keys of Policy.fingerprints: this and the repr of the rule as parsed from YAML.
+# Strings, not tuples: the cyclic collector does not track them.
+_REPR_MARK = "\0"
+_PLAIN_JSON = json.JSONDecoder()
+_MAPPING_JSON = json.JSONDecoder(object_pairs_hook=_json_object)
+# Each parses one JSON value at a position: (value, end); StopIteration when none starts there.
+# (typeshed calls the argument a scanner; CPython's C scanner takes the decoder, as json itself does)
+_scan_plain = json.scanner.make_scanner(_PLAIN_JSON)  # type: ignore[arg-type]
+_scan_mapping = json.scanner.make_scanner(_MAPPING_JSON)  # type: ignore[arg-type]
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\n\r":
+        position += 1
+    return position
+
+
+class _Same:
+    """Stands, in :class:`_JsonRules`, for a rule whose text and position are
+    those of the previous policy's rule at the same position."""
+
+
+SAME = _Same()
+
+
+@dataclass(frozen=True, slots=True)
+class JsonSource:
+    """A JSON snapshot's text and where each rule lies in it; a policy keeps it
+    so that the next snapshot's compile can skip what did not change."""
+
+    text: str
+    starts: array[int]
+    ends: array[int]
+    rules_end: int  # just past the rules array's closing bracket
+
+    def rule_text(self, position: int) -> str:
+        return self.text[self.starts[position] : self.ends[position]]
+
+
+class _JsonRules(list[object]):
+    """The ``rules`` of a JSON snapshot: each parsed, or :data:`SAME`."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.starts: array[int] = array("q")
+        self.ends: array[int] = array("q")
+        self.text = text
+        self.rules_end = 0
+
+    def source(self) -> JsonSource:
+        return JsonSource(self.text, self.starts, self.ends, self.rules_end)
+
+
+def _split_json(text: str, base: JsonSource | None, pace: Callable[[], None]) -> _Mapping | None:
+    """The top-level mapping of a JSON snapshot, its ``rules`` as :class:`_JsonRules`.
+
+    A walk over the document in many small steps, where ``json.loads`` is one
+    call of tens of milliseconds that no request thread can interrupt. Returns
+    None for anything but a well-formed object whose keys are distinct and whose
+    ``rules`` is an array: the full parser then names the problem.
+    """
+    try:
+        position = _skip_space(text, 0)
+        if text[position : position + 1] != "{":
+            return None
+        document = _Mapping()
+        position = _skip_space(text, position + 1)
+        while text[position : position + 1] != "}":
+            if document and text[position] == ",":
+                position = _skip_space(text, position + 1)
+            if text[position : position + 1] != '"':
+                return None
+            key, position = _scan_plain(text, position)
+            position = _skip_space(text, position)
+            if key in document or text[position : position + 1] != ":":
+                return None
+            position = _skip_space(text, position + 1)
+            if key == "rules" and text[position : position + 1] == "[":
+                document[key] = rules = _split_rules(text, position, base, pace)
+                position = rules.rules_end
+            else:
+                document[key], position = _MAPPING_JSON.raw_decode(text, position)
+            position = _skip_space(text, position)
+            if text[position : position + 1] not in (",", "}"):
+                return None
+        if _skip_space(text, position + 1) != len(text):
+            return None
+    except (ValueError, RecursionError, IndexError, StopIteration, _DuplicateKeyError):
+        return None
+    return document
+
+
+def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callable[[], None]) -> _JsonRules:
+    """The rules array starting at ``text[position] == "["``.
+
+    Against ``base``, the previous snapshot: a rule inside the text both share
+    from the start is the same rule, and so is every rule from the first one
+    found, at its old position, inside the text both share up to the end. Only
+    the rules between are read, and those identical to the rule at the same
+    position are marked :data:`SAME` rather than parsed.
+
+    :raises ValueError, StopIteration: the array is malformed.
+    """
+    rules = _JsonRules(text)
+    starts, ends = rules.starts, rules.ends
+    prefix = suffix_from = shift = 0
+    old_count = 0
+    if base is not None:
+        old_count = len(base.starts)
+        prefix = _common_prefix(base.text, text)
+        suffix_from = len(base.text) - _common_suffix(base.text, text, min(len(base.text), len(text)) - prefix)
+        shift = len(text) - len(base.text)
+    position = _skip_space(text, position + 1)
+    if text[position] == "]":
+        rules.rules_end = position + 1
+        return rules
+    while True:
+        count = len(rules)
+        if count % _PACE_EVERY == 0:
+            pace()
+        start = position
+        value: object
+        if base is not None and count < old_count:
+            old_start, old_end = base.starts[count], base.ends[count]
+            if old_start + shift == start and old_start >= suffix_from:
+                # From here to the end, the text is the old text: so are the remaining rules.
+                rules.extend(SAME for _ in range(count, old_count))
+                starts.extend(old + shift for old in base.starts[count:])
+                ends.extend(old + shift for old in base.ends[count:])
+                rules.rules_end = base.rules_end + shift
+                return rules
+            if old_end <= prefix and old_start == start:
+                position, value = old_end, SAME
+            else:
+                position = _scan_plain(text, start)[1]
+                same = position - start == old_end - old_start and text[start:position] == base.text[old_start:old_end]
+                value = SAME if same else _scan_mapping(text, start)[0]
+        else:
+            value, position = _scan_mapping(text, start)
+        rules.append(value)
+        starts.append(start)
+        ends.append(position)
+        position = _skip_space(text, position)
+        if text[position] == "]":
+            rules.rules_end = position + 1
+            return rules
+        if text[position] != ",":
+            raise ValueError("expected , or ] in rules")
+        position = _skip_space(text, position + 1)
+
+
+_STRIDE = 1 << 16
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix, by slice comparisons (memcmp), not by character."""
+    limit = min(len(a), len(b))
+    low = 0
+    while low + _STRIDE <= limit and a[low : low + _STRIDE] == b[low : low + _STRIDE]:
+        low += _STRIDE
+    high = min(low + _STRIDE, limit)
+    while low < high:  # a[:low] == b[:low]; the answer is at most high
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    """Length, at most ``limit``, of the longest common suffix."""
+    size_a, size_b = len(a), len(b)
+    low = 0
+    while (
+        low + _STRIDE <= limit and a[size_a - low - _STRIDE : size_a - low] == b[size_b - low - _STRIDE : size_b - low]
+    ):
+        low += _STRIDE
+    high = min(low + _STRIDE, limit)
+    while low < high:  # the last low characters agree; the answer is at most high
+        middle = (low + high + 1) // 2
+        if a[size_a - middle : size_a - low] == b[size_b - middle : size_b - low]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _guess_format(data: bytes, name: str) -> str:
@@ -691,8 +951,11 @@ def _parse_policy(
     data: bytes, source: str, fmt: str | None, pace: Callable[[], None], previous: Policy | None
 ) -> Policy:
     fmt = fmt or _guess_format(data, source)
+    known = previous.fingerprints if previous is not None else {}
     try:
-        document = _parse_document(data, fmt)
+        text = _decode_text(data)
+        base = previous.json_source if previous is not None else None
+        document = (_split_json(text, base, pace) if fmt == "json" else None) or _parse_text(text, fmt)
     except SnapshotError as error:
         raise SnapshotError(source, error.problems) from None
     checker = _Checker()
@@ -713,8 +976,7 @@ def _parse_policy(
             unknown_location = checker.choice(defaults, "unknown_location", "defaults", ("allow", "deny"), "allow")
 
     rules: list[Rule] = []
-    fingerprints: dict[tuple[int, str], Rule] = {}
-    known = previous.fingerprints if previous is not None else {}
+    fingerprints: dict[str, Rule] = {}
     raw_rules = document.get("rules")
     if raw_rules is None:
         checker.fail("rules", "required (a list, which may be empty)", _line(document, "rules") or document.line)
@@ -722,24 +984,35 @@ def _parse_policy(
         checker.fail("rules", f"must be a list, not {_kind(raw_rules)}", _line(document, "rules"))
     else:
         seen: dict[str, int] = {}
+        json_rules = raw_rules if isinstance(raw_rules, _JsonRules) else None
         for position, raw in enumerate(raw_rules):
             if position % _PACE_EVERY == 0:
                 pace()
             # A rule identical to the one at the same place in the active policy was
             # valid there and compiles the same: reuse it (its id must still be unique).
-            fingerprint = (position, repr(raw))
-            rule = known.get(fingerprint)
-            if rule is not None and rule.id not in seen:
+            fingerprint = ""
+            rule = None
+            if json_rules is None:
+                fingerprint = _REPR_MARK + repr(raw)
+                rule = known.get(fingerprint)
+            elif raw is SAME and previous is not None:
+                rule = previous.rules[position]
+            if rule is not None and rule.position == position and rule.id not in seen:
                 seen[rule.id] = position
             else:
+                if json_rules is not None and raw is SAME:  # reused text, needed for the error
+                    raw = _MAPPING_JSON.decode(json_rules.text[json_rules.starts[position] : json_rules.ends[position]])
                 spec = _check_rule(checker, raw, position, seen)
                 rule = _ranked(spec) if spec is not None and not checker.problems else None
             if rule is not None:
                 rules.append(rule)
-                fingerprints[fingerprint] = rule
+                if fingerprint:
+                    fingerprints[fingerprint] = rule
     if checker.problems:
         raise SnapshotError(source, checker.problems)
-    return Policy(version, rules, _EFFECTS[unknown_location], hashlib.sha256(data).hexdigest(), fingerprints)
+    digest = hashlib.sha256(data).hexdigest()
+    json_source = raw_rules.source() if isinstance(raw_rules, _JsonRules) else None
+    return Policy(version, rules, _EFFECTS[unknown_location], digest, fingerprints, previous, pace, json_source)
 
 
 def snapshot_as_json(data: bytes, source: str = "<snapshot>") -> bytes:

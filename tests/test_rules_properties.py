@@ -67,8 +67,8 @@ def _iso(seconds: int) -> str:
 
 
 @st.composite
-def snapshots(draw: st.DrawFn) -> dict[str, Any]:
-    count = draw(st.integers(0, 12))
+def snapshots(draw: st.DrawFn, max_rules: int = 12) -> dict[str, Any]:
+    count = draw(st.integers(0, max_rules))
     return {
         "version": draw(st.integers(0, 10)),
         "defaults": {"unknown_location": draw(st.sampled_from(["allow", "deny"]))},
@@ -182,7 +182,7 @@ def test_arbitrary_documents_are_accepted_or_rejected_cleanly(document: Any) -> 
 
 
 @settings(max_examples=200, deadline=None)
-@given(snapshots(), st.data(), st.sampled_from(LOCATIONS), actions, meetings, moments)
+@given(snapshots(max_rules=40), st.data(), st.sampled_from(LOCATIONS), actions, meetings, moments)
 def test_recompiling_against_the_active_policy_equals_a_fresh_compile(
     first: dict[str, Any], data: st.DataObject, location: Location, action: Action, meeting: Meeting, now: float
 ) -> None:
@@ -197,12 +197,77 @@ def test_recompiling_against_the_active_policy_equals_a_fresh_compile(
     rules.append(data.draw(rule_documents(len(rules) + 200)))
     rules = [dict(rule, id=f"r{n}") for n, rule in enumerate(rules)]
     second = dict(first, version=first["version"] + 1, rules=rules)
+    indent = data.draw(st.sampled_from([None, None, 2]))  # a reformatted file shares no rule text
     previous = compile_document(first)
-    encoded = json.dumps(second).encode()
+    encoded = json.dumps(second, indent=indent).encode()
     incremental = parse_policy(encoded, "second.json", previous=previous)
     fresh = parse_policy(encoded, "second.json")
     assert [_fields(rule) for rule in incremental.rules] == [_fields(rule) for rule in fresh.rules]
+    assert _index_shape(incremental) == _index_shape(fresh)
     assert incremental.decide(location, action, meeting, now) == fresh.decide(location, action, meeting, now)
+
+
+def _index_shape(policy: Policy) -> dict[str, list[list[list[str]]]]:
+    """Every candidate list of the decision index, by code, as rule ids."""
+    shape = {}
+    for code, buckets in policy._index.items():
+        lists: list[list[list[str]]] = []
+        for bucket in buckets:
+            if bucket is None:
+                lists.append([])
+                continue
+            parts = [bucket.everyone, *(bucket.by_meeting[k] for k in sorted(bucket.by_meeting))]
+            parts += [bucket.by_host[k] for k in sorted(bucket.by_host)]
+            parts += [bucket.by_tag[k] for k in sorted(bucket.by_tag)]
+            lists.append([[rule.id for rule in part] for part in parts])
+        shape[code] = lists
+    return shape
+
+
+@settings(max_examples=500, deadline=None)
+@given(snapshots(max_rules=6), snapshots(max_rules=6), st.sampled_from([None, 1]), st.booleans(), st.data())
+def test_the_stepwise_json_reader_agrees_with_json_loads(
+    before: dict[str, Any], document: dict[str, Any], indent: int | None, share: bool, data: st.DataObject
+) -> None:
+    """The reader that walks JSON snapshots rule by rule, skipping the rules
+    the previous snapshot's text shares, either returns exactly what json.loads
+    returns or declines (and the full parser reports): never a different
+    document, even for text that was cut or corrupted."""
+    from pdp.rules import SAME, _json_object, _JsonRules, _split_json
+
+    if share:  # the next snapshot shares its first or its last rules with the previous one, as usual
+        kept = data.draw(st.integers(0, len(before["rules"])))
+        if data.draw(st.booleans()):
+            document = dict(document, rules=before["rules"][:kept] + document["rules"][kept:])
+        else:
+            document = dict(document, rules=document["rules"][:kept] + before["rules"][kept:])
+    base_text = json.dumps(before, indent=data.draw(st.sampled_from([None, 1])))
+    base_rules = _split_json(base_text, None, lambda: None)
+    assert base_rules is not None
+    base = base_rules["rules"].source()
+    text = json.dumps(document, indent=indent)
+    cut = data.draw(st.integers(0, len(text)))
+    corrupt: bool = data.draw(st.booleans())
+    if corrupt:
+        splice = data.draw(st.sampled_from(["", ",", "}", "]", '"', "{", " ", "x", '"id": 1,']))
+        text = text[:cut] + splice + text[cut + 1 :]
+    try:
+        expected = json.loads(text, object_pairs_hook=_json_object)
+    except Exception:  # every way json.loads can refuse this text
+        expected = None
+    split = _split_json(text, base, lambda: None)
+    if split is None:
+        assert corrupt  # a well-formed snapshot always takes the stepwise path
+        return  # declined: the full parser decides (and rejects when it should)
+    assert expected is not None
+    rules = split.get("rules")
+    if isinstance(rules, _JsonRules):
+        resolved = [json.loads(base.rule_text(n)) if rule is SAME else rule for n, rule in enumerate(rules)]
+        assert resolved == expected["rules"]
+        own = rules.source()
+        assert [json.loads(own.rule_text(n)) for n in range(len(rules))] == expected["rules"]
+        split["rules"] = resolved
+    assert split == expected
 
 
 def _fields(rule: Rule) -> tuple[object, ...]:
