@@ -5,9 +5,10 @@ microseconds at a time and then wait on I/O. Left alone, CPython hands a
 CPU-bound thread the interpreter for 5 ms whenever a request thread lets go of
 it (the switch interval), so every step of every call waits behind the compile
 (the "convoy effect"), and a server at 60 % load falls behind for as long as
-the compile lasts. Measured with one 10,000-rule activation a second at 60 %
-load: p99 90-110 ms against 1.3 ms steady; with this module (and the
-incremental compile of pdp.rules), 2.5-3.5 ms.
+the compile lasts. Measured with one activation of a 10,000-rule snapshot a
+second at 60 % load, recompiling it whole: p99 90-110 ms against 1.3 ms steady,
+20-50 ms with this module. (A snapshot with few changed rules now costs about
+10 ms of CPU in all, see pdp.rules, and the pacing matters less there.)
 
 :func:`in_background` bounds both sides: the switch interval is shortened while
 any compile runs, so a request waits at most about 0.1 ms to get in, and the

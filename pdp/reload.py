@@ -55,8 +55,10 @@ def read_snapshot(
     source: str,
     pace: Callable[[], None] | None = None,
     previous: Policy | None = None,
+    sha256: str = "",
 ) -> Policy:
     """Verify (when keys are trusted) and compile snapshot bytes as stored.
+    ``sha256``, the digest of ``data`` if known, saves hashing it again.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
         version mismatch, or any rules-file problem (every one listed).
@@ -67,7 +69,7 @@ def read_snapshot(
         elif is_envelope(data):
             opened = open_envelope(data)  # no key to check against: payload only
         else:
-            return parse_policy(data, source, pace=pace, previous=previous)
+            return parse_policy(data, source, pace=pace, previous=previous, sha256=sha256)
         policy = parse_policy(opened.payload, source, pace=pace, previous=previous)
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
@@ -164,7 +166,9 @@ class Reloader(_Poller):
         started = time.perf_counter()
         try:
             with in_background() as pace:
-                policy = read_snapshot(fetched.data, self.keys, self.status.source, pace, previous=self.holder.policy)
+                policy = read_snapshot(
+                    fetched.data, self.keys, self.status.source, pace, previous=self.holder.policy, sha256=digest
+                )
             self.status.last_compile_ms = round((time.perf_counter() - started) * 1000, 1)
             outcome = self._offer(policy, fetched)
         except SnapshotRejectedError as error:

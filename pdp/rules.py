@@ -10,6 +10,7 @@ A compiled :class:`Policy` is immutable and safe to share between threads.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime as dt
 import gc
@@ -523,14 +524,6 @@ def _skip_space(text: str, position: int) -> int:
     return position
 
 
-class _Same:
-    """Stands, in :class:`_JsonRules`, for a rule whose text and position are
-    those of the previous policy's rule at the same position."""
-
-
-SAME = _Same()
-
-
 @dataclass(frozen=True, slots=True)
 class JsonSource:
     """A JSON snapshot's text and where each rule lies in it; a policy keeps it
@@ -545,14 +538,23 @@ class JsonSource:
         return self.text[self.starts[position] : self.ends[position]]
 
 
-class _JsonRules(list[object]):
-    """The ``rules`` of a JSON snapshot: each parsed, or :data:`SAME`."""
+_NO_SOURCE = JsonSource("", array("q"), array("q"), 0)
+
+
+class _JsonRules:
+    """The ``rules`` array of a JSON snapshot, as read against the previous one.
+
+    ``changed`` holds, by position and in order, every rule that was parsed; a
+    position missing from it holds the previous policy's rule at that position,
+    unchanged. Without a previous snapshot every rule is in ``changed``.
+    """
 
     def __init__(self, text: str) -> None:
-        super().__init__()
+        self.text = text
+        self.changed: dict[int, object] = {}
+        self.count = 0
         self.starts: array[int] = array("q")
         self.ends: array[int] = array("q")
-        self.text = text
         self.rules_end = 0
 
     def source(self) -> JsonSource:
@@ -601,60 +603,77 @@ def _split_json(text: str, base: JsonSource | None, pace: Callable[[], None]) ->
 def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callable[[], None]) -> _JsonRules:
     """The rules array starting at ``text[position] == "["``.
 
-    Against ``base``, the previous snapshot: a rule inside the text both share
-    from the start is the same rule, and so is every rule from the first one
-    found, at its old position, inside the text both share up to the end. Only
-    the rules between are read, and those identical to the rule at the same
-    position are marked :data:`SAME` rather than parsed.
+    Against ``base``, the previous snapshot: the rules inside the text both
+    share from the start are the same rules, and so is every rule from the
+    first one found, at its old position, inside the text both share up to the
+    end. Only the rules between are read, and those identical to the rule at
+    the same position are not parsed. The work on the shared parts is slicing
+    and copying in C: it does not grow with the number of rules in Python.
 
     :raises ValueError, StopIteration: the array is malformed.
     """
     rules = _JsonRules(text)
     starts, ends = rules.starts, rules.ends
-    prefix = suffix_from = shift = 0
-    old_count = 0
-    if base is not None:
-        old_count = len(base.starts)
-        prefix = _common_prefix(base.text, text)
-        suffix_from = len(base.text) - _common_suffix(base.text, text, min(len(base.text), len(text)) - prefix)
-        shift = len(text) - len(base.text)
     position = _skip_space(text, position + 1)
     if text[position] == "]":
         rules.rules_end = position + 1
         return rules
+    base = base or _NO_SOURCE
+    old_starts, old_ends, old_text, old_count = base.starts, base.ends, base.text, len(base.starts)
+    suffix_from = shift = 0
+    if old_count:
+        prefix = _common_prefix(old_text, text)
+        suffix_from = len(old_text) - _common_suffix(old_text, text, min(len(old_text), len(text)) - prefix)
+        shift = len(text) - len(old_text)
+        # Old rules wholly inside the shared beginning lie at the same offsets now.
+        head = bisect.bisect_right(old_ends, prefix)
+        if head and old_starts[0] == position:
+            starts.extend(old_starts[:head])
+            ends.extend(old_ends[:head])
+            position = _after_comma(text, old_ends[head - 1])
+            if position < 0:
+                rules.count, rules.rules_end = head, -position
+                return rules
     while True:
-        count = len(rules)
+        count = len(starts)
         if count % _PACE_EVERY == 0:
             pace()
         start = position
-        value: object
-        if base is not None and count < old_count:
-            old_start, old_end = base.starts[count], base.ends[count]
+        if count < old_count:
+            old_start, old_end = old_starts[count], old_ends[count]
             if old_start + shift == start and old_start >= suffix_from:
-                # From here to the end, the text is the old text: so are the remaining rules.
-                rules.extend(SAME for _ in range(count, old_count))
-                starts.extend(old + shift for old in base.starts[count:])
-                ends.extend(old + shift for old in base.ends[count:])
-                rules.rules_end = base.rules_end + shift
+                # From here to the end the text is the old text: so are the remaining rules.
+                starts.extend(map(shift.__add__, old_starts[count:]))
+                ends.extend(map(shift.__add__, old_ends[count:]))
+                rules.count, rules.rules_end = old_count, base.rules_end + shift
                 return rules
-            if old_end <= prefix and old_start == start:
-                position, value = old_end, SAME
-            else:
-                position = _scan_plain(text, start)[1]
-                same = position - start == old_end - old_start and text[start:position] == base.text[old_start:old_end]
-                value = SAME if same else _scan_mapping(text, start)[0]
+            position = _scan_plain(text, start)[1]
+            same_size = position - start == old_end - old_start
+            if not (same_size and text.startswith(old_text[old_start:old_end], start)):
+                rules.changed[count] = _scan_mapping(text, start)[0]
         else:
-            value, position = _scan_mapping(text, start)
-        rules.append(value)
+            rules.changed[count], position = _scan_mapping(text, start)
         starts.append(start)
         ends.append(position)
-        position = _skip_space(text, position)
-        if text[position] == "]":
-            rules.rules_end = position + 1
+        following = _after_comma(text, position)
+        if following < 0:
+            rules.count, rules.rules_end = len(starts), -following
             return rules
-        if text[position] != ",":
-            raise ValueError("expected , or ] in rules")
-        position = _skip_space(text, position + 1)
+        position = following
+
+
+def _after_comma(text: str, position: int) -> int:
+    """Where the next element starts after the one ending at ``position``, or
+    minus the offset just past the closing bracket when it was the last.
+
+    :raises ValueError: neither a comma nor the closing bracket follows.
+    """
+    position = _skip_space(text, position)
+    if text[position] == "]":
+        return -(position + 1)
+    if text[position] != ",":
+        raise ValueError("expected , or ] in rules")
+    return _skip_space(text, position + 1)
 
 
 _STRIDE = 1 << 16
@@ -906,6 +925,32 @@ def _check_rule(checker: _Checker, raw: object, position: int, seen: dict[str, i
     }
 
 
+def _compile_changed(
+    checker: _Checker, raw_rules: _JsonRules, previous: Policy | None, pace: Callable[[], None]
+) -> list[Rule] | None:
+    """The rules of a JSON snapshot: ``previous``'s where unchanged, the changed
+    ones validated and compiled. None, against a previous policy, when a changed
+    rule has a problem or takes the id of an unchanged one: the caller then reads
+    the whole snapshot, so that the report is the same as a full read's."""
+    count = raw_rules.count
+    rules: list[Rule | None] = list(previous.rules[:count]) if previous is not None else []
+    rules += [None] * (count - len(rules))
+    seen: dict[str, int] = {}
+    for step, (position, raw) in enumerate(raw_rules.changed.items()):
+        if step % _PACE_EVERY == 0:
+            pace()
+        spec = _check_rule(checker, raw, position, seen)
+        rules[position] = _ranked(spec) if spec is not None and not checker.problems else None
+    if checker.problems:
+        return None if previous is not None else []
+    if previous is not None:
+        for rule_id in seen:
+            other = previous.by_id.get(rule_id)
+            if other is not None and other.position < count and rules[other.position] is other:
+                return None
+    return rules  # type: ignore[return-value]  # without a problem, every position holds a rule
+
+
 def parse_policy(
     data: bytes,
     source: str = "<snapshot>",
@@ -913,6 +958,7 @@ def parse_policy(
     *,
     pace: Callable[[], None] | None = None,
     previous: Policy | None = None,
+    sha256: str = "",
 ) -> Policy:
     """Parse, validate and compile a snapshot given as bytes.
 
@@ -921,12 +967,13 @@ def parse_policy(
     given, is called every few hundred rules: a server passes a short sleep so
     that compiling a large snapshot shares the interpreter with requests.
     ``previous``, the active policy, lets rules that did not change (same text,
-    same place) be reused instead of validated and compiled again.
+    same place) be reused instead of validated and compiled again. ``sha256``
+    is the data's digest when the caller has computed it already.
 
     :raises SnapshotError: listing every problem found, with lines for YAML.
     """
     with _collector_paused():
-        return _parse_policy(data, source, fmt, pace or _no_pause, previous)
+        return _parse_policy(data, source, fmt, pace or _no_pause, previous, sha256)
 
 
 def _no_pause() -> None:
@@ -948,7 +995,7 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _parse_policy(
-    data: bytes, source: str, fmt: str | None, pace: Callable[[], None], previous: Policy | None
+    data: bytes, source: str, fmt: str | None, pace: Callable[[], None], previous: Policy | None, sha256: str = ""
 ) -> Policy:
     fmt = fmt or _guess_format(data, source)
     known = previous.fingerprints if previous is not None else {}
@@ -980,37 +1027,33 @@ def _parse_policy(
     raw_rules = document.get("rules")
     if raw_rules is None:
         checker.fail("rules", "required (a list, which may be empty)", _line(document, "rules") or document.line)
+    elif isinstance(raw_rules, _JsonRules):
+        compiled = _compile_changed(checker, raw_rules, previous if base is not None else None, pace)
+        if compiled is None:
+            return _parse_policy(data, source, fmt, pace, None, sha256)
+        rules = compiled
     elif not isinstance(raw_rules, list):
         checker.fail("rules", f"must be a list, not {_kind(raw_rules)}", _line(document, "rules"))
     else:
         seen: dict[str, int] = {}
-        json_rules = raw_rules if isinstance(raw_rules, _JsonRules) else None
         for position, raw in enumerate(raw_rules):
             if position % _PACE_EVERY == 0:
                 pace()
             # A rule identical to the one at the same place in the active policy was
             # valid there and compiles the same: reuse it (its id must still be unique).
-            fingerprint = ""
-            rule = None
-            if json_rules is None:
-                fingerprint = _REPR_MARK + repr(raw)
-                rule = known.get(fingerprint)
-            elif raw is SAME and previous is not None:
-                rule = previous.rules[position]
+            fingerprint = _REPR_MARK + repr(raw)
+            rule = known.get(fingerprint)
             if rule is not None and rule.position == position and rule.id not in seen:
                 seen[rule.id] = position
             else:
-                if json_rules is not None and raw is SAME:  # reused text, needed for the error
-                    raw = _MAPPING_JSON.decode(json_rules.text[json_rules.starts[position] : json_rules.ends[position]])
                 spec = _check_rule(checker, raw, position, seen)
                 rule = _ranked(spec) if spec is not None and not checker.problems else None
             if rule is not None:
                 rules.append(rule)
-                if fingerprint:
-                    fingerprints[fingerprint] = rule
+                fingerprints[fingerprint] = rule
     if checker.problems:
         raise SnapshotError(source, checker.problems)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256 or hashlib.sha256(data).hexdigest()
     json_source = raw_rules.source() if isinstance(raw_rules, _JsonRules) else None
     return Policy(version, rules, _EFFECTS[unknown_location], digest, fingerprints, previous, pace, json_source)
 

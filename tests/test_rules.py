@@ -343,3 +343,45 @@ def dataclass_fields(rule: object) -> tuple[object, ...]:
     import dataclasses
 
     return tuple(getattr(rule, field.name) for field in dataclasses.fields(rule))  # type: ignore[arg-type]
+
+
+def _numbered_rules(count: int) -> list[dict[str, object]]:
+    codes = ["CN", "HK", "MO", "US", "GB"]
+    return [
+        {"id": f"r{n}", "effect": "deny", "jurisdiction": [codes[n % 5]], "legal_basis": f"Order {n}"}
+        for n in range(count)
+    ]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda rules: rules[5].update(id="r12"), id="a changed rule takes an unchanged rule's id"),
+        pytest.param(lambda rules: rules.append(dict(rules[3])), id="an added rule repeats an unchanged one"),
+        pytest.param(lambda rules: rules[5].update(effect="block"), id="a changed rule is invalid"),
+        pytest.param(lambda rules: rules[5].pop("legal_basis"), id="a changed deny rule lost its legal basis"),
+    ],
+)
+def test_recompiling_json_reports_exactly_what_a_full_read_does(edit: object) -> None:
+    first = {"version": 1, "rules": _numbered_rules(20)}
+    previous = parse_policy(json.dumps(first).encode(), "first.json")
+    rules = _numbered_rules(20)
+    edit(rules)  # type: ignore[operator]
+    encoded = json.dumps({"version": 2, "rules": rules}).encode()
+    with pytest.raises(SnapshotError) as recompiled:
+        parse_policy(encoded, "second.json", previous=previous)
+    with pytest.raises(SnapshotError) as fresh:
+        parse_policy(encoded, "second.json")
+    assert recompiled.value.problems == fresh.value.problems
+
+
+def test_recompiling_json_reuses_the_unchanged_rules() -> None:
+    first = {"version": 1, "rules": _numbered_rules(20)}
+    previous = parse_policy(json.dumps(first).encode(), "first.json")
+    rules = _numbered_rules(20)
+    rules[7]["legal_basis"] = "Order 7, amended"
+    policy = parse_policy(json.dumps({"version": 2, "rules": rules}).encode(), "second.json", previous=previous)
+    reused = [new is old for new, old in zip(policy.rules, previous.rules, strict=True)]
+    assert reused == [position != 7 for position in range(20)]
+    assert policy.by_id["r7"].legal_basis == "Order 7, amended"
+    assert policy.decide(Location("US"), Action.JOIN, Meeting("m"), 0.0).legal_basis == "Order 3"
