@@ -544,14 +544,17 @@ _NO_SOURCE = JsonSource("", array("q"), array("q"), 0)
 class _JsonRules:
     """The ``rules`` array of a JSON snapshot, as read against the previous one.
 
-    ``changed`` holds, by position and in order, every rule that was parsed; a
-    position missing from it holds the previous policy's rule at that position,
-    unchanged. Without a previous snapshot every rule is in ``changed``.
+    ``changed`` lists, in order, the positions whose rule is new or changed; any
+    other position holds the previous policy's rule at that position, unchanged.
+    Without a previous snapshot every position is in ``changed``. Rules are
+    parsed one at a time by :meth:`parse` as they are compiled, so that 10,000
+    parsed mappings never exist at once (they would leave about 20 MB of
+    fragmented heap behind them).
     """
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.changed: dict[int, object] = {}
+        self.changed: list[int] = []
         self.count = 0
         self.starts: array[int] = array("q")
         self.ends: array[int] = array("q")
@@ -559,6 +562,13 @@ class _JsonRules:
 
     def source(self) -> JsonSource:
         return JsonSource(self.text, self.starts, self.ends, self.rules_end)
+
+    def parse(self, position: int) -> object:
+        """The rule at ``position`` as a mapping with its keys checked distinct.
+
+        :raises _DuplicateKeyError: a mapping in it repeats a key.
+        """
+        return _scan_mapping(self.text, self.starts[position])[0]
 
 
 def _split_json(text: str, base: JsonSource | None, pace: Callable[[], None]) -> _Mapping | None:
@@ -650,9 +660,10 @@ def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callab
             position = _scan_plain(text, start)[1]
             same_size = position - start == old_end - old_start
             if not (same_size and text.startswith(old_text[old_start:old_end], start)):
-                rules.changed[count] = _scan_mapping(text, start)[0]
+                rules.changed.append(count)
         else:
-            rules.changed[count], position = _scan_mapping(text, start)
+            position = _scan_plain(text, start)[1]
+            rules.changed.append(count)
         starts.append(start)
         ends.append(position)
         following = _after_comma(text, position)
@@ -929,16 +940,21 @@ def _compile_changed(
     checker: _Checker, raw_rules: _JsonRules, previous: Policy | None, pace: Callable[[], None]
 ) -> list[Rule] | None:
     """The rules of a JSON snapshot: ``previous``'s where unchanged, the changed
-    ones validated and compiled. None, against a previous policy, when a changed
-    rule has a problem or takes the id of an unchanged one: the caller then reads
-    the whole snapshot, so that the report is the same as a full read's."""
+    ones validated and compiled. None when a rule repeats a key, or, against a
+    previous policy, when a changed rule has a problem or takes the id of an
+    unchanged one: the caller then reads the whole snapshot at once, so that
+    the report is exactly a full read's."""
     count = raw_rules.count
     rules: list[Rule | None] = list(previous.rules[:count]) if previous is not None else []
     rules += [None] * (count - len(rules))
     seen: dict[str, int] = {}
-    for step, (position, raw) in enumerate(raw_rules.changed.items()):
+    for step, position in enumerate(raw_rules.changed):
         if step % _PACE_EVERY == 0:
             pace()
+        try:
+            raw = raw_rules.parse(position)
+        except _DuplicateKeyError:
+            return None
         spec = _check_rule(checker, raw, position, seen)
         rules[position] = _ranked(spec) if spec is not None and not checker.problems else None
     if checker.problems:
@@ -995,14 +1011,21 @@ def _collector_paused() -> Iterator[None]:
 
 
 def _parse_policy(
-    data: bytes, source: str, fmt: str | None, pace: Callable[[], None], previous: Policy | None, sha256: str = ""
+    data: bytes,
+    source: str,
+    fmt: str | None,
+    pace: Callable[[], None],
+    previous: Policy | None,
+    sha256: str = "",
+    stepwise: bool = True,
 ) -> Policy:
     fmt = fmt or _guess_format(data, source)
     known = previous.fingerprints if previous is not None else {}
     try:
         text = _decode_text(data)
         base = previous.json_source if previous is not None else None
-        document = (_split_json(text, base, pace) if fmt == "json" else None) or _parse_text(text, fmt)
+        split = _split_json(text, base, pace) if fmt == "json" and stepwise else None
+        document = split or _parse_text(text, fmt)
     except SnapshotError as error:
         raise SnapshotError(source, error.problems) from None
     checker = _Checker()
@@ -1030,7 +1053,7 @@ def _parse_policy(
     elif isinstance(raw_rules, _JsonRules):
         compiled = _compile_changed(checker, raw_rules, previous if base is not None else None, pace)
         if compiled is None:
-            return _parse_policy(data, source, fmt, pace, None, sha256)
+            return _parse_policy(data, source, fmt, pace, None, sha256, stepwise=False)
         rules = compiled
     elif not isinstance(raw_rules, list):
         checker.fail("rules", f"must be a list, not {_kind(raw_rules)}", _line(document, "rules"))
