@@ -22,7 +22,15 @@ import grpc
 
 from pdp import __version__
 from pdp.config import ConfigError, add_serve_arguments, describe, resolve
-from pdp.geo import DEMO, DEMO_NOTICE, GeoDatabase, GeoIPError, InvalidAddressError, demo_database_path
+from pdp.geo import (
+    DEMO,
+    DEMO_NOTICE,
+    GeoDatabase,
+    GeoIPError,
+    InvalidAddressError,
+    demo_database_path,
+    read_pinned_sha256,
+)
 from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Verdict
 from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
 
@@ -41,14 +49,16 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- shared helpers
 
 
-def open_geo(name: str, cache_size: int = 100_000) -> GeoDatabase:
-    """Open a database by path, or the demo one for ``demo`` (with its notice)."""
+def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> GeoDatabase:
+    """Open a database by path, or the demo one for ``demo`` (with its notice);
+    with ``sha256_file``, only if its digest is the one pinned there."""
     if not name:
         raise UsageError("no GeoIP database: pass --geoip-db PATH or set PDP_GEOIP_DB (or use --geoip-db demo)")
+    sha256 = read_pinned_sha256(sha256_file) if sha256_file else ""
     if name == DEMO:
         log.warning(DEMO_NOTICE)
-        return GeoDatabase(demo_database_path(), cache_size)
-    return GeoDatabase(name, cache_size)
+        return GeoDatabase(demo_database_path(), cache_size, sha256=sha256)
+    return GeoDatabase(name, cache_size, sha256=sha256)
 
 
 def _format_build(epoch: int) -> str:
@@ -120,7 +130,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
         keys = TrustedKeys.from_files(config.pubkey_files)
     except SignatureError as error:
         raise UsageError(f"--snapshot-pubkey: {error}") from None
-    geo = open_geo(config.geoip_db, config.cache_size)
+    geo = open_geo(config.geoip_db, config.cache_size, config.geoip_sha256_file)
     source_options = SourceOptions(
         timeout=config.http_timeout,
         bearer_token_file=config.http_bearer_token_file,
@@ -138,7 +148,13 @@ def cmd_serve(options: argparse.Namespace) -> int:
     except StartupError as error:
         source.close()
         raise UsageError(f"refusing to start: {error}") from None
-    watcher = GeoWatcher(holder, geo.path, cache_size=config.cache_size, poll_seconds=config.geoip_poll_seconds)
+    watcher = GeoWatcher(
+        holder,
+        geo.path,
+        cache_size=config.cache_size,
+        poll_seconds=config.geoip_poll_seconds,
+        sha256_file=config.geoip_sha256_file,
+    )
     audit = None
     try:
         telemetry, exporters = configure_from_environment(holder) if wanted(os.environ) else (None, [])

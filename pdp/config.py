@@ -43,6 +43,7 @@ class ServeConfig:
     state_dir: str = ""
     poll_seconds: float = 2.0
     geoip_poll_seconds: float = 5.0
+    geoip_sha256_file: str = ""
     http_timeout: float = 5.0
     http_bearer_token_file: str = ""
     http_ca_bundle: str = ""
@@ -201,6 +202,13 @@ SETTINGS: tuple[Setting, ...] = (
         _interval,
     ),
     Setting("geoip_poll_seconds", "how often the GeoIP database file is checked for replacement", "SECONDS", _interval),
+    Setting(
+        "geoip_sha256_file",
+        "file holding the database's SHA-256 as sha256sum writes it; when set, a database that does not "
+        "match is refused at start and on reload (a flipped bit that leaves it readable included)",
+        "FILE",
+        str,
+    ),
     Setting("http_timeout", "timeout of one snapshot fetch (http and redis)", "SECONDS", _interval),
     Setting(
         "http_bearer_token_file",

@@ -17,6 +17,7 @@ database file means a new object (and so an empty cache), never a mutation.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 from collections.abc import Mapping, Sequence
@@ -31,7 +32,15 @@ from maxminddb.errors import InvalidDatabaseError
 from pdp.files import identity as file_identity
 from pdp.model import UNKNOWN_LOCATION, Location
 
-__all__ = ["DEMO", "GeoDatabase", "GeoIPError", "InvalidAddressError", "demo_database_path", "parse_address"]
+__all__ = [
+    "DEMO",
+    "GeoDatabase",
+    "GeoIPError",
+    "InvalidAddressError",
+    "demo_database_path",
+    "parse_address",
+    "read_pinned_sha256",
+]
 
 DEMO = "demo"
 """Name that selects the bundled, stale GeoLite2-City 2018 demo database."""
@@ -112,10 +121,14 @@ class GeoDatabase:
         without countries, or if maxminddb's C extension is unavailable.
     """
 
-    def __init__(self, path: str | Path, cache_size: int = 100_000) -> None:
+    def __init__(self, path: str | Path, cache_size: int = 100_000, *, sha256: str = "") -> None:
+        """``sha256``, when given (see :func:`read_pinned_sha256`), is the digest
+        the file must have: MaxMind databases carry no checksum of their own, so
+        without it a flipped bit that leaves the file readable cannot be told
+        from a new database."""
         self.path = str(path)
         self.cache_size = cache_size
-        self._reader, metadata = _open(self.path)
+        self._reader, metadata = _open(self.path, sha256)
         self.database_type: str = metadata.database_type
         self.build_epoch: int = int(metadata.build_epoch)
         self._ipv4_only = metadata.ip_version == 4
@@ -252,7 +265,31 @@ def _codes_from_record(record: object) -> tuple[object, ...] | None:
     return tuple(codes)
 
 
-def _open(path: str) -> tuple[maxminddb_rust.Reader, maxminddb.reader.Metadata]:
+def read_pinned_sha256(path: str | Path) -> str:
+    """The SHA-256 in ``path``, written as ``sha256sum`` writes it (the digest,
+    then optionally the file name), in lower case.
+
+    :raises GeoIPError: the file cannot be read or does not start with 64 hex digits.
+    """
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+    except OSError as error:
+        raise GeoIPError(f"{path}: cannot read the pinned SHA-256 ({error.strerror or error})") from None
+    digest = text.split()[0].lower() if text.split() else ""
+    if len(digest) != 64 or any(char not in "0123456789abcdef" for char in digest):
+        raise GeoIPError(f"{path}:1: expected the database's SHA-256 as 64 hex digits, as sha256sum writes it")
+    return digest
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open(path: str, sha256: str = "") -> tuple[maxminddb_rust.Reader, maxminddb.reader.Metadata]:
     try:
         import maxminddb.extension  # only checks that it exists
     except ImportError:
@@ -263,6 +300,16 @@ def _open(path: str) -> tuple[maxminddb_rust.Reader, maxminddb.reader.Metadata]:
     if not Path(path).is_file():
         raise GeoIPError(f"{path}: no such GeoIP database file")
     identity = file_identity(path)
+    if sha256:
+        try:
+            actual = _sha256_of(path)
+        except OSError as error:
+            raise GeoIPError(f"{path}: cannot read ({error.strerror or error})") from None
+        if actual != sha256:
+            raise GeoIPError(
+                f"{path}: SHA-256 {actual[:16]}... is not the pinned {sha256[:16]}...; "
+                "a damaged or unexpected database is not served"
+            )
     try:
         gate = maxminddb.open_database(path, maxminddb.MODE_MMAP_EXT)
     except (InvalidDatabaseError, ValueError, OSError, UnicodeDecodeError) as error:

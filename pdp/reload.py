@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pdp.files import atomic_write
 from pdp.files import identity as file_identity
-from pdp.geo import GeoDatabase, GeoIPError
+from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
 from pdp.logs import redact_url
 from pdp.pacing import in_background
 from pdp.policy import PolicyHolder, ReloadStatus
@@ -294,22 +294,35 @@ class GeoWatcher(_Poller):
 
     name = "pdp-geoip-watcher"
 
-    def __init__(self, holder: PolicyHolder, path: str, *, cache_size: int, poll_seconds: float = 5.0) -> None:
+    def __init__(
+        self, holder: PolicyHolder, path: str, *, cache_size: int, poll_seconds: float = 5.0, sha256_file: str = ""
+    ) -> None:
+        """``sha256_file``, when set, pins the digest a new database must have;
+        a change to either file is a change (write the digest, then rename the
+        database in, or the other way round: the pair is checked again)."""
         self.holder = holder
         self.path = path
         self.cache_size = cache_size
         self.poll_seconds = poll_seconds
-        self._seen = file_identity(path)
+        self.sha256_file = sha256_file
+        self._seen = self._identity()
         super().__init__()
 
+    def _identity(self) -> object:
+        database = file_identity(self.path)
+        if database is None or not self.sha256_file:
+            return database
+        return (database, file_identity(self.sha256_file))
+
     def run_once(self) -> str:
-        identity = file_identity(self.path)
+        identity = self._identity()
         if identity is None or identity == self._seen:
             return "unchanged" if identity else "missing: the current database keeps serving"
         self._seen = identity
         status = self.holder.status
         try:
-            geo = GeoDatabase(self.path, self.cache_size)
+            pinned = read_pinned_sha256(self.sha256_file) if self.sha256_file else ""
+            geo = GeoDatabase(self.path, self.cache_size, sha256=pinned)
         except GeoIPError as error:
             status.geoip_rejections += 1
             status.last_error = f"GeoIP database rejected, the current one keeps serving: {error}"

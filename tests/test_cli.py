@@ -103,6 +103,8 @@ def test_check_against_nothing_is_a_transport_error(tmp_path: Path) -> None:
             {},
             "corrupt MaxMind database",
         ),
+        (["--geoip-sha256-file", "{tmp}/garbled.sha256"], {}, "garbled.sha256:1: expected the database's SHA-256"),
+        (["--geoip-sha256-file", "{tmp}/other.sha256"], {}, "is not the pinned 0000000000000000..."),
         (["--listen", "0.0.0.0"], {}, "--listen: '0.0.0.0' is not HOST:PORT"),  # noqa: S104  # refused, not bound
         (["--cache-size", "0"], {}, "--cache-size: 0 is not a positive integer"),
         ([], {"PDP_WORKERS": "many"}, "environment variable PDP_WORKERS: invalid literal"),
@@ -118,6 +120,8 @@ def test_serve_refuses_bad_start_up_input(
     bad_rules = tmp_path / "rules.yaml"
     bad_rules.write_text("version: 1\nrules:\n  - id: x\n    jurisdiction: [XX]\n    effect: deny\n")
     (tmp_path / "pdp.yaml").write_text("listen: unix:/tmp/x.sock\ncolour: blue\n")
+    (tmp_path / "garbled.sha256").write_text("not a digest\n")
+    (tmp_path / "other.sha256").write_text("0" * 64 + "  GeoIP2-City-Test.mmdb\n")
     base = ["--listen", f"unix:{tmp_path}/s.sock", "--snapshot", str(rules_file), "--geoip-db", str(CITY_DB)]
     substitutions = {"bad_rules": str(bad_rules), "tmp": str(tmp_path)}
     result = run("serve", *base, *[arg.format(**substitutions) for arg in extra], env=env)

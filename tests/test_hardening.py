@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -20,7 +21,7 @@ import pytest
 from pdp._proto import admission_pb2 as pb
 from pdp.client import Client
 from pdp.config import ServeConfig
-from pdp.geo import GeoDatabase, GeoIPError
+from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
 from pdp.model import Verdict
 from pdp.policy import PolicyHolder
 from pdp.reload import GeoWatcher, Reloader
@@ -28,7 +29,7 @@ from pdp.server import MAX_TAGS, start_server
 from pdp.sources import SourceOptions, open_source
 from pdp.wire import varint
 
-from .conftest import CITY_DB, CN_MEMORIAL, policy_from
+from .conftest import CITY_DB, CN_MEMORIAL, COUNTRY_DB, policy_from
 from .servers import HttpStore
 
 CN, HK = "175.16.199.1", "2001:2e0::1"
@@ -364,6 +365,51 @@ def test_corrupt_databases_are_refused_or_harmless_and_never_replace_a_good_one(
         for address in (CN, HK, "81.2.69.142", "216.160.83.57", "10.0.0.1", "2001:480:10::1"):
             database.locate(address)
     assert refused >= 9  # every truncation and the flips that break structure
+
+
+def test_with_a_pinned_sha256_every_corrupted_copy_is_refused_at_start_and_on_reload(tmp_path: Path) -> None:
+    pin = tmp_path / "live.mmdb.sha256"
+    pin.write_text(f"{hashlib.sha256(CITY_DB.read_bytes()).hexdigest()}  live.mmdb\n")
+    live = tmp_path / "live.mmdb"
+    shutil.copy(CITY_DB, live)
+    holder = PolicyHolder()
+    holder.activate(policy_from(CN_MEMORIAL), GeoDatabase(live, sha256=read_pinned_sha256(pin)), "s")
+    serving = holder.active
+    watcher = GeoWatcher(holder, str(live), cache_size=10, sha256_file=str(pin))
+    copies = list(corrupted_copies(tmp_path))
+    for name, path in copies:
+        with pytest.raises(GeoIPError, match="is not the pinned"):
+            GeoDatabase(path, sha256=read_pinned_sha256(pin))
+        staged = tmp_path / "staged.mmdb"
+        shutil.copy(path, staged)
+        staged.replace(live)
+        result = watcher.run_once()
+        assert result.startswith("rejected: "), name
+        assert "is not the pinned" in result, name
+        assert holder.active is serving, name  # the good database serves on
+    assert len(copies) == 15  # seven truncations, eight flips: none slipped through
+    shutil.copy(CITY_DB, tmp_path / "staged.mmdb")
+    (tmp_path / "staged.mmdb").replace(live)
+    assert watcher.run_once().startswith("reloaded")
+    assert holder.active is not serving
+
+
+def test_a_new_database_is_accepted_once_its_new_sha256_is_pinned(tmp_path: Path) -> None:
+    country = COUNTRY_DB
+    pin = tmp_path / "live.mmdb.sha256"
+    pin.write_text(hashlib.sha256(CITY_DB.read_bytes()).hexdigest() + "\n")
+    live = tmp_path / "live.mmdb"
+    shutil.copy(CITY_DB, live)
+    holder = PolicyHolder()
+    holder.activate(policy_from(CN_MEMORIAL), GeoDatabase(live, sha256=read_pinned_sha256(pin)), "s")
+    watcher = GeoWatcher(holder, str(live), cache_size=10, sha256_file=str(pin))
+    shutil.copy(country, tmp_path / "staged.mmdb")
+    (tmp_path / "staged.mmdb").replace(live)  # the database first: refused, its digest is not pinned yet
+    assert watcher.run_once().startswith("rejected: ")
+    pin.write_text(hashlib.sha256(country.read_bytes()).hexdigest() + "\n")  # then the digest
+    assert watcher.run_once().startswith("reloaded")
+    assert holder.active is not None
+    assert "Country" in holder.active.geo.database_type
 
 
 # --------------------------------------------------------------------------- broken stores
