@@ -194,6 +194,8 @@ def test_rendered_args_and_env_are_parsed_by_pdp_serve(scenario: str, meeting_no
         if tls.get("existingSecret"):
             assert (config.tls_cert, config.tls_key) == ("/etc/pdp/tls/tls.crt", "/etc/pdp/tls/tls.key")
             assert config.tls_client_ca == ("/etc/pdp/tls/ca.crt" if tls.get("requireClientCert") else "")
+    pinned = values.get("geoip", {}).get("sha256File")
+    assert config.geoip_sha256_file == (f"/var/lib/pdp/geoip/{pinned}" if pinned else "")
     if values.get("audit", {}).get("log"):
         assert (config.audit_log, config.audit_hmac_key_file) == ("stdout", "/etc/pdp/audit/hmac-key")
 
@@ -228,6 +230,7 @@ def with_values(**changes: Any) -> dict[str, Any]:
         ({"workers": 1}, "workers"),
         ({"colour": "blue"}, "colour"),
         ({"geoip__file": "GeoLite2-City.tar.gz"}, "file"),
+        ({"geoip__sha256File": "../etc/digest"}, "sha256File"),
     ],
 )
 def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
@@ -252,6 +255,10 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
         ({"audit__log": "stdout"}, "audit.log needs audit.hmacKeySecret"),
         ({"tls__requireClientCert": True}, "tls.requireClientCert needs tls.existingSecret"),
         ({"telemetry__metricsExporter": "otlp"}, "telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint"),
+        (
+            {"geoip__source": "geoipupdate", "geoip__sha256File": "City.mmdb.sha256"},
+            "geoip.sha256File cannot be used with geoip.source=geoipupdate",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_what_to_set(changes: dict[str, Any], message: str) -> None:

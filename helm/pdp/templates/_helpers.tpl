@@ -48,6 +48,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (eq $v.geoip.source "hostPath") (not $v.geoip.hostPath) -}}
 {{- fail "pdp: geoip.source=hostPath needs geoip.hostPath" -}}
 {{- end -}}
+{{- if and (eq $v.geoip.source "geoipupdate") $v.geoip.sha256File -}}
+{{- fail "pdp: geoip.sha256File cannot be used with geoip.source=geoipupdate (it writes no digest to pin); use existingClaim or hostPath" -}}
+{{- end -}}
 {{- if eq $v.geoip.source "geoipupdate" -}}
 {{- if or (not $v.geoip.geoipupdate.accountId) (not $v.geoip.geoipupdate.licenseKeySecret.name) -}}
 {{- fail "pdp: geoip.source=geoipupdate needs geoip.geoipupdate.accountId and geoip.geoipupdate.licenseKeySecret {name, key}" -}}
