@@ -57,8 +57,8 @@ def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> Geo
     sha256 = read_pinned_sha256(sha256_file) if sha256_file else ""
     if name == DEMO:
         log.warning(DEMO_NOTICE)
-        return GeoDatabase(demo_database_path(), cache_size, sha256=sha256)
-    return GeoDatabase(name, cache_size, sha256=sha256)
+    path = demo_database_path() if name == DEMO else name
+    return GeoDatabase(path, cache_size, sha256=sha256)
 
 
 def _format_build(epoch: int) -> str:

@@ -275,7 +275,8 @@ def read_pinned_sha256(path: str | Path) -> str:
         text = Path(path).read_text(encoding="ascii", errors="replace")
     except OSError as error:
         raise GeoIPError(f"{path}: cannot read the pinned SHA-256 ({error.strerror or error})") from None
-    digest = text.split()[0].lower() if text.split() else ""
+    words = text.split()
+    digest = words[0].lower() if words else ""
     if len(digest) != 64 or any(char not in "0123456789abcdef" for char in digest):
         raise GeoIPError(f"{path}:1: expected the database's SHA-256 as 64 hex digits, as sha256sum writes it")
     return digest

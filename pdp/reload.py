@@ -14,7 +14,6 @@ Rules that keep a fleet safe (learnt from OPA's and Cerbos's issue trackers):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -160,7 +159,7 @@ class Reloader(_Poller):
         self.status.stale = False
         if fetched is None:
             return self._result("unchanged")
-        digest = hashlib.sha256(fetched.data).hexdigest()
+        digest = fetched.sha256
         if digest == self._rejected_sha:
             return self._result("unchanged (still rejected)")
         started = time.perf_counter()

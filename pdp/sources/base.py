@@ -16,10 +16,13 @@ class SourceError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """Bytes from the store and the tag that identifies them (ETag, file identity, hash)."""
+    """Bytes from the store, the tag that identifies them (ETag, file identity,
+    hash), and their SHA-256, which every source computes anyway to tell a
+    touched object from a changed one."""
 
     data: bytes
     tag: str
+    sha256: str
 
 
 @dataclass(frozen=True, slots=True)

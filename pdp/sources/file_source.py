@@ -49,7 +49,7 @@ class FileSource(Source):
             self._seen_identity = identity  # touched, not changed
             return None
         self._fetched_identity = identity
-        return Fetched(data, digest)
+        return Fetched(data, digest, digest)
 
     def commit(self, fetched: Fetched) -> None:
         super().commit(fetched)

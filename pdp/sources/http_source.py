@@ -62,4 +62,4 @@ class HttpSource(Source):
             # A server without validators (or a lying one) resent what is active.
             self.committed = tag
             return None
-        return Fetched(data, tag)
+        return Fetched(data, tag, digest)

@@ -54,7 +54,7 @@ class RedisSource(Source):
         if len(value) > self.options.max_bytes:
             raise SourceError(f"{self.url}: snapshot larger than {self.options.max_bytes} bytes")
         digest = hashlib.sha256(value).hexdigest()
-        return None if digest == self.committed else Fetched(value, digest)
+        return None if digest == self.committed else Fetched(value, digest, digest)
 
     def _listen(self) -> None:
         failures = 0
