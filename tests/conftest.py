@@ -19,14 +19,19 @@ from pdp.server import RunningServer, start_server
 from .servers import http_store, redis_server  # noqa: F401  # fixtures shared by every test module
 
 ROOT = Path(__file__).resolve().parent.parent
-# shared/ lies beside the checkout, both here and in CI's clean clone.
-TESTDATA = Path(os.environ.get("PDP_TESTDATA", ROOT.parent / "shared" / "testdata")) / "maxmind"
+# MaxMind's official test databases are vendored (tests/data/maxmind/PROVENANCE.md);
+# PDP_TESTDATA points at another copy of the same layout, for trying newer upstream files.
+TESTDATA = Path(os.environ.get("PDP_TESTDATA", ROOT / "tests" / "data")) / "maxmind"
 CITY_DB = TESTDATA / "test-data" / "GeoIP2-City-Test.mmdb"
 COUNTRY_DB = TESTDATA / "test-data" / "GeoIP2-Country-Test.mmdb"
 BAD_DATA = TESTDATA / "bad-data"
 
 if not CITY_DB.is_file():  # pragma: no cover - a broken checkout, not a test result
-    raise RuntimeError(f"MaxMind test databases not found under {TESTDATA}; set PDP_TESTDATA to shared/testdata")
+    raise RuntimeError(
+        f"MaxMind test databases not found under {TESTDATA}: they ship in the repository under"
+        " tests/data/maxmind/ (restore them with `git checkout -- tests/data`), or set PDP_TESTDATA"
+        " to a folder holding maxmind/test-data/ from github.com/maxmind/MaxMind-DB"
+    )
 
 CN_MEMORIAL = """
 version: 7
