@@ -254,7 +254,8 @@ def test_chart_of_the_raw_log_spans_its_seconds(served: tuple[Path, Path, Traffi
     assert report.period.end == last.replace(microsecond=0) + dt.timedelta(seconds=1)
     axes = figure(report).axes[0]
     assert axes.get_xlim() == pytest.approx((num(report.period.start), num(report.period.end)))
-    assert type(axes.xaxis.get_major_locator()) is mdates.MinuteLocator
+    assert type(axes.xaxis.get_major_locator()) is mdates.SecondLocator  # a log of a few seconds
+    assert axes.get_ylabel() == "denials per second"
 
 
 def test_chart_of_an_empty_period_still_spans_it(served: tuple[Path, Path, Traffic]) -> None:

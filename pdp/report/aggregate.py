@@ -181,9 +181,10 @@ def build_report(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     snapshots: Snapshots | None = None,
-    files: int = 0,
+    files: int | None = None,
 ) -> Report:
-    """Aggregate the records inside [since, until) (or all of them)."""
+    """Aggregate the records inside [since, until) (or all of them); ``files``: how many were read
+    (default: how many files the records come from)."""
     snapshots = snapshots or Snapshots()
     everything = list(records)
     period = period_of(everything, since, until)
@@ -215,7 +216,7 @@ def build_report(
         shadow=[s for s in order if s.shadow],
         default=default,
         boundary=boundary,
-        files=files,
+        files=len({r.where.rsplit(":", 1)[0] for r in everything}) if files is None else files,
         read=len(everything),
     )
 

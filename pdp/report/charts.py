@@ -2,7 +2,7 @@
 
 One panel per jurisdiction (as the rules name it), bars stacked per rule and
 labelled with the rule and its legal basis. The bin and the ticks follow the
-period's length (:data:`SCALES`): minutes for an hour, hours for a day, days for
+period's length (:data:`SCALES`): seconds for a minute, minutes for an hour, hours for a day, days for
 a month, weeks beyond. Needs matplotlib (the ``report`` extra); the figure is
 built without pyplot, so nothing global is touched.
 """
@@ -42,17 +42,18 @@ class Scale:
 
     longest: dt.timedelta
     width: dt.timedelta
-    unit: str  # minute | hour | day | week
+    unit: str  # second | minute | hour | day | week
     steps: tuple[int, ...]  # tick intervals to choose from, in units
     per: str  # what one bar counts, for titles
 
     def step(self, span: dt.timedelta) -> int:
         """The smallest tick interval that leaves at most 13 ticks over ``span``."""
-        unit = {"minute": 60, "hour": 3600, "day": 86400, "week": 604800}[self.unit]
+        unit = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 604800}[self.unit]
         return next((s for s in self.steps if span.total_seconds() / (s * unit) <= 13), self.steps[-1])
 
 
 SCALES = (
+    Scale(dt.timedelta(minutes=2), dt.timedelta(seconds=1), "second", (1, 2, 5, 10, 15, 30), "second"),
     Scale(dt.timedelta(minutes=20), dt.timedelta(minutes=1), "minute", (1, 2, 5, 10), "minute"),
     Scale(dt.timedelta(hours=3), dt.timedelta(minutes=5), "minute", (5, 10, 15, 20, 30, 60), "5 minutes"),
     Scale(dt.timedelta(days=3), dt.timedelta(hours=1), "hour", (1, 2, 3, 4, 6, 12, 24), "hour"),
@@ -139,6 +140,7 @@ def _axes_style(mpl: Any, axes: Axes, period: Period, scale: Scale, peak: int) -
     axes.yaxis.set_major_formatter(ticker.StrMethodFormatter("{x:,.0f}"))
     step = scale.step(period.span)
     locator = {
+        "second": lambda: dates.SecondLocator(bysecond=range(0, 60, step), tz=dt.UTC),
         "minute": lambda: dates.MinuteLocator(byminute=range(0, 60, step) if step < 60 else [0], tz=dt.UTC),
         "hour": lambda: dates.HourLocator(byhour=range(0, 24, step), tz=dt.UTC),
         "day": lambda: dates.DayLocator(interval=step, tz=dt.UTC),
@@ -149,8 +151,8 @@ def _axes_style(mpl: Any, axes: Axes, period: Period, scale: Scale, peak: int) -
         dates.ConciseDateFormatter(
             locator,
             tz=dt.UTC,
-            formats=["%Y", "%b", "%d %b", "%H:%M", "%H:%M", "%S"],
-            zero_formats=["", "%Y", "%d %b", "%d %b", "%H:%M", "%H:%M"],
+            formats=["%Y", "%b", "%d %b", "%H:%M", "%H:%M", "%H:%M:%S"],
+            zero_formats=["", "%Y", "%d %b", "%d %b", "%H:%M", "%H:%M:%S"],
             offset_formats=["", "%Y", "%b %Y", "%d %b %Y", "%d %b %Y", "%d %b %Y %H:%M"],
         )
     )

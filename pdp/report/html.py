@@ -115,7 +115,7 @@ def _boundary(report: Report) -> str:
     parts.append(f"{_e(boundary_statement(boundary))}</p>")
     if not boundary.holds:
         rows = [
-            [_e(v.record.decision_id or _NONE), _time(v.record.time), _code(v.record.where), _e(v.problem)]
+            [_code(v.record.decision_id or _NONE), _time(v.record.time), _code(v.record.where), _e(v.problem)]
             for v in boundary.violations
         ]
         parts.append(
