@@ -383,17 +383,37 @@ def cmd_status(options: argparse.Namespace) -> int:
 
 
 def cmd_report(options: argparse.Namespace) -> int:
-    from pdp.report import ReportError, build, chart, read_records, render
+    """Exit 0; 1 when a record breaks the jurisdiction boundary (the report, written anyway, says so)."""
+    from pdp.files import atomic_write
+    from pdp.report import ReportError, Snapshots, build_report, load, moment, render
+    from pdp.report.charts import save
+    from pdp.report.html import render_html
+    from pdp.report.text import boundary_statement
 
     try:
-        records = list(read_records(options.log))
-        rows = build(records, options.since, options.until)
-        sys.stdout.write(render(rows, options.format))
+        since = moment(options.since, "--since") if options.since else None
+        until = moment(options.until, "--until") if options.until else None
+        if since and until and since >= until:
+            raise ReportError(f"--since {options.since} is not before --until {options.until}")
+        snapshots = Snapshots(options.rules)
+        report = build_report(load(options.log), since, until, snapshots, files=len(options.log))
+        text = render_html(report) if options.format == "html" else render(report, options.format)
         if options.chart:
-            chart(records, rows, options.chart)
+            save(report, options.chart)
             print(f"chart written to {options.chart}", file=sys.stderr)
     except ReportError as error:
         raise UsageError(str(error)) from None
+    if options.output:
+        atomic_write(Path(options.output), text.encode())
+        Path(options.output).chmod(0o644)  # a report is for publishing; the temporary file was private
+        print(f"report written to {options.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if not report.boundary.holds:
+        print(f"pdp: {boundary_statement(report.boundary)}", file=sys.stderr)
+        for violation in report.boundary.violations[:20]:
+            print(f"  {violation.record.where}: {violation.problem}", file=sys.stderr)
+        return EXIT_INVALID
     return EXIT_OK
 
 
@@ -587,13 +607,34 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="transparency report from decision audit logs",
         description="Aggregate audit logs per jurisdiction, rule and legal basis: denials, distinct meetings, "
-        "distinct pseudonymous participants, where they were located, first and last seen, shadow matches.",
+        "distinct pseudonymous participants, where they were located, first and last seen, shadow matches; "
+        "and check every record against its rule's jurisdiction. Times are RFC 3339 in UTC, to the second. "
+        "Exit 0; 1 when a record shows a rule applied to a participant located outside its jurisdiction "
+        "(the report is still written, and says so); 2 when a log, snapshot or option cannot be used.",
     )
     report.add_argument("log", nargs="+", help="audit log files (JSON lines; rotated files too)")
-    report.add_argument("--since", metavar="TIME", help="include records at or after this time (RFC 3339)")
-    report.add_argument("--until", metavar="TIME", help="include records before this time (RFC 3339)")
-    report.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
-    report.add_argument("--chart", metavar="PNG", help="also draw denials per day (needs the report extra)")
+    report.add_argument(
+        "--since", metavar="TIME", help="period start, included (RFC 3339 or a date; UTC unless an offset is given)"
+    )
+    report.add_argument(
+        "--until", metavar="TIME", help="period end, not included (default: just after the last record)"
+    )
+    report.add_argument(
+        "--format",
+        choices=("md", "csv", "json", "html"),
+        default="md",
+        help="md, csv, json, or html: one self-contained page with the chart, to publish (default md)",
+    )
+    report.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (whole or not at all)")
+    report.add_argument("--chart", metavar="FILE", help="also draw the chart as PNG, or SVG for a .svg name")
+    report.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="SNAPSHOT",
+        help="snapshot file of a policy version in the logs (repeatable): adds validity windows, "
+        "and checks the logged jurisdictions against the published ones",
+    )
     report.set_defaults(handler=cmd_report)
 
     from pdp.loadtest.command import add_parser as add_loadtest
