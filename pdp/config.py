@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from pdp.sources import check_scheme
+
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "add_serve_arguments", "parse_listen", "resolve"]
 
 
@@ -106,8 +108,8 @@ def _snapshot_url(text: str) -> str:
     if text and "://" not in text:
         # A bare path is the common case on the command line.
         return Path(text).resolve().as_uri()
-    if text and text.split("://", 1)[0] not in ("file", "http", "https", "redis", "rediss"):
-        raise ValueError(f"{text!r}: snapshot URLs are file://, http(s):// or redis://")
+    if text:
+        check_scheme(text)
     return text
 
 

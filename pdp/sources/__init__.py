@@ -11,9 +11,24 @@ from urllib.parse import urlparse
 
 from pdp.sources.base import Fetched, Source, SourceError, SourceOptions
 
-__all__ = ["Fetched", "Source", "SourceError", "SourceOptions", "open_source"]
+__all__ = [
+    "SCHEMES",
+    "Fetched",
+    "Source",
+    "SourceError",
+    "SourceOptions",
+    "check_scheme",
+    "open_source",
+]
 
 SCHEMES = ("file", "http", "https", "redis", "rediss")
+"""Every scheme :func:`open_source` opens; ``pdp.config`` checks ``--snapshot`` against it."""
+
+
+def check_scheme(url: str) -> None:
+    """:raises ValueError: ``url``'s scheme is not one of :data:`SCHEMES`."""
+    if urlparse(url).scheme not in SCHEMES:
+        raise ValueError(f"{url!r}: snapshot URLs are file://, http(s):// or redis://")
 
 
 def open_source(url: str, options: SourceOptions | None = None) -> Source:
@@ -21,18 +36,17 @@ def open_source(url: str, options: SourceOptions | None = None) -> Source:
 
     :raises ValueError: an unsupported scheme or a malformed URL (the message says which).
     """
+    check_scheme(url)
     options = options or SourceOptions()
     scheme = urlparse(url).scheme
     if scheme == "file":
         from pdp.sources.file_source import FileSource
 
-        return FileSource(url)
+        return FileSource(url, options)
     if scheme in ("http", "https"):
         from pdp.sources.http_source import HttpSource
 
         return HttpSource(url, options)
-    if scheme in ("redis", "rediss"):
-        from pdp.sources.redis_source import RedisSource
+    from pdp.sources.redis_source import RedisSource
 
-        return RedisSource(url, options)
-    raise ValueError(f"{url!r}: snapshot URLs are file://, http(s):// or redis://")
+    return RedisSource(url, options)

@@ -12,8 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pdp.files import Identity, identity_of
-from pdp.rules import MAX_SNAPSHOT_BYTES
-from pdp.sources.base import Fetched, Source, SourceError, read_limited
+from pdp.sources.base import Fetched, Source, SourceError, SourceOptions, read_limited
 
 
 def file_path(url: str) -> Path:
@@ -28,9 +27,10 @@ def file_path(url: str) -> Path:
 
 
 class FileSource(Source):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, options: SourceOptions | None = None) -> None:
         super().__init__(url)
         self.path = file_path(url)
+        self.max_bytes = (options or SourceOptions()).max_bytes
         self._seen_identity: Identity | None = None
         self._fetched_identity: Identity | None = None
 
@@ -41,7 +41,7 @@ class FileSource(Source):
             if identity == self._seen_identity:
                 return None
             with self.path.open("rb") as handle:
-                data = read_limited(handle, MAX_SNAPSHOT_BYTES, str(self.path))
+                data = read_limited(handle, self.max_bytes, str(self.path))
         except OSError as error:
             raise SourceError(f"{self.path}: {error.strerror or error}") from None
         digest = hashlib.sha256(data).hexdigest()
