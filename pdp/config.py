@@ -211,7 +211,13 @@ SETTINGS: tuple[Setting, ...] = (
         "FILE",
         str,
     ),
-    Setting("http_timeout", "timeout of one snapshot fetch (http and redis)", "SECONDS", _interval),
+    Setting(
+        "http_timeout",
+        "deadline of one whole snapshot fetch for http(s) (connect, TLS, headers, body, redirects); "
+        "for redis, of each command",
+        "SECONDS",
+        _interval,
+    ),
     Setting(
         "http_bearer_token_file",
         "file holding a bearer token for http(s) snapshot URLs (read at each fetch, so it can be rotated)",
