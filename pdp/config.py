@@ -191,8 +191,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "state_dir",
-        "directory where the last activated snapshot is kept, to serve (marked stale) "
-        "when the store is unreachable at start",
+        "private directory (0700, created if missing; refused if others can write it) where the last "
+        "activated snapshot is kept: served (marked stale) when the store is unreachable at start, and "
+        "the replay floor after a restart",
         "DIR",
         str,
     ),

@@ -7,25 +7,30 @@ redis-server, and `pdp serve` itself where the guarantee is about a restart.
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from pdp.geo import GeoDatabase
 from pdp.model import Action, Meeting, Verdict
 from pdp.policy import Active, PolicyHolder
 from pdp.reload import Reloader
+from pdp.signing import generate_keypair, load_private_key, sign
 from pdp.sources import SourceError, SourceOptions, open_source
 
 from .conftest import CITY_DB
-from .servers import HttpStore, start_http_store
+from .servers import HttpStore, RedisServer, start_http_store
 from .test_hardening import make_certificates
 
 PDP = [sys.executable, "-m", "pdp"]
@@ -68,6 +73,22 @@ def record_activations(holder: PolicyHolder) -> list[tuple[int, int]]:
 
     holder.subscribe(listener)
     return seen
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    """Truncate and write ``path`` without a new inode, as ``cp`` or a shell redirect do."""
+    with path.open("r+b") as handle:
+        handle.truncate(0)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def append_in_place(path: Path, data: bytes) -> None:
+    with path.open("ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 Respond = Callable[[socket.socket, str], None]
@@ -175,6 +196,97 @@ def test_http_body_cut_short_is_a_fetch_error_and_the_complete_one_then_activate
     assert reloader.run_once() == "activated version 2"
     assert verdict_for_cn(holder) == Verdict.DENY
     assert activations == [(1, 1), (2, 2)]  # the prefix was never active
+
+
+def test_a_file_written_in_place_is_read_once_it_is_the_same_at_two_looks(tmp_path: Path, holder: PolicyHolder) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(V1)
+    activations = record_activations(holder)
+    reloader = Reloader(holder, open_source(path.as_uri()))
+    assert reloader.run_once() == "activated version 1"
+
+    rewrite_in_place(path, PREFIX)  # the writer is half-way: the first look sees the prefix
+    assert reloader.run_once() == "unchanged"
+    append_in_place(path, V2[len(PREFIX) :])
+    assert reloader.run_once() == "unchanged"  # changed again since the last look: not settled yet
+    assert reloader.run_once() == "activated version 2"
+    assert verdict_for_cn(holder) == Verdict.DENY
+    assert activations == [(1, 1), (2, 2)]
+
+    # A rename is a complete file the moment it appears: read at the first look.
+    staged = tmp_path / "staged.yaml"
+    staged.write_bytes(V2.replace(b"version: 2", b"version: 3"))
+    staged.replace(path)
+    assert reloader.run_once() == "activated version 3"
+
+
+@pytest.fixture(params=["file", "redis"])
+def same_version_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[Reloader, Callable[[bytes], None]]]:
+    """A reloader on a file or a Redis key holding V1, and a function that publishes there
+    so that the next two polls see what was published (a writer that pauses longer than a poll)."""
+    if request.param == "file":
+        path = tmp_path / "rules.yaml"
+        path.write_bytes(V1)
+        url = path.as_uri()
+
+        def put(data: bytes) -> None:
+            rewrite_in_place(path, data)
+
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client = redis.Redis(port=server.port)
+        client.set("pdp:prefix", V1)
+        url = server.url("pdp:prefix")
+
+        def put(data: bytes) -> None:
+            client.set("pdp:prefix", data)
+
+    holder = PolicyHolder()
+    holder.activate_geo(GeoDatabase(CITY_DB))
+    reloader = Reloader(holder, open_source(url))
+    assert reloader.run_once() == "activated version 1"
+    yield reloader, put
+    reloader.stop()  # the Redis subscriber thread ends with it
+
+
+def test_a_complete_snapshot_replaces_its_own_truncated_prefix_of_the_same_version(
+    same_version_store: tuple[Reloader, Callable[[bytes], None]],
+) -> None:
+    reloader, put = same_version_store
+    holder = reloader.holder
+    put(PREFIX)  # a writer that pauses longer than a poll: nothing can tell this prefix from a snapshot
+    reloader.run_once()
+    reloader.run_once()
+    assert holder.policy is not None
+    assert (holder.policy.version, len(holder.policy.rules)) == (2, 1)
+
+    put(V2)
+    results = [reloader.run_once(), reloader.run_once()]
+    assert "activated version 2 (it completes the truncated version 2 that was active)" in results, results
+    assert len(holder.policy.rules) == 2
+    assert verdict_for_cn(holder) == Verdict.DENY
+
+
+def test_a_truncated_copy_never_replaces_the_complete_snapshot_of_the_same_version(
+    same_version_store: tuple[Reloader, Callable[[bytes], None]],
+) -> None:
+    reloader, put = same_version_store
+    holder = reloader.holder
+    put(V2)
+    assert "activated version 2" in [reloader.run_once(), reloader.run_once()]
+    assert holder.policy is not None
+    assert (holder.policy.version, len(holder.policy.rules)) == (2, 2)
+
+    put(PREFIX)  # the same object rewritten, caught half-way at two looks
+    results = [reloader.run_once(), reloader.run_once()]
+    assert any("already active with other content (conflict)" in result for result in results), results
+    assert len(holder.policy.rules) == 2
+    assert verdict_for_cn(holder) == Verdict.DENY
+    put(V2)
+    reloader.run_once()
+    assert len(holder.policy.rules) == 2
 
 
 # --------------------------------------------------------------------------- 8: redirects and the deadline
@@ -289,6 +401,189 @@ def test_https_store_is_verified_and_a_stalled_handshake_meets_the_deadline(
     silent = raw_store(lambda connection, path: None)  # accepts, and never answers the ClientHello
     result = Reloader(holder, open_source(silent.url("/rules.yaml").replace("http:", "https:"), ca)).run_once()
     assert "no complete answer within 0.5 s (--http-timeout)" in result
+
+
+# --------------------------------------------------------------------------- pdp serve across restarts
+
+
+class Sidecar:
+    """`pdp serve` on a Unix socket, started and stopped by a test."""
+
+    def __init__(self, tmp_path: Path, *args: str) -> None:
+        self.target = f"unix:{tmp_path}/pdp.sock"
+        self.process = subprocess.Popen(
+            [*PDP, "serve", "--listen", self.target, "--geoip-db", str(CITY_DB), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.banner = self.process.stdout.readline()  # blocks until it listens, or has exited
+
+    def status(self) -> dict[str, object]:
+        result = run("status", "--target", self.target, "--json")
+        document: dict[str, object] = json.loads(result.stdout)
+        return document
+
+    def check_cn(self) -> int:
+        return run("check", "--target", self.target, "--ip", CN, "--meeting", "m").returncode
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+        _, stderr = self.process.communicate(timeout=30)
+        return stderr
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PDP, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def sidecars(tmp_path: Path) -> Iterator[Callable[..., Sidecar]]:
+    started: list[Sidecar] = []
+
+    def start(*args: str) -> Sidecar:
+        started.append(Sidecar(tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for sidecar in started:
+        sidecar.stop()
+
+
+def test_restart_keeps_the_persisted_version_as_the_replay_floor(
+    tmp_path: Path, redis_server: RedisServer, sidecars: Callable[..., Sidecar]
+) -> None:
+    generate_keypair(tmp_path / "ops.key", tmp_path / "ops.pub")
+    key = load_private_key(tmp_path / "ops.key")
+    signed_v2 = sign(V2, 2, key)
+    signed_v1 = sign(V1.replace(b"effect: deny", b"effect: allow"), 1, key)  # validly signed, and older
+    client = redis.Redis(port=redis_server.port)
+    client.set("pdp:floor", signed_v2)
+    state = tmp_path / "state"
+    args = ("--snapshot", redis_server.url("pdp:floor"), "--snapshot-pubkey", str(tmp_path / "ops.pub"),
+            "--state-dir", str(state))  # fmt: skip
+    first = sidecars(*args)
+    assert "policy version 2 (2 rules)" in first.banner, first.banner
+    first.stop()
+
+    client.set("pdp:floor", signed_v1)  # a replay of an older, validly signed snapshot
+    second = sidecars(*args)
+    assert "policy version 2 (2 rules)" in second.banner, second.banner + second.stop()
+    status = second.status()
+    assert status["policy_version"] == "2"
+    assert "version 1 is lower than the active 2 (replay)" in str(status["last_error"])
+    assert second.check_cn() == 3  # DENY
+    second.stop()
+    assert (state / "snapshot").read_bytes() == signed_v2  # never overwritten by the replay
+
+
+def test_flow_style_yaml_from_a_yaml_url_is_read_back_as_yaml_after_a_restart(
+    tmp_path: Path, http_store: HttpStore, sidecars: Callable[..., Sidecar]
+) -> None:
+    flow = b"{version: 4, rules: [{id: cn-deny, effect: deny, legal_basis: Order 17, jurisdiction: [CN]}]}\n"
+    http_store.store.files["/rules.yaml"] = flow
+    args = ("--snapshot", http_store.url("/rules.yaml"), "--state-dir", str(tmp_path / "state"))
+    first = sidecars(*args)
+    assert "policy version 4 (1 rules)" in first.banner, first.banner
+    first.stop()
+
+    http_store.store.status_override = 503
+    second = sidecars(*args)
+    assert "policy version 4 (1 rules)" in second.banner, second.banner + second.stop()
+    assert second.status()["stale"] is True
+    assert second.check_cn() == 3
+    assert json.loads((tmp_path / "state" / "snapshot.meta.json").read_text())["format"] == "yaml"
+
+
+# --------------------------------------------------------------------------- 10: the state directory
+
+
+def plant(state: Path, url: str, data: bytes) -> None:
+    """A persisted snapshot as pdp writes it, for ``url``."""
+    import hashlib
+
+    state.mkdir(mode=0o700, exist_ok=True)
+    (state / "snapshot").write_bytes(data)
+    meta = {"source": url, "version": 999, "sha256": hashlib.sha256(data).hexdigest(), "format": "yaml"}
+    (state / "snapshot.meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("world-writable directory", "writable by group or others (mode 0777)"),
+        ("group-writable directory", "writable by group or others (mode 0770)"),
+        ("directory of another user", f"owned by uid {NOBODY}"),
+        ("planted file of another user", f"owned by uid {NOBODY}"),
+        ("world-writable file", "writable by group or others (mode 0666)"),
+        ("symbolic link file", "a symbolic link, which pdp does not follow here"),
+    ],
+)
+def test_serve_refuses_a_state_dir_or_file_others_can_write(
+    tmp_path: Path, sidecars: Callable[..., Sidecar], case: str, why: str
+) -> None:
+    url = (tmp_path / "store-is-down.yaml").as_uri()
+    state = tmp_path / "state"
+    plant(state, url, b"version: 999\nrules: []\n")  # what another local user would leave there
+    culprit = state / "snapshot" if "file" in case else state
+    if case == "world-writable directory":
+        state.chmod(0o777)
+    elif case == "group-writable directory":
+        state.chmod(0o770)
+    elif case == "world-writable file":
+        culprit.chmod(0o666)
+    elif case == "symbolic link file":
+        culprit.replace(tmp_path / "elsewhere")
+        culprit.symlink_to(tmp_path / "elsewhere")
+    else:
+        os.chown(culprit, NOBODY, NOBODY)
+    sidecar = sidecars("--snapshot", url, "--state-dir", str(state))
+    stderr = sidecar.stop()
+    assert sidecar.banner == "", sidecar.banner  # it never listened
+    assert sidecar.process.returncode == 2
+    assert "refusing to start" in stderr
+    assert f"{culprit}: {why}" in stderr, stderr
+
+
+def test_temporary_files_left_by_a_kill_are_removed_at_start(tmp_path: Path, sidecars: Callable[..., Sidecar]) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_bytes(V2)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    # What atomic_write leaves when the process is killed between mkstemp and rename.
+    left = [Path(tempfile.mkstemp(dir=state, prefix=f".{name}.")[1]) for name in ("snapshot", "snapshot.meta.json")]
+    other = state / "notes.txt"
+    other.write_text("not pdp's")
+    sidecar = sidecars("--snapshot", str(rules), "--state-dir", str(state))
+    assert "policy version 2" in sidecar.banner, sidecar.banner + sidecar.stop()
+    assert [path for path in left if path.exists()] == []
+    assert other.exists()
+    assert sorted(path.name for path in state.iterdir()) == ["notes.txt", "snapshot", "snapshot.meta.json"]
+
+
+def test_a_failed_persist_is_retried_at_the_next_poll(tmp_path: Path, holder: PolicyHolder) -> None:
+    rules, state = tmp_path / "rules.yaml", tmp_path / "state"
+    rules.write_bytes(V1)
+    reloader = Reloader(holder, open_source(rules.as_uri()), state_dir=state)
+    reloader.initial()
+    assert (state / "snapshot").read_bytes() == V1
+    (state / "snapshot").unlink()
+    (state / "snapshot").mkdir()  # a directory in the way: the rename onto it fails
+    (state / "snapshot" / "keep").write_text("x")
+    staged = tmp_path / "staged.yaml"
+    staged.write_bytes(V2)
+    staged.replace(rules)
+    assert reloader.run_once() == "activated version 2"
+    assert "cannot persist the snapshot" in holder.status.last_error
+
+    (state / "snapshot" / "keep").unlink()
+    (state / "snapshot").rmdir()
+    assert reloader.run_once() == "unchanged"
+    assert (state / "snapshot").read_bytes() == V2
+    assert json.loads((state / "snapshot.meta.json").read_text())["version"] == 2
+    assert holder.status.last_error == ""
 
 
 # --------------------------------------------------------------------------- review mends (issue 13)

@@ -7,7 +7,8 @@ a snapshot was verified and activated, so a rejected one is fetched again.
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+from pathlib import PurePosixPath
+from urllib.parse import unquote, urlparse
 
 from pdp.sources.base import Fetched, Source, SourceError, SourceOptions
 
@@ -19,6 +20,7 @@ __all__ = [
     "SourceOptions",
     "check_scheme",
     "open_source",
+    "snapshot_format",
 ]
 
 SCHEMES = ("file", "http", "https", "redis", "rediss")
@@ -29,6 +31,13 @@ def check_scheme(url: str) -> None:
     """:raises ValueError: ``url``'s scheme is not one of :data:`SCHEMES`."""
     if urlparse(url).scheme not in SCHEMES:
         raise ValueError(f"{url!r}: snapshot URLs are file://, http(s):// or redis://")
+
+
+def snapshot_format(url: str) -> str | None:
+    """``"json"`` or ``"yaml"`` when the URL's path says so by its suffix, else None:
+    the rules parser then tells them apart by the first character."""
+    suffix = PurePosixPath(unquote(urlparse(url).path)).suffix.lower()
+    return {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(suffix)
 
 
 def open_source(url: str, options: SourceOptions | None = None) -> Source:
