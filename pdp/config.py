@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from pdp.sources import check_scheme
+
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "add_serve_arguments", "parse_listen", "resolve"]
 
 
@@ -106,8 +108,8 @@ def _snapshot_url(text: str) -> str:
     if text and "://" not in text:
         # A bare path is the common case on the command line.
         return Path(text).resolve().as_uri()
-    if text and text.split("://", 1)[0] not in ("file", "http", "https", "redis", "rediss"):
-        raise ValueError(f"{text!r}: snapshot URLs are file://, http(s):// or redis://")
+    if text:
+        check_scheme(text)
     return text
 
 
@@ -189,8 +191,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "state_dir",
-        "directory where the last activated snapshot is kept, to serve (marked stale) "
-        "when the store is unreachable at start",
+        "private directory (0700, created if missing; refused if others can write it) where the last "
+        "activated snapshot is kept: served (marked stale) when the store is unreachable at start, and "
+        "the replay floor after a restart",
         "DIR",
         str,
     ),
@@ -209,7 +212,13 @@ SETTINGS: tuple[Setting, ...] = (
         "FILE",
         str,
     ),
-    Setting("http_timeout", "timeout of one snapshot fetch (http and redis)", "SECONDS", _interval),
+    Setting(
+        "http_timeout",
+        "deadline of one whole snapshot fetch for http(s) (connect, TLS, headers, body, redirects); "
+        "for redis, of each command",
+        "SECONDS",
+        _interval,
+    ),
     Setting(
         "http_bearer_token_file",
         "file holding a bearer token for http(s) snapshot URLs (read at each fetch, so it can be rotated)",

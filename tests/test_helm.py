@@ -184,7 +184,7 @@ def test_rendered_args_and_env_are_parsed_by_pdp_serve(scenario: str, meeting_no
     assert config.health_listen == f"{POD_IP}:8081"
     assert config.snapshot == environment["PDP_SNAPSHOT_URL"]
     assert config.geoip_db.startswith("/var/lib/pdp/geoip/")
-    assert config.state_dir == "/var/lib/pdp/state"
+    assert config.state_dir == "/var/lib/pdp/state/snapshot"  # pdp creates it 0700 in the emptyDir
     values = scenario_values(scenario)
     if values.get("snapshot", {}).get("signing", {}).get("enabled"):
         assert config.pubkey_files == ["/etc/pdp/keys/ops-2026.pub", "/etc/pdp/keys/ops-2027.pub"]
