@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: run test lint proto fuzz bench bench-quick bench-inprocess clean help
+.PHONY: run test lint proto iso3166 fuzz bench bench-quick bench-inprocess clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +32,9 @@ lint: $(STAMP)  ## ruff and mypy --strict
 
 proto: $(STAMP)  ## regenerate pdp/_proto/ from proto/
 	$(BIN)/python scripts/gen_proto.py
+
+iso3166: $(STAMP)  ## regenerate pdp/iso3166.json from pycountry and the demo GeoIP database (about a minute)
+	$(BIN)/python scripts/gen_iso3166.py
 
 bench-inprocess: $(STAMP)  ## decision cost in µs on the real GeoLite2-City
 	$(BIN)/python -m benchmarks.inprocess
