@@ -243,7 +243,7 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
     ("changes", "message"),
     [
         ({"snapshot__url": ""}, "set snapshot.url (file://, http(s):// or redis://) or snapshot.inlineRules"),
-        ({"snapshot__inlineRules": "version: 1\nrules: []\n"}, "set snapshot.url or snapshot.inlineRules, not both"),
+        ({"snapshot__inlineRules": {"version": 1, "rules": []}}, "set snapshot.url or snapshot.inlineRules, not both"),
         ({"snapshot__signing": {"enabled": True}}, "snapshot.signing.enabled needs snapshot.signing.existingSecret"),
         (
             {"snapshot__signing": {"enabled": True, "existingSecret": "keys"}},
