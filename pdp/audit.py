@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from pdp.model import Action, Decision, Location, Verdict
-from pdp.policy import Active
+from pdp.state import Active
 
 __all__ = ["AuditConfig", "AuditError", "AuditLog", "pseudonym"]
 

@@ -27,10 +27,10 @@ from pdp.files import identity as file_identity
 from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
 from pdp.logs import redact_url
 from pdp.pacing import in_background
-from pdp.policy import PolicyHolder, ReloadStatus
 from pdp.rules import Policy, SnapshotError, parse_policy
 from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
 from pdp.sources import Fetched, Source, SourceError
+from pdp.state import PolicyHolder, ReloadStatus
 
 __all__ = ["GeoWatcher", "Reloader", "SnapshotRejectedError", "StartupError", "read_snapshot"]
 
