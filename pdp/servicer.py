@@ -80,7 +80,9 @@ class AdmissionServicer:
             _refuse(context, error)
         return encode_batch(batch.results, batch.active)
 
-    def WatchPolicy(self, request: pb.WatchPolicyRequest, context: grpc.ServicerContext) -> Iterator[pb.PolicyEvent]:
+    def WatchPolicy(
+        self, request: pb.WatchPolicyRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchPolicyResponse]:
         if not self._watch_slots.acquire(blocking=False):
             _abort(
                 context,
@@ -137,8 +139,8 @@ class AdmissionServicer:
         return response
 
 
-def _policy_event(active: Active) -> pb.PolicyEvent:
-    event = pb.PolicyEvent(policy_version=active.policy.version, geoip_build=active.geo.build_epoch)
+def _policy_event(active: Active) -> pb.WatchPolicyResponse:
+    event = pb.WatchPolicyResponse(policy_version=active.policy.version, geoip_build=active.geo.build_epoch)
     event.activated_at.FromDatetime(datetime.fromtimestamp(active.activated_at, UTC))
     return event
 
@@ -191,7 +193,7 @@ def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
             guard(servicer.GetStatus), _decoder(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
         ),
         "WatchPolicy": grpc.unary_stream_rpc_method_handler(
-            guard(servicer.WatchPolicy), _decoder(pb.WatchPolicyRequest), pb.PolicyEvent.SerializeToString
+            guard(servicer.WatchPolicy), _decoder(pb.WatchPolicyRequest), pb.WatchPolicyResponse.SerializeToString
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
