@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from pdp import __version__
-from pdp.config import ConfigError, add_serve_arguments, describe, resolve
+from pdp.config import add_serve_arguments, describe, resolve
 from pdp.errors import PdpError
 from pdp.geo import (
     GeoDatabase,
-    GeoIPError,
     InvalidAddressError,
 )
 from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Verdict
@@ -38,7 +37,7 @@ log = logging.getLogger("pdp")
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_DENY = 0, 1, 2, 3
 
 
-class UsageError(Exception):
+class UsageError(PdpError):
     """A problem the user can fix; printed without a traceback, exit code 2."""
 
 
@@ -528,10 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     try:
         result: int = options.handler(options)
-    except SnapshotError as error:
-        print(f"pdp: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (UsageError, ConfigError, GeoIPError, PdpError, ValueError) as error:
+    except PdpError as error:  # anything else is a bug, and keeps its traceback
         print(f"pdp: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:

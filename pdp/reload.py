@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pdp.errors import PdpError
 from pdp.files import atomic_write
 from pdp.files import identity as file_identity
 from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
@@ -40,11 +41,11 @@ PERSISTED = "snapshot"
 PERSISTED_META = "snapshot.meta.json"
 
 
-class SnapshotRejectedError(Exception):
+class SnapshotRejectedError(PdpError):
     """A fetched snapshot was refused; the message says why."""
 
 
-class StartupError(Exception):
+class StartupError(PdpError):
     """Nothing valid to serve at start: the store's snapshot is invalid and none was persisted."""
 
 

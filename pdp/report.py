@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdp.errors import PdpError
+
 __all__ = ["ReportError", "Row", "build", "chart", "read_records", "render"]
 
 
-class ReportError(Exception):
+class ReportError(PdpError):
     """An audit log cannot be read (the message names the file and line)."""
 
 

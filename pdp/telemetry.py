@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from pdp import __version__
+from pdp.errors import PdpError
 from pdp.model import Decision, Location
 from pdp.state import Active, PolicyHolder
 
@@ -41,7 +42,7 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 
 
-class TelemetryError(Exception):
+class TelemetryError(PdpError):
     """An exporter was asked for but is not installed, or is misconfigured."""
 
 

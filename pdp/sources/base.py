@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from pdp.errors import PdpError
 from pdp.rules import MAX_SNAPSHOT_BYTES
 
 __all__ = ["Fetched", "Source", "SourceError", "SourceOptions"]
 
 
-class SourceError(Exception):
+class SourceError(PdpError):
     """The store could not be read (unreachable, error status, missing key, timeout)."""
 
 
