@@ -297,7 +297,7 @@ def cmd_keygen(options: argparse.Namespace) -> int:
 
 def _signed(path: str, key_file: str | None, as_json: bool = False) -> tuple[bytes, Policy]:
     """A validated rules file's bytes (as JSON if asked), in a signed envelope when a key is given."""
-    from pdp.rules import snapshot_as_json
+    from pdp.rules import parse_policy, snapshot_as_json, sniff_format
     from pdp.signing import SignatureError, load_private_key, sign
 
     policy = load_policy(path)
@@ -306,6 +306,9 @@ def _signed(path: str, key_file: str | None, as_json: bool = False) -> tuple[byt
         data = snapshot_as_json(data, path)
     if not key_file:
         return data, policy
+    # Sidecars read a signed payload in the format its content shows (the envelope's name
+    # says nothing of it): refuse here what they would refuse.
+    parse_policy(data, path, sniff_format(data))
     try:
         return sign(data, policy.version, load_private_key(key_file)), policy
     except SignatureError as error:

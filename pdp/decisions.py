@@ -37,7 +37,17 @@ from opentelemetry.trace import Span, SpanKind
 
 from pdp.errors import PdpError
 from pdp.geo import InvalidAddressError
-from pdp.model import Action, Decision, Location, Meeting, Verdict, verdict_label
+from pdp.model import (
+    MAX_ID_LENGTH,
+    MAX_TAG_LENGTH,
+    MAX_TAGS,
+    Action,
+    Decision,
+    Location,
+    Meeting,
+    Verdict,
+    verdict_label,
+)
 from pdp.state import Active, PolicyHolder
 
 if TYPE_CHECKING:
@@ -64,10 +74,6 @@ __all__ = [
     "require",
 ]
 
-# Bounds on what one request may carry: ids and tags are labels, never documents.
-MAX_ID_LENGTH = 256
-MAX_TAGS = 64
-MAX_TAG_LENGTH = 128
 
 T = TypeVar("T")
 Presenter = Callable[[Decision, Location, Active], T]

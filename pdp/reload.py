@@ -34,7 +34,7 @@ from pdp.logs import redact_url
 from pdp.pacing import in_background
 from pdp.persisted import Persisted, StateDir
 from pdp.poller import Poller as _Poller
-from pdp.rules import Policy, SnapshotError, parse_policy
+from pdp.rules import Policy, SnapshotError, parse_policy, sniff_format
 from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
 from pdp.sources import Fetched, Source, SourceError, snapshot_format
 from pdp.state import PolicyHolder, ReloadStatus
@@ -91,6 +91,8 @@ def read_snapshot(
     """Verify (when keys are trusted) and compile snapshot bytes as stored.
     ``sha256``, the digest of ``data`` if known, saves hashing it again; ``fmt``
     (``"yaml"`` or ``"json"``) overrides the parser's guess from ``source`` and content.
+    The payload of a signed envelope is read in its own format, from its content:
+    ``source`` and ``fmt`` name the envelope, which is JSON whatever it carries.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
         version mismatch, or any rules-file problem (every one listed).
@@ -102,7 +104,7 @@ def read_snapshot(
             opened = open_envelope(data)  # no key to check against: payload only
         else:
             return parse_policy(data, source, fmt, pace=pace, previous=previous, sha256=sha256)
-        policy = parse_policy(opened.payload, source, fmt, pace=pace, previous=previous)
+        policy = parse_policy(opened.payload, source, sniff_format(opened.payload), pace=pace, previous=previous)
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
     except SnapshotError as error:
