@@ -167,7 +167,11 @@ def _optional_listen(text: str) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
-        "listen", "address to serve on: HOST:PORT (port 0 picks a free one) or unix:/path/to.sock", "ADDR", _listen
+        "listen",
+        "address to serve on: HOST:PORT (port 0 picks a free one) or unix:/path/to.sock (in a directory only"
+        " pdp's user can write, created 0750 if missing)",
+        "ADDR",
+        _listen,
     ),
     Setting(
         "health_listen",

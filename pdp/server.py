@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pdp.config import ServeConfig, parse_listen
 from pdp.decisions import DecisionPath
+from pdp.files import NotPrivateError, private_directory
 from pdp.servicer import SERVICE_NAME, AdmissionServicer, admission_handlers
 from pdp.state import PolicyHolder
 
@@ -136,8 +137,8 @@ def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *
     """
     host, port = parse_listen(listen)
     if port is None:
+        _make_socket_directory(Path(host))
         _clear_stale_socket(Path(host))
-        _make_socket_directory(Path(host).parent)
         target = f"unix:{host}"
         # The socket is born group-only (0660): no moment where others may connect.
         previous = os.umask(0o117)
@@ -173,10 +174,24 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve anywhere
 
 
-def _make_socket_directory(directory: Path) -> None:
-    """Create the socket's directory for the server alone (and its group), if missing."""
-    if not directory.exists():
-        directory.mkdir(mode=0o750, parents=True)
+def _make_socket_directory(socket_path: Path) -> None:
+    """Create the socket's directory for the server alone (and its group, 0750) if
+    missing; refuse one that others could write, sticky or not: they could move the
+    socket aside (or take its name while pdp restarts) and listen in its place.
+
+    :raises OSError: naming the directory, why, and the fix.
+    """
+    directory = socket_path.parent
+    own = directory / "pdp" / socket_path.name
+    advice = f"use a directory of pdp's own, such as unix:{own} (pdp creates it 0750, for its group)"
+    try:
+        private_directory(directory, mode=0o750, advice=advice)
+    except NotPrivateError as error:
+        detail = str(error) if "owned by" not in str(error) else f"{error}; {advice}"
+        raise OSError(
+            f"cannot listen on unix:{socket_path}: {detail}; another user could move the socket aside and listen"
+            " in its place"
+        ) from None
 
 
 def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
