@@ -40,6 +40,7 @@ class ServeConfig:
     batch_limit: int = 1000
     max_message_bytes: int = 4 * 1024 * 1024
     workers: int = 8
+    receive_timeout: float = 2.0
     grace_seconds: float = 5.0
     log_level: str = "info"
     snapshot_pubkey: str = ""
@@ -198,7 +199,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_size", "entries in the IP-to-location LRU cache", "N", _positive),
     Setting("batch_limit", "most participants accepted in one CheckBatch", "N", _positive),
     Setting("max_message_bytes", "largest request accepted; larger ones get RESOURCE_EXHAUSTED", "BYTES", _positive),
-    Setting("workers", "gRPC server threads", "N", _positive),
+    Setting(
+        "workers",
+        "gRPC server threads that decide (more wait for requests still coming, see --receive-timeout)",
+        "N",
+        _positive,
+    ),
+    Setting(
+        "receive_timeout",
+        "longest a call may take to send its request message after its headers; one that sends nothing is"
+        " cancelled then, or sooner when 4 x --workers calls are waiting and it has waited longest",
+        "SECONDS",
+        _interval,
+    ),
     Setting("grace_seconds", "on SIGTERM, how long in-flight calls may finish", "SECONDS", _seconds),
     Setting("log_level", "debug, info, warning or error", "LEVEL", _log_level),
     Setting(

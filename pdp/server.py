@@ -8,12 +8,15 @@ adapter registers its handlers in :func:`_services`.
 
 Sync gRPC with a thread pool, chosen by measurement (README, "Why sync gRPC"):
 on this 2-core machine it answered about 1.7x more calls per second than
-grpc.aio with the same handler.
+grpc.aio with the same handler. Every method, on every listener, receives its
+request through a :class:`~pdp.receiving.ReceiveGuard`, so that calls whose
+message never comes cannot take the threads (README, "Calls that send nothing").
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -23,7 +26,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from pdp.config import ServeConfig, parse_listen
 from pdp.decisions import DecisionPath
 from pdp.files import NotPrivateError, private_directory
+from pdp.receiving import GuardedHandlers, ReceiveGuard
 from pdp.servicer import SERVICE_NAME, AdmissionServicer, admission_handlers
 from pdp.state import PolicyHolder
 
@@ -40,6 +44,9 @@ if TYPE_CHECKING:
     from pdp.telemetry import Telemetry
 
 __all__ = ["SERVICE_NAME", "RunningServer", "grpc_options", "start_server", "wait_for_signal"]
+
+log = logging.getLogger("pdp.server")
+_SHUTDOWN_SECONDS = 2.0
 
 
 # --------------------------------------------------------------------------- running
@@ -55,6 +62,7 @@ class RunningServer:
     grace_seconds: float
     health_server: grpc.Server | None = None
     health_address: str = ""
+    guards: tuple[ReceiveGuard, ...] = ()
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -62,11 +70,21 @@ class RunningServer:
             self.health.set(service, status)
 
     def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let in-flight calls finish, then stop."""
+        """Report NOT_SERVING, let in-flight calls finish, then stop.
+
+        Waits at most the grace period and :data:`_SHUTDOWN_SECONDS` more: grpcio's
+        shutdown also waits for every connection's pending writes, which a client that
+        never reads (with frames queued for it) would hold forever.
+        """
         self.health.enter_graceful_shutdown()
-        self.server.stop(self.grace_seconds if grace is None else grace).wait()
+        grace = self.grace_seconds if grace is None else grace
+        stopped = self.server.stop(grace)
         if self.health_server is not None:
-            self.health_server.stop(0).wait()
+            self.health_server.stop(0).wait(_SHUTDOWN_SECONDS)
+        if not stopped.wait(grace + _SHUTDOWN_SECONDS):
+            log.warning("stopped without waiting longer for connections whose clients do not read")
+        for guard in self.guards:
+            guard.stop()
 
 
 def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -90,36 +108,64 @@ def start_server(
 
     :raises OSError: the address cannot be bound (in use, bad path, no permission).
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp-rpc"),
-        options=grpc_options(config),
-    )
+    # --workers threads decide; four times as many may wait for request messages (pdp.receiving).
+    guard = ReceiveGuard(limit=4 * config.workers, timeout=config.receive_timeout)
+    server = _guarded_server(config, guard, "pdp-rpc")
     handlers, names = _services(config, DecisionPath(holder, telemetry, audit))
-    server.add_generic_rpc_handlers(handlers)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_handlers = _Collected()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_handlers)  # type: ignore[arg-type]
     names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server)
+    reflection_handlers = _Collected()
+    reflection.enable_server_reflection(names, reflection_handlers)  # type: ignore[arg-type]
+    every = [*handlers, *health_handlers.handlers, *reflection_handlers.handlers]
+    server.add_generic_rpc_handlers((GuardedHandlers(every, guard),))
     address = _bind(server, config.listen, config)
     server.start()
-    running = RunningServer(server, health_servicer, address, config.grace_seconds)
+    guard.start()
+    running = RunningServer(server, health_servicer, address, config.grace_seconds, guards=(guard,))
     if config.health_listen:
         # Only Health here: this address may be the pod IP, reachable by the kubelet and others.
-        probe_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health"), options=grpc_options(config)
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
+        probe_guard = ReceiveGuard(limit=8, timeout=config.receive_timeout, name="pdp-health-receive-guard")
+        probe_server = _guarded_server(config, probe_guard, "pdp-health")
+        probe_server.add_generic_rpc_handlers((GuardedHandlers(health_handlers.handlers, probe_guard),))
         try:
             running.health_address = _bind(probe_server, config.health_listen, health_only=True)
         except OSError:
-            server.stop(0)
+            running.stop(0)
             raise
         probe_server.start()
+        probe_guard.start()
         running.health_server = probe_server
+        running.guards += (probe_guard,)
     # Health follows the holder: NOT_SERVING until a policy and a database are active.
     running.set_serving(holder.active is not None)
     holder.subscribe(lambda _active: running.set_serving(True))
     return running
+
+
+def _guarded_server(config: ServeConfig, guard: ReceiveGuard, prefix: str) -> grpc.Server:
+    """A server whose pool has a thread for each call ``guard`` lets wait, besides
+    its deciding threads (``--workers``, two for the health port)."""
+    deciding = config.workers if prefix == "pdp-rpc" else 2
+    pool = futures.ThreadPoolExecutor(max_workers=deciding + guard.limit, thread_name_prefix=prefix)
+    return grpc.server(pool, options=grpc_options(config))
+
+
+class _Collected:
+    """Stands for a server to the generated ``add_*_to_server`` functions, keeping
+    their handlers (to be served guarded) instead of registering them."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        """The same methods as the generic handler just added: nothing more to keep."""
 
 
 def _services(config: ServeConfig, path: DecisionPath) -> tuple[list[grpc.GenericRpcHandler], list[str]]:

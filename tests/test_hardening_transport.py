@@ -8,6 +8,7 @@ checked comes from a real server through grpcio's client.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -123,6 +124,82 @@ def health(target: str, service: str = "") -> int:
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
         return int(check(health_pb2.HealthCheckRequest(service=service), timeout=10).status)
+
+
+# --------------------------------------------------------------------------- 4: half-open calls
+
+
+@pytest.mark.parametrize("workers", [2, 8])
+def test_half_open_calls_never_take_the_threads_check_and_health_need(
+    tmp_path: Path, half_open: list[HalfOpen], workers: int
+) -> None:
+    running, _ = serve(tmp_path, workers=workers)
+    try:
+        for target in (running.address, running.address, running.health_address, running.health_address):
+            connection = HalfOpen(target)
+            half_open.append(connection)
+            for path in METHODS:
+                connection.open(path, 2 * workers)  # 4 x 7 x 2 x workers: far more than the 5 x workers threads
+        # Each of these needs a server thread; with the calls above holding them all, it would wait.
+        with Client(running.address, timeout=10) as client:
+            for _ in range(3 * workers):
+                assert client.check(CN, "m").verdict == Verdict.DENY
+            assert len(client.check_batch("m", [CN] * 10)) == 10
+            assert client.status().serving
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health(running.address, "pdp.v1.AdmissionService") == serving
+        assert health(running.health_address) == serving
+        assert health(running.health_address, "pdp.v1.AdmissionService") == serving
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_call_whose_request_never_comes_is_ended_after_the_receive_timeout(
+    tmp_path: Path, half_open: list[HalfOpen]
+) -> None:
+    """Few enough not to crowd each other out: each is ended by the timeout alone."""
+    running, _ = serve(tmp_path, workers=8, receive_timeout=0.5)
+    try:
+        for target in (running.address, running.health_address):
+            connection = HalfOpen(target)
+            half_open.append(connection)
+            connection.open("/pdp.v1.AdmissionService/Check" if target == running.address else METHODS[4], 3)
+        for connection in half_open:
+            connection.wait_until_all_ended()
+        with Client(running.address, timeout=10) as client:
+            assert client.check(CN, "m").verdict == Verdict.DENY
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_crowd_of_complete_calls_is_never_cancelled_for_waiting_its_turn(tmp_path: Path) -> None:
+    """200 calls in flight on 2 deciding threads: each waits for a thread, and for its
+    message to be handed over, but none is taken for a silent one."""
+    running, _ = serve(tmp_path, workers=2)
+    try:
+        result = subprocess.run(
+            [*PDP, "loadtest", "--target", running.address, "--closed", "--in-flight", "200", "--duration", "3",
+             "--json"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        report = json.loads(result.stdout)
+        assert report["errors"] == {}, report["errors"]
+        assert result.returncode == 0
+        assert report["ok"] > 1000
+        assert running.guards[0].crowded_out == running.guards[0].timed_out == 0
+    finally:
+        running.stop(grace=0)
+
+
+def test_a_slow_request_within_the_timeout_is_answered(tmp_path: Path) -> None:
+    """The guard ends calls that send nothing, not calls that are merely large: a
+    CheckBatch of 1,000 participants (about 20 KB) is answered as before."""
+    running, _ = serve(tmp_path, workers=2, receive_timeout=0.5)
+    try:
+        with Client(running.address, timeout=10) as client:
+            assert len(client.check_batch("m", [CN] * 1000)) == 1000
+    finally:
+        running.stop(grace=0)
 
 
 # --------------------------------------------------------------------------- 12: the socket's directory
