@@ -132,6 +132,8 @@ def cmd_serve(options: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"try: pdp check --target {sidecar.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
+    if sidecar.http is not None:
+        print(f"AuthZEN listening on {sidecar.http.url}", flush=True)
     sidecar.run_until_signal()
     log.info("shutdown complete")
     return EXIT_OK

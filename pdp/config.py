@@ -61,6 +61,7 @@ class ServeConfig:
     audit_include_ip: bool = False
     audit_queue_size: int = 10_000
     audit_max_bytes: int = 100 * 1024 * 1024
+    http_listen: str = ""
 
     @property
     def pubkey_files(self) -> list[str]:
@@ -264,6 +265,13 @@ SETTINGS: tuple[Setting, ...] = (
         "audit_queue_size", "audit records waiting to be written; beyond, they are dropped and counted", "N", _positive
     ),
     Setting("audit_max_bytes", "audit log size that triggers rotation (5 old files are kept)", "BYTES", _positive),
+    Setting(
+        "http_listen",
+        "also serve the OpenID AuthZEN Authorization API 1.0 over HTTP on HOST:PORT or unix:/path "
+        "(same TLS settings as --listen; off when unset)",
+        "ADDR",
+        _optional_listen,
+    ),
 )
 
 CONFIG_ENV = "PDP_CONFIG"

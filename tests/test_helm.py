@@ -198,6 +198,11 @@ def test_rendered_args_and_env_are_parsed_by_pdp_serve(scenario: str, meeting_no
     assert config.geoip_sha256_file == (f"/var/lib/pdp/geoip/{pinned}" if pinned else "")
     if values.get("audit", {}).get("log"):
         assert (config.audit_log, config.audit_hmac_key_file) == ("stdout", "/etc/pdp/audit/hmac-key")
+    if values.get("authzen", {}).get("enabled"):
+        daemonset = values.get("mode") == "daemonset"
+        assert config.http_listen == (f"{POD_IP}:8080" if daemonset else "unix:/run/pdp/authzen.sock")
+    else:
+        assert config.http_listen == ""
 
 
 # --------------------------------------------------------------------------- bad values
@@ -231,6 +236,9 @@ def with_values(**changes: Any) -> dict[str, Any]:
         ({"colour": "blue"}, "colour"),
         ({"geoip__file": "GeoLite2-City.tar.gz"}, "file"),
         ({"geoip__sha256File": "../etc/digest"}, "sha256File"),
+        ({"authzen__port": 70000}, "port"),
+        ({"authzen__socketName": "../pdp.sock"}, "socketName"),
+        ({"authzen__enabled": "yes"}, "enabled"),
     ],
 )
 def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
@@ -253,6 +261,10 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
         ({"geoip__source": "geoipupdate"}, "geoip.source=geoipupdate needs geoip.geoipupdate.accountId"),
         ({"telemetry__serviceMonitor": {"enabled": True}}, "needs telemetry.metricsExporter=prometheus"),
         ({"audit__log": "stdout"}, "audit.log needs audit.hmacKeySecret"),
+        (
+            {"authzen": {"enabled": True, "socketName": "pdp.sock"}},
+            "authzen.socketName must differ from listen.socketName",
+        ),
         ({"tls__requireClientCert": True}, "tls.requireClientCert needs tls.existingSecret"),
         ({"telemetry__metricsExporter": "otlp"}, "telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint"),
         (
