@@ -1,7 +1,8 @@
 """AuthZEN Authorization API 1.0 over real HTTP, against a real sidecar (``--http-listen``).
 
 Each test names the section of the Authorization API 1.0 it pins ("section
-7.1.1, Default values") and, where one applies, the case of the AuthZEN 1.0
+7.1.1, Default values"; numbered as the published text, whose source is
+api/authorization-api-1_0.md in github.com/openid/authzen) and, where one applies, the case of the AuthZEN 1.0
 certification scenario ("C-3-2-7"), the conformance suite PDPs are held to.
 Cases of that scenario that need its fixture policy (alice, bob, record-1)
 are pinned here with pdp's own subjects and resources instead: the structure

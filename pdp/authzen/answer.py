@@ -10,7 +10,7 @@ an active state, as :mod:`pdp.wire` does for gRPC, and a batch is the items
 joined.
 
 An error is ``{"error": {"status", "message", "field"?}}``: the body of an
-HTTP error (section 12.3 asks for "an error message") and, for an item that
+HTTP error (section 10.1.2 asks for "an error message") and, for an item that
 cannot be decided, the context of its ``decision: false`` (section 7.2.1).
 """
 
@@ -23,7 +23,16 @@ from typing import Any
 from pdp.model import Decision, Location, Verdict
 from pdp.state import Active
 
-__all__ = ["CACHE_LIMIT", "Answers", "decision_context", "error_body", "evaluations_body", "failed_item", "metadata"]
+__all__ = [
+    "CACHE_LIMIT",
+    "Answers",
+    "allowed",
+    "decision_context",
+    "error_body",
+    "evaluations_body",
+    "failed_item",
+    "metadata",
+]
 
 # Distinct (decision, location) answers kept per active state, as in pdp.wire.
 CACHE_LIMIT = 50_000
@@ -89,19 +98,21 @@ def allowed(answer: bytes) -> bool:
     return answer.startswith(b'{"decision":true')
 
 
-def error_body(status: int, message: str, field: str = "") -> bytes:
+def _error(status: int, message: str, field: str) -> dict[str, Any]:
     error: dict[str, Any] = {"status": status, "message": message}
     if field:
         error["field"] = field
-    return _dumps({"error": error})
+    return error
+
+
+def error_body(status: int, message: str, field: str = "") -> bytes:
+    """The body of an HTTP error answer."""
+    return _dumps({"error": _error(status, message, field)})
 
 
 def failed_item(status: int, message: str, field: str = "") -> bytes:
     """A Decision that denies because the item could not be decided (section 7.2.1)."""
-    error: dict[str, Any] = {"status": status, "message": message}
-    if field:
-        error["field"] = field
-    return _dumps({"decision": False, "context": {"error": error}})
+    return _dumps({"decision": False, "context": {"error": _error(status, message, field)}})
 
 
 def evaluations_body(items: Sequence[bytes]) -> bytes:

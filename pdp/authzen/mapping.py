@@ -6,13 +6,13 @@ the address, ``properties.account_id`` optional), a resource of type
 an action named ``join`` or ``host`` (Authorization API 1.0, section 5).
 
 Only shapes are checked here: JSON that is UTF-8 and one object with unique
-member names (section 12.5, I-JSON), each entity an object, each member used
+member names (section 11.5, I-JSON), each entity an object, each member used
 a string (or, for tags, an array of strings). Bounds on ids, tags, addresses
 and batch sizes are the decision path's own (:mod:`pdp.decisions`); its
 :class:`~pdp.decisions.RequestError` names fields as gRPC does, and
 :meth:`Evaluation.field` renames them as the request spelled them.
-Unknown members are ignored anywhere (section 11.1.1); a member whose value
-is JSON ``null`` counts as absent (section 12.5 asks senders to omit them).
+Unknown members are ignored anywhere (section 10.1.1); a member whose value
+is JSON ``null`` counts as absent (section 11.5 asks senders to omit them).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ rules of ``--listen``: :mod:`pdp.listen`) and takes pdp's own TLS context.
 It runs on its own event loop in one thread, next to the sync gRPC server's
 threads; decisions are microseconds of CPU, so they run on the loop itself.
 
-Routes (Authorization API 1.0, section 12.1): ``POST /access/v1/evaluation``,
+Routes (Authorization API 1.0, section 10.1): ``POST /access/v1/evaluation``,
 ``POST /access/v1/evaluations``, ``GET /.well-known/authzen-configuration``.
-Every answer echoes ``X-Request-ID`` (section 12.4). An unknown path is 404,
+Every answer echoes ``X-Request-ID`` (section 10.1.3). An unknown path is 404,
 another method 405 with ``Allow``, a body that is not ``application/json`` 400
 (as the AuthZEN certification scenario, C-2-4-3, requires), a body over
 :data:`MAX_BODY_BYTES` 413 (checked against ``Content-Length`` before reading,
@@ -52,7 +52,7 @@ Headers = list[tuple[bytes, bytes]]
 
 _JSON = (b"content-type", b"application/json")
 _NO_STORE = (b"cache-control", b"no-store")
-_METADATA_CACHE = (b"cache-control", b"max-age=300")  # section 13.10: let PEPs cache the metadata
+_METADATA_CACHE = (b"cache-control", b"max-age=300")  # section 11.9: let PEPs cache the metadata
 _POST = {EVALUATION_PATH: "evaluation", EVALUATIONS_PATH: "evaluations"}
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
@@ -108,7 +108,7 @@ class _App:
         return status, answer, [_NO_STORE]
 
     def _base_url(self, headers: dict[bytes, bytes]) -> str:
-        """``policy_decision_point``: the URL this request reached (section 9.2.1
+        """``policy_decision_point``: the URL this request reached (section 9.2.3
         wants it identical to the one the PEP used), from a well-formed Host."""
         host = headers.get(b"host", b"").decode("latin-1")
         return f"{self._scheme}://{host if _HOST.fullmatch(host) else self._fallback_host}"
