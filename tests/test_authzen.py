@@ -12,6 +12,7 @@ and the HTTP behaviour they check are the same.
 from __future__ import annotations
 
 import json
+import select
 import socket
 import stat
 import threading
@@ -23,6 +24,7 @@ import pytest
 
 from pdp.app import SetupError
 from pdp.authzen import MAX_BODY_BYTES
+from pdp.authzen.server import MAX_HEAD_BYTES
 from pdp.decisions import MAX_ID_LENGTH, MAX_TAGS
 from pdp.geo import GeoDatabase
 
@@ -303,9 +305,10 @@ def test_a_body_over_the_bound_is_413_before_and_while_reading(pdp: AuthZenClien
     assert str(MAX_BODY_BYTES) in json.loads(response.read())["error"]["message"]
     declared.close()
 
-    def chunks() -> Any:
-        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+    def chunks() -> Any:  # one byte over the bound, so that nothing is left unread when the answer comes
+        for _ in range(MAX_BODY_BYTES // 65536):
             yield b" " * 65536
+        yield b" "
 
     chunked = pdp.connection()
     try:
@@ -660,3 +663,103 @@ def test_stop_closes_the_listener_and_ends_its_thread(sidecars: SidecarFactory) 
     host, port = address.rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=5).close()
+
+
+def test_a_request_head_over_the_bound_is_431_and_the_connection_closed(pdp: AuthZenClient) -> None:
+    """Section 11.7: httptools bounds nothing itself, so a client sending headers
+    without end would grow the sidecar; past MAX_HEAD_BYTES it gets 431 (read
+    while it is still sending) and the connection ends."""
+    host, port = pdp.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(b"POST /access/v1/evaluation HTTP/1.1\r\nHost: pdp\r\n")
+        header = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+        sent = 0
+        while sent < 100 * MAX_HEAD_BYTES and not select.select([raw], [], [], 0)[0]:
+            raw.sendall(header)
+            sent += len(header)
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["status"] == 431
+    assert sent < 100 * MAX_HEAD_BYTES  # answered long before the client gave up
+    assert pdp.evaluate(request(CN))["decision"] is True
+
+
+def _read_response(stream: Any) -> tuple[int, dict[str, str], bytes]:
+    status = int(stream.readline().split()[1])
+    headers: dict[str, str] = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, stream.read(int(headers["content-length"]))
+
+
+def test_keep_alive_and_pipelined_requests_are_answered_in_order(pdp: AuthZenClient) -> None:
+    """HTTP/1.1 persistent connections (RFC 9112 section 9.3): PEPs keep one open;
+    pipelined requests are answered in the order they were sent."""
+    host, port = pdp.url.removeprefix("http://").rsplit(":", 1)
+    bodies = [json.dumps(request(ip, tags=["memorial"])).encode() for ip in (CN, HK, CN, GB)]
+    wire = b"".join(
+        b"POST /access/v1/evaluation HTTP/1.1\r\nHost: pdp\r\nContent-Type: application/json\r\n"
+        + f"X-Request-ID: r-{n}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+        for n, body in enumerate(bodies)
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        raw.sendall(wire)
+        stream = raw.makefile("rb")
+        seen = []
+        for _ in bodies:
+            status, headers, body = _read_response(stream)
+            seen.append((status, headers["x-request-id"], json.loads(body)["decision"]))
+    assert seen == [(200, "r-0", False), (200, "r-1", True), (200, "r-2", False), (200, "r-3", True)]
+
+
+def _wait_for_sigterm_handler(pid: int, timeout: float = 30) -> None:
+    """Until the process catches SIGTERM (its SigCgt mask in /proc says so)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:") and int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1:
+                return
+        time.sleep(0.01)  # polling a condition of the process, not waiting out a guess
+    raise AssertionError(f"process {pid} never installed a SIGTERM handler")
+
+
+def test_pdp_serve_takes_the_flag_the_variable_and_the_config_key(tmp_path: Path) -> None:
+    """--http-listen, PDP_HTTP_LISTEN and http_listen in --config, through the real command."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(CN_MEMORIAL)
+    (tmp_path / "pdp.yaml").write_text("http_listen: 127.0.0.1:0\n")
+    base = [sys.executable, "-m", "pdp", "serve", "--listen", f"unix:{tmp_path}/g.sock", "--snapshot", str(rules),
+            "--geoip-db", str(CITY_DB), "--log-format", "text"]  # fmt: skip
+    ways = {
+        "flag": ([*base, "--http-listen", "127.0.0.1:0"], {}),
+        "variable": (base, {"PDP_HTTP_LISTEN": "127.0.0.1:0"}),
+        "config key": ([*base, "--config", str(tmp_path / "pdp.yaml")], {}),
+    }
+    for way, (argv, extra) in ways.items():
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, **extra})  # fmt: skip
+        try:
+            assert process.stdout is not None
+            lines = [process.stdout.readline() for _ in range(3)]
+            assert lines[2].startswith("AuthZEN listening on http://127.0.0.1:"), (way, lines)
+            url = lines[2].split(" on ", 1)[1].strip()
+            assert AuthZenClient(url).evaluate(request(CN, tags=["memorial"]))["decision"] is False, way
+        finally:
+            _wait_for_sigterm_handler(process.pid)  # pdp serve prints its lines before it installs it
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 0, (way, stderr)
+        with pytest.raises(ConnectionRefusedError):
+            AuthZenClient(url).evaluate(request(CN))  # stopped with the sidecar
