@@ -28,6 +28,7 @@ from pdp.geo import (
     GeoDatabase,
     GeoIPError,
     InvalidAddressError,
+    Located,
     demo_database_path,
     read_pinned_sha256,
 )
@@ -49,7 +50,9 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- shared helpers
 
 
-def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> GeoDatabase:
+def open_geo(
+    name: str, cache_size: int = 100_000, sha256_file: str = "", nat64_prefixes: Sequence[str] = ()
+) -> GeoDatabase:
     """Open a database by path, or the demo one for ``demo`` (with its notice);
     with ``sha256_file``, only if its digest is the one pinned there."""
     if not name:
@@ -58,7 +61,10 @@ def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> Geo
     if name == DEMO:
         log.warning(DEMO_NOTICE)
     path = demo_database_path() if name == DEMO else name
-    return GeoDatabase(path, cache_size, sha256=sha256)
+    try:
+        return GeoDatabase(path, cache_size, sha256=sha256, nat64_prefixes=nat64_prefixes)
+    except ValueError as error:
+        raise UsageError(f"--nat64-prefix: {error}") from None
 
 
 def _format_build(epoch: int) -> str:
@@ -100,6 +106,16 @@ def _verdict_exit(verdict: Verdict) -> int:
     return EXIT_DENY if verdict == Verdict.DENY else EXIT_OK
 
 
+def _add_nat64_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nat64-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="the network's NAT64 prefix, as given to pdp serve (repeatable) [env PDP_NAT64_PREFIX]",
+    )
+
+
 def _add_meeting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meeting", required=True, metavar="ID", help="meeting id")
     parser.add_argument("--tag", action="append", default=[], metavar="TAG", help="meeting tag (repeatable)")
@@ -130,7 +146,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
         keys = TrustedKeys.from_files(config.pubkey_files)
     except SignatureError as error:
         raise UsageError(f"--snapshot-pubkey: {error}") from None
-    geo = open_geo(config.geoip_db, config.cache_size, config.geoip_sha256_file)
+    geo = open_geo(config.geoip_db, config.cache_size, config.geoip_sha256_file, config.nat64_prefixes)
     source_options = SourceOptions(
         timeout=config.http_timeout,
         bearer_token_file=config.http_bearer_token_file,
@@ -154,6 +170,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
         cache_size=config.cache_size,
         poll_seconds=config.geoip_poll_seconds,
         sha256_file=config.geoip_sha256_file,
+        nat64_prefixes=config.nat64_prefixes,
     )
     audit = None
     try:
@@ -192,6 +209,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"try: pdp check --target {running.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
+    del geo  # a replaced database is unmapped when the last reference goes: none may stay here
     try:
         wait_for_signal(running)
     finally:
@@ -223,15 +241,29 @@ def cmd_check(options: argparse.Namespace) -> int:
     return _verdict_exit(result.verdict)
 
 
+def _open_geo_for(options: argparse.Namespace) -> GeoDatabase:
+    """The database `explain` and `geo lookup` use, with the server's NAT64 prefixes."""
+    prefixes = options.nat64_prefix or os.environ.get("PDP_NAT64_PREFIX", "").split(",")
+    return open_geo(
+        options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""), 1, nat64_prefixes=[p for p in prefixes if p]
+    )
+
+
+def _located_text(located: Located) -> str:
+    return f"{located.address}: {located.via}" if located.via else ""
+
+
 def cmd_explain(options: argparse.Namespace) -> int:
     policy = load_policy(options.rules)
     build = 0
+    located: Located | None = None
     if options.ip:
-        geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
+        geo = _open_geo_for(options)
         try:
-            location = geo.locate(options.ip)
+            located = geo.trace(options.ip)
         except InvalidAddressError as error:
             raise UsageError(f"--ip: {error}") from None
+        location = located.location
         build = geo.build_epoch
     elif options.country:
         location = Location(options.country.upper(), tuple(options.subdivision))
@@ -244,10 +276,14 @@ def cmd_explain(options: argparse.Namespace) -> int:
     traces = policy.explain(location, action, meeting, now)
     if options.json:
         payload = _decision_json(decision, location, policy.version, build)
+        if located is not None:
+            payload["located"] = {"ip": options.ip, "address": located.address, "via": located.via}
         payload["rules"] = [{"id": t.rule.id, "outcome": t.outcome} for t in traces]
         print(json.dumps(payload, indent=2))
     else:
         print("\n".join(_decision_lines(decision, location, policy.version, build)))
+        if located is not None and located.via:
+            print(f"  located as   {located.address} (inside {options.ip}: {located.via})")
         if traces:
             print(f"\nrules whose jurisdiction covers {', '.join(location.codes)}:")
             for trace in traces:
@@ -260,32 +296,37 @@ def cmd_explain(options: argparse.Namespace) -> int:
 
 
 def cmd_geo_lookup(options: argparse.Namespace) -> int:
-    geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
+    geo = _open_geo_for(options)
     rows = []
     failed = False
     for address in options.ip:
         try:
-            location = geo.lookup_uncached(address)
+            located = geo.trace(address)
         except InvalidAddressError as error:
             print(f"pdp: {address}: {error}", file=sys.stderr)
             failed = True
             continue
-        rows.append((address, location))
+        rows.append((address, located))
     if options.json:
-        print(
-            json.dumps(
-                [
-                    {"ip": address, "found": loc.found, "country": loc.country, "subdivisions": list(loc.subdivisions)}
-                    for address, loc in rows
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps([_lookup_json(address, located) for address, located in rows], indent=2))
     else:
         print(f"# {geo.database_type} built {_format_build(geo.build_epoch)} ({geo.path})")
-        for address, location in rows:
-            print(f"{address:<40} {_location_text(location)}")
+        for address, located in rows:
+            via = f"  located as {_located_text(located)}" if located.via else ""
+            print(f"{address:<40} {_location_text(located.location)}{via}")
     return EXIT_USAGE if failed else EXIT_OK
+
+
+def _lookup_json(address: str, located: Located) -> dict[str, Any]:
+    location = located.location
+    return {
+        "ip": address,
+        "found": location.found,
+        "country": location.country,
+        "subdivisions": list(location.subdivisions),
+        "located": located.address,
+        "via": located.via,
+    }
 
 
 def cmd_snapshot_validate(options: argparse.Namespace) -> int:
@@ -495,6 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --country: ISO 3166-2 subdivision like US-WA (repeatable)",
     )
     explain.add_argument("--geoip-db", metavar="PATH", help="MaxMind database, or 'demo' [env PDP_GEOIP_DB]")
+    _add_nat64_argument(explain)
     explain.add_argument("--at", type=_timestamp, metavar="TIME", help="evaluate at this time (default now)")
     _add_meeting_arguments(explain)
     explain.set_defaults(handler=cmd_explain)
@@ -506,10 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
         "lookup",
         help="show where addresses are located",
         description="Locate addresses exactly as the server does (country, not registered "
-        "country; ISO 3166-2 subdivisions).",
+        "country; ISO 3166-2 subdivisions). An IPv6 address carrying an IPv4 one (NAT64, SIIT, "
+        "6to4, Teredo, or a --nat64-prefix) is located by that IPv4 address, and the line says so.",
     )
     lookup.add_argument("ip", nargs="+", help="IPv4 or IPv6 addresses")
     lookup.add_argument("--geoip-db", metavar="PATH", help="MaxMind database, or 'demo' [env PDP_GEOIP_DB]")
+    _add_nat64_argument(lookup)
     lookup.add_argument("--json", action="store_true", help="print JSON instead of text")
     lookup.set_defaults(handler=cmd_geo_lookup)
 

@@ -195,7 +195,9 @@ def test_geo_lookup(tmp_path: Path) -> None:
     assert "unknown" in lines[3]
 
     as_json = run("geo", "lookup", "--json", "2001:2e0::1", env={"PDP_GEOIP_DB": str(CITY_DB)})
-    assert json.loads(as_json.stdout) == [{"ip": "2001:2e0::1", "found": True, "country": "HK", "subdivisions": []}]
+    assert json.loads(as_json.stdout) == [
+        {"ip": "2001:2e0::1", "found": True, "country": "HK", "subdivisions": [], "located": "2001:2e0::1", "via": ""}
+    ]
 
     bad = run("geo", "lookup", "--geoip-db", str(CITY_DB), "1.2.3")
     assert bad.returncode == 2
