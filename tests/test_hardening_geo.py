@@ -7,6 +7,8 @@ real `pdp serve`) and MaxMind's test databases.
 from __future__ import annotations
 
 import gc
+import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -23,11 +25,11 @@ import pytest
 
 from pdp.client import Client
 from pdp.geo import GeoDatabase
-from pdp.model import Verdict
+from pdp.model import Location, Verdict
 from pdp.policy import PolicyHolder
 from pdp.reload import GeoWatcher
 
-from .conftest import CITY_DB, COUNTRY_DB, policy_from
+from .conftest import CITY_DB, COUNTRY_DB, ServerFactory, policy_from
 
 PDP = [sys.executable, "-m", "pdp"]
 
@@ -281,3 +283,187 @@ def test_a_replaced_database_is_released_only_after_the_last_call_using_it(tmp_p
     del in_flight
     gc.collect()
     assert old() is None, "the replaced database outlived the last call using it"
+
+
+# --------------------------------------------------------------------------- item 9: addresses carrying IPv4 ones
+
+CN_V4, GB_V4 = "175.16.199.1", "81.2.69.142"
+
+
+def rfc6052(prefix: str, ipv4: str) -> str:
+    """Encode ``ipv4`` under a NAT64 ``prefix`` as RFC 6052 2.2 lays it out (bits 64-71 zero)."""
+    network = ipaddress.IPv6Network(prefix)
+    bits = int(ipaddress.IPv4Address(ipv4))
+    value = int(network.network_address)
+    if network.prefixlen == 96:
+        return str(ipaddress.IPv6Address(value | bits))
+    before_u = 64 - network.prefixlen  # bits of the IPv4 address before the "u" octet
+    after_u = 32 - before_u
+    value |= (bits >> after_u) << 64
+    value |= (bits & ((1 << after_u) - 1)) << (56 - after_u)
+    return str(ipaddress.IPv6Address(value))
+
+
+def teredo(server: str, client: str, port: int = 40000) -> str:
+    """A Teredo address (RFC 4380 4): server, flags, then port and client address inverted."""
+    value = (0x2001_0000 << 96) | (int(ipaddress.IPv4Address(server)) << 64) | (0x8000 << 48)
+    value |= ((port ^ 0xFFFF) << 32) | (int(ipaddress.IPv4Address(client)) ^ 0xFFFFFFFF)
+    return str(ipaddress.IPv6Address(value))
+
+
+def test_the_address_encoders_of_these_tests_match_rfc_6052s_examples() -> None:
+    # RFC 6052 2.4: 192.0.2.33 under each prefix length.
+    examples = {
+        "2001:db8::/32": "2001:db8:c000:221::",
+        "2001:db8:100::/40": "2001:db8:1c0:2:21::",
+        "2001:db8:122::/48": "2001:db8:122:c000:2:2100::",
+        "2001:db8:122:300::/56": "2001:db8:122:3c0:0:221::",
+        "2001:db8:122:344::/64": "2001:db8:122:344:c0:2:2100:0",
+        "2001:db8:122:344::/96": "2001:db8:122:344::c000:221",
+        "64:ff9b::/96": "64:ff9b::c000:221",
+    }
+    assert {prefix: rfc6052(prefix, "192.0.2.33") for prefix in examples} == examples
+    # RFC 4380 4: the client 192.0.2.45 behind port 40000, server 65.54.227.120.
+    assert teredo("65.54.227.120", "192.0.2.45") == "2001:0:4136:e378:8000:63bf:3fff:fdd2"
+
+
+WELL_KNOWN_FORMS: dict[str, Callable[[str], str]] = {
+    "NAT64 well-known prefix 64:ff9b::/96, RFC 6052": lambda v4: rfc6052("64:ff9b::/96", v4),
+    "NAT64 local-use prefix 64:ff9b:1::/48, RFC 8215, read as /96": lambda v4: rfc6052("64:ff9b:1::/96", v4),
+    "NAT64 local-use prefix 64:ff9b:1::/48, RFC 8215, read as /96 (a /96 inside it)": lambda v4: rfc6052(
+        "64:ff9b:1:a:b:c::/96", v4
+    ),
+    "SIIT IPv4-translated ::ffff:0:0:0/96, RFC 7915": lambda v4: f"::ffff:0:{v4}",
+    "IPv4-mapped ::ffff:0:0/96": lambda v4: f"::ffff:{v4}",
+    "6to4 2002::/16, RFC 3056": lambda v4: str(
+        ipaddress.IPv6Address((0x2002 << 112) | (int(ipaddress.IPv4Address(v4)) << 80) | 1)
+    ),
+    "Teredo 2001::/32, RFC 4380: the client's address": lambda v4: teredo("65.54.227.120", v4),
+}
+
+
+@pytest.mark.parametrize("form", sorted(WELL_KNOWN_FORMS))
+def test_well_known_forms_are_located_by_the_ipv4_address_they_carry(start: ServerFactory, form: str) -> None:
+    _, _, client = start(CN_EVERYWHERE)
+    encode = WELL_KNOWN_FORMS[form]
+    denied = client.check(encode(CN_V4), "m-1")
+    assert (denied.verdict, denied.rule_id) == (Verdict.DENY, "cn-all")
+    assert denied.location == Location("CN", ("CN-22",))
+    # A real lookup, not "CN" for everything in the form: GB stays GB, with its subdivision.
+    assert client.check(encode(GB_V4), "m-1").location == Location("GB", ("GB-ENG",))
+    batch = client.check_batch("m-1", [encode(CN_V4), encode(GB_V4), encode("10.0.0.1")])
+    assert [result.location.country for result in batch] == ["CN", "GB", ""]
+    assert [result.verdict for result in batch] == [Verdict.DENY, Verdict.ALLOW, Verdict.ALLOW]
+
+
+def test_teredo_locates_the_client_not_the_teredo_server(start: ServerFactory) -> None:
+    _, _, client = start(CN_EVERYWHERE)
+    # A client in mainland China through a server in GB, and the other way round.
+    assert client.check(teredo(GB_V4, CN_V4), "m-1").location.country == "CN"
+    assert client.check(teredo(CN_V4, GB_V4), "m-1").verdict == Verdict.ALLOW
+
+
+def test_the_cache_stays_keyed_by_the_text_and_counts_embedded_forms_once() -> None:
+    geo = GeoDatabase(CITY_DB, cache_size=10)
+    address = rfc6052("64:ff9b::/96", CN_V4)
+    assert geo.locate(address) == geo.locate(address) == geo.locate(CN_V4)
+    assert (geo.hits, geo.misses, geo.cache_entries) == (1, 2, 2)
+
+
+OPERATOR_PREFIXES = ("2001:db8:64::/96", "2001:db8:100::/40", "2001:db8:122:300::/56")
+
+
+def test_operator_nat64_prefixes_through_pdp_serve_and_pdp_check(tmp_path: Path) -> None:
+    flags = [arg for prefix in OPERATOR_PREFIXES[:2] for arg in ("--nat64-prefix", prefix)]
+    process, target = serve(tmp_path, CITY_DB, *flags)
+    environment = {**os.environ, "PDP_NAT64_PREFIX": ""}
+    try:
+        for prefix in OPERATOR_PREFIXES:
+            result = subprocess.run(
+                [*PDP, "check", "--target", target, "--ip", rfc6052(prefix, CN_V4), "--meeting", "m-1", "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=environment,
+                check=False,
+            )
+            answer = json.loads(result.stdout)
+            if prefix in OPERATOR_PREFIXES[:2]:  # configured: located by the address inside
+                assert (result.returncode, answer["rule_id"], answer["location"]["country"]) == (3, "cn-all", "CN")
+            else:  # not configured: the documentation range is located nowhere
+                assert (result.returncode, answer["verdict"], answer["location"]["found"]) == (0, "ALLOW", False)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "message"),
+    [
+        (["--nat64-prefix", "2001:db8:64::1/96"], {}, "--nat64-prefix: '2001:db8:64::1/96' has host bits set"),
+        (["--nat64-prefix", "2001:db8::/57"], {}, "is /32, /40, /48, /56, /64 or /96 bits long"),
+        (["--nat64-prefix", "::/32"], {}, "overlaps ::/96"),
+        (["--nat64-prefix", "10.0.0.0/8"], {}, "'10.0.0.0/8' is not an IPv6 prefix"),
+        ([], {"PDP_NAT64_PREFIX": "2001:db8:64::/96,nonsense"}, "environment variable PDP_NAT64_PREFIX: 'nonsense'"),
+    ],
+)
+def test_bad_nat64_prefixes_stop_the_start_naming_the_setting(
+    tmp_path: Path, flag: list[str], env: dict[str, str], message: str
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(CN_EVERYWHERE)
+    result = subprocess.run(
+        [*PDP, "serve", "--listen", f"unix:{tmp_path}/s.sock", "--snapshot", str(rules), "--geoip-db", str(CITY_DB),
+         *flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def pdp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PDP_NAT64_PREFIX": "", **(env or {})}
+    return subprocess.run([*PDP, *args], capture_output=True, text=True, timeout=60, env=environment, check=False)
+
+
+def test_geo_lookup_and_explain_say_which_address_was_located(tmp_path: Path) -> None:
+    nat64 = rfc6052("64:ff9b::/96", CN_V4)
+    operator = rfc6052("2001:db8:64::/96", CN_V4)
+    lookup = pdp(
+        "geo", "lookup", "--geoip-db", str(CITY_DB), nat64, CN_V4, operator, "--nat64-prefix", "2001:db8:64::/96"
+    )
+    assert lookup.returncode == 0, lookup.stderr
+    lines = lookup.stdout.splitlines()[1:]
+    assert lines[0].split() == [nat64, "CN", "(CN-22)", "located", "as", f"{CN_V4}:", "NAT64", "well-known", "prefix",
+                                "64:ff9b::/96,", "RFC", "6052"]  # fmt: skip
+    assert lines[1].split() == [CN_V4, "CN", "(CN-22)"]  # the address itself: nothing to say
+    assert lines[2].endswith(f"located as {CN_V4}: NAT64 prefix 2001:db8:64::/96 from --nat64-prefix")
+    as_json = pdp(
+        "geo", "lookup", "--json", operator, env={"PDP_GEOIP_DB": str(CITY_DB), "PDP_NAT64_PREFIX": "2001:db8:64::/96"}
+    )
+    assert json.loads(as_json.stdout)[0] | {"subdivisions": []} == {
+        "ip": operator, "found": True, "country": "CN", "subdivisions": [], "located": CN_V4,
+        "via": "NAT64 prefix 2001:db8:64::/96 from --nat64-prefix",
+    }  # fmt: skip
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(CN_EVERYWHERE)
+    explained = pdp("explain", "--rules", str(rules), "--geoip-db", str(CITY_DB), "--ip", teredo(GB_V4, CN_V4),
+                    "--meeting", "m-1")  # fmt: skip
+    assert explained.returncode == 3, explained.stderr
+    assert explained.stdout.splitlines()[0] == "DENY  cn-all"
+    assert (
+        f"  located as   {CN_V4} (inside {teredo(GB_V4, CN_V4)}: Teredo 2001::/32, RFC 4380: the client's address)"
+        in (explained.stdout.splitlines())
+    )
+    as_json = pdp(
+        "explain", "--rules", str(rules), "--geoip-db", str(CITY_DB), "--ip", nat64, "--meeting", "m", "--json"
+    )
+    assert json.loads(as_json.stdout)["located"] == {
+        "ip": nat64, "address": CN_V4, "via": "NAT64 well-known prefix 64:ff9b::/96, RFC 6052"
+    }  # fmt: skip
