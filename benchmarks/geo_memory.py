@@ -2,7 +2,7 @@
 
     python -m benchmarks.geo_memory [--lookups 200000] [--repeats 3] [--json FILE]
 
-- ``file-mmap`` (pdp before 0.2): both readers map the file itself. Cheap, but any
+- ``file-mmap`` (what pdp did before): both readers map the file itself. Cheap, but any
   write to the file reaches the serving reader (``cp`` over it is SIGBUS).
 - ``memfd`` (pdp now, :func:`pdp.mmdb.load`): the file is copied into a sealed
   memory file, both readers map the copy.

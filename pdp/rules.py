@@ -33,6 +33,7 @@ from pdp.iso3166 import jurisdiction_problem
 from pdp.model import Action, Decision, Location, Meeting, Verdict
 
 __all__ = [
+    "MAX_RULES",
     "MAX_SNAPSHOT_BYTES",
     "Policy",
     "Problem",
@@ -44,6 +45,11 @@ __all__ = [
 ]
 
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
+MAX_RULES = 300_000
+# MAX_RULES: more are refused before any rule is validated or compiled. Measured with
+# benchmarks/rules_memory.py: about 29 MiB of peak memory per 10,000 rules during a reload
+# (old and new policy both alive) and 40 s to compile 300,000 at start; the chart sizes the
+# memory limit from its sizing.rules, which its schema bounds by this number.
 _PACE_EVERY = 128  # rules compiled between two calls of parse_policy's ``pace``
 """Larger snapshots are refused before parsing (10,000 rules take about 3 MB)."""
 
@@ -1048,6 +1054,14 @@ def _parse_policy(
     rules: list[Rule] = []
     fingerprints: dict[str, Rule] = {}
     raw_rules = document.get("rules")
+    count = (
+        raw_rules.count if isinstance(raw_rules, _JsonRules) else len(raw_rules) if isinstance(raw_rules, list) else 0
+    )
+    if count > MAX_RULES:
+        limit = (
+            f"{count:,} rules, more than the {MAX_RULES:,} a snapshot may hold (memory is sized for that, see README)"
+        )
+        raise SnapshotError(source, [Problem("rules", limit, _line(document, "rules"))])
     if raw_rules is None:
         checker.fail("rules", "required (a list, which may be empty)", _line(document, "rules") or document.line)
     elif isinstance(raw_rules, _JsonRules):
