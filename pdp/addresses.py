@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
     "WELL_KNOWN",
     "Embedding",
+    "Forms",
     "InvalidAddressError",
     "embedded_ipv4",
     "embeddings",
@@ -159,23 +160,34 @@ def parse_nat64_prefix(text: str) -> Embedding:
     return Embedding(network, f"NAT64 prefix {network} from --nat64-prefix", _rfc6052(network.prefixlen))
 
 
-def embeddings(prefixes: Iterable[str]) -> tuple[Embedding, ...]:
+Forms = Mapping[int, tuple[Embedding, ...]]
+"""Embeddings by the first 16 bits of their prefix (every prefix is /16 or longer), so
+that an ordinary IPv6 address is told apart with one dictionary lookup."""
+
+
+def embeddings(prefixes: Iterable[str]) -> Forms:
     """The operator's NAT64 prefixes, most specific first, then the well-known forms.
 
     :raises ValueError: as :func:`parse_nat64_prefix`.
     """
     operators = {parsed.network: parsed for parsed in map(parse_nat64_prefix, prefixes)}
     ordered = sorted(operators.values(), key=lambda embedding: -embedding.network.prefixlen)
-    return (*ordered, *WELL_KNOWN)
+    table: dict[int, list[Embedding]] = {}
+    for form in (*ordered, *WELL_KNOWN):
+        table.setdefault(int(form.network.network_address) >> 112, []).append(form)
+    return {top: tuple(forms) for top, forms in table.items()}
 
 
-def embedded_ipv4(address: str, forms: Sequence[Embedding] = WELL_KNOWN) -> tuple[str, Embedding] | None:
+_WELL_KNOWN_FORMS = embeddings(())
+
+
+def embedded_ipv4(address: str, forms: Forms = _WELL_KNOWN_FORMS) -> tuple[str, Embedding] | None:
     """The IPv4 address that a valid IPv6 ``address`` carries, as text, and the
     form it was found in; None for an IPv4 address or an IPv6 one carrying none."""
     if ":" not in address:
         return None
     value = int.from_bytes(socket.inet_pton(socket.AF_INET6, address), "big")
-    for form in forms:
+    for form in forms.get(value >> 112, ()):
         if form.matches(value):
             return socket.inet_ntoa(form.extract(value).to_bytes(4, "big")), form
     return None

@@ -29,7 +29,7 @@ from pathlib import Path
 import cachetools
 import maxminddb_rust
 
-from pdp.addresses import Embedding, InvalidAddressError, embedded_ipv4, embeddings, parse_address
+from pdp.addresses import Forms, InvalidAddressError, embedded_ipv4, embeddings, parse_address
 from pdp.mmdb import COUNTRY, SUBDIVISIONS, FileChangedError, GeoIPError, load
 from pdp.model import UNKNOWN_LOCATION, Location
 
@@ -116,7 +116,7 @@ class GeoDatabase:
         self.path = str(path)
         self.cache_size = cache_size
         self.nat64_prefixes = tuple(nat64_prefixes)
-        self._forms: tuple[Embedding, ...] = embeddings(self.nat64_prefixes)
+        self._forms: Forms = embeddings(self.nat64_prefixes)
         loaded = load(self.path, sha256)
         self._reader: maxminddb_rust.Reader = loaded.reader
         self.database_type: str = loaded.database_type
