@@ -31,11 +31,14 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from pdp.errors import PdpError
+
 __all__ = [
     "WELL_KNOWN",
     "Embedding",
     "Forms",
     "InvalidAddressError",
+    "InvalidPrefixError",
     "embedded_ipv4",
     "embeddings",
     "parse_address",
@@ -50,11 +53,15 @@ _ALL32 = 0xFFFFFFFF
 _RESERVED = tuple(ipaddress.IPv6Network(prefix) for prefix in ("::/96", "::ffff:0:0/96", "::ffff:0:0:0/96"))
 
 
-class InvalidAddressError(ValueError):
+class InvalidAddressError(PdpError, ValueError):
     """An address is not a plain IPv4 or IPv6 address. ``position`` is its index
     in a batch (see :meth:`pdp.geo.GeoDatabase.locate_many`)."""
 
     position: int = 0
+
+
+class InvalidPrefixError(PdpError, ValueError):
+    """A NAT64 prefix is malformed, of a length RFC 6052 does not define, or reserved."""
 
 
 def parse_address(text: str) -> None:
@@ -138,25 +145,25 @@ WELL_KNOWN: tuple[Embedding, ...] = (
 def parse_nat64_prefix(text: str) -> Embedding:
     """An operator's NAT64 prefix, like ``2001:db8:64::/96``.
 
-    :raises ValueError: not an IPv6 prefix, host bits set, a length RFC 6052 does
+    :raises InvalidPrefixError: not an IPv6 prefix, host bits set, a length RFC 6052 does
         not define, or overlapping where IPv6 databases keep IPv4 addresses (``::/96``,
         ``::ffff:0:0/96``, ``::ffff:0:0:0/96``).
     """
     try:
         network = ipaddress.IPv6Network(text.strip(), strict=True)
     except ipaddress.AddressValueError:
-        raise ValueError(f"{text[:64]!r} is not an IPv6 prefix like 2001:db8:64::/96") from None
+        raise InvalidPrefixError(f"{text[:64]!r} is not an IPv6 prefix like 2001:db8:64::/96") from None
     except ValueError as error:
         if "has host bits set" in str(error):
             loose = ipaddress.IPv6Network(text.strip(), strict=False)
-            raise ValueError(f"{text[:64]!r} has host bits set; the prefix is {loose}") from None
-        raise ValueError(f"{text[:64]!r} is not an IPv6 prefix like 2001:db8:64::/96 ({error})") from None
+            raise InvalidPrefixError(f"{text[:64]!r} has host bits set; the prefix is {loose}") from None
+        raise InvalidPrefixError(f"{text[:64]!r} is not an IPv6 prefix like 2001:db8:64::/96 ({error})") from None
     if network.prefixlen not in NAT64_LENGTHS:
         lengths = ", ".join(f"/{length}" for length in NAT64_LENGTHS[:-1]) + f" or /{NAT64_LENGTHS[-1]}"
-        raise ValueError(f"{text[:64]!r}: a NAT64 prefix is {lengths} bits long (RFC 6052)")
+        raise InvalidPrefixError(f"{text[:64]!r}: a NAT64 prefix is {lengths} bits long (RFC 6052)")
     for reserved in _RESERVED:
         if network.overlaps(reserved):
-            raise ValueError(f"{text[:64]!r} overlaps {reserved}, where IPv6 databases keep IPv4 addresses")
+            raise InvalidPrefixError(f"{text[:64]!r} overlaps {reserved}, where IPv6 databases keep IPv4 addresses")
     return Embedding(network, f"NAT64 prefix {network} from --nat64-prefix", _rfc6052(network.prefixlen))
 
 
@@ -168,7 +175,7 @@ that an ordinary IPv6 address is told apart with one dictionary lookup."""
 def embeddings(prefixes: Iterable[str]) -> Forms:
     """The operator's NAT64 prefixes, most specific first, then the well-known forms.
 
-    :raises ValueError: as :func:`parse_nat64_prefix`.
+    :raises InvalidPrefixError: as :func:`parse_nat64_prefix`.
     """
     operators = {parsed.network: parsed for parsed in map(parse_nat64_prefix, prefixes)}
     ordered = sorted(operators.values(), key=lambda embedding: -embedding.network.prefixlen)

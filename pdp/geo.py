@@ -111,7 +111,7 @@ class GeoDatabase:
         prefixes (like ``2001:db8:64::/96``) besides the well-known ones.
 
         :raises FileChangedError: the file changed while it was read (look again later).
-        :raises ValueError: a NAT64 prefix is malformed.
+        :raises InvalidPrefixError: a NAT64 prefix is malformed.
         """
         self.path = str(path)
         self.cache_size = cache_size

@@ -39,6 +39,8 @@ import maxminddb
 import maxminddb_rust
 from maxminddb.errors import InvalidDatabaseError
 
+from pdp.errors import PdpError
+
 __all__ = ["FileChangedError", "GeoIPError", "Loaded", "Look", "load", "look", "require_extension"]
 
 Look = tuple[int, int, int, int, int]
@@ -70,7 +72,7 @@ _PROBES = (
 )
 
 
-class GeoIPError(Exception):
+class GeoIPError(PdpError):
     """A GeoIP database is missing, unreadable, corrupt or of the wrong type."""
 
 

@@ -18,10 +18,10 @@ import pytest
 
 from pdp.config import resolve
 from pdp.geo import GeoDatabase
-from pdp.policy import PolicyHolder
 from pdp.reload import Reloader
 from pdp.rules import MAX_RULES
 from pdp.sources import open_source
+from pdp.state import PolicyHolder
 
 from .conftest import CITY_DB, ROOT
 from .test_helm import render, with_values
