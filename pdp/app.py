@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from pdp.audit import AuditConfig, AuditError, AuditLog
 from pdp.config import ServeConfig
@@ -35,12 +35,15 @@ class SetupError(PdpError):
     """The sidecar cannot start as configured; the message says what to change."""
 
 
-def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> GeoDatabase:
+def open_geo(
+    name: str, cache_size: int = 100_000, sha256_file: str = "", nat64_prefixes: Sequence[str] = ()
+) -> GeoDatabase:
     """Open a database by path, or the demo one for ``demo`` (with its notice);
     with ``sha256_file``, only if its digest is the one pinned there.
 
     :raises SetupError: no database named.
     :raises GeoIPError: the database cannot be opened or fails its pin.
+    :raises InvalidPrefixError: a NAT64 prefix is malformed.
     """
     if not name:
         raise SetupError("no GeoIP database: pass --geoip-db PATH or set PDP_GEOIP_DB (or use --geoip-db demo)")
@@ -48,22 +51,21 @@ def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> Geo
     if name == DEMO:
         log.warning(DEMO_NOTICE)
     path = demo_database_path() if name == DEMO else name
-    return GeoDatabase(path, cache_size, sha256=sha256)
+    return GeoDatabase(path, cache_size, sha256=sha256, nat64_prefixes=nat64_prefixes)
 
 
 class Sidecar:
     """One running pdp: :meth:`start`, then :meth:`stop` (idempotent).
 
-    After :meth:`start`, ``holder``, ``geo``, ``running`` (its ``address`` is
-    what clients dial) and ``exporters`` (one description per telemetry
-    exporter) are set.
+    After :meth:`start`, ``holder``, ``geo`` (the database serving now),
+    ``running`` (its ``address`` is what clients dial) and ``exporters`` (one
+    description per telemetry exporter) are set.
     """
 
     def __init__(self, config: ServeConfig, environ: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.environ = os.environ if environ is None else environ
         self.holder = PolicyHolder()
-        self.geo: GeoDatabase | None = None
         self.running: RunningServer | None = None
         self.exporters: list[str] = []
         self._source: Source | None = None
@@ -71,6 +73,12 @@ class Sidecar:
         self._watcher: GeoWatcher | None = None
         self._telemetry: Telemetry | None = None
         self._audit: AuditLog | None = None
+
+    @property
+    def geo(self) -> GeoDatabase | None:
+        """The database serving now. Not kept here: a replaced database's private copy
+        is unmapped when the last reference to it goes."""
+        return self.holder.geo
 
     @property
     def address(self) -> str:
@@ -103,7 +111,7 @@ class Sidecar:
             keys = TrustedKeys.from_files(config.pubkey_files)
         except SignatureError as error:
             raise SetupError(f"--snapshot-pubkey: {error}") from None
-        self.geo = open_geo(config.geoip_db, config.cache_size, config.geoip_sha256_file)
+        geo = open_geo(config.geoip_db, config.cache_size, config.geoip_sha256_file, config.nat64_prefixes)
         options = SourceOptions(
             timeout=config.http_timeout,
             bearer_token_file=config.http_bearer_token_file,
@@ -113,7 +121,7 @@ class Sidecar:
             self._source = open_source(config.snapshot, options)
         except ValueError as error:
             raise SetupError(f"--snapshot: {error}") from None
-        self.holder.activate_geo(self.geo)
+        self.holder.activate_geo(geo)
         self._reloader = Reloader(
             self.holder, self._source, keys=keys, state_dir=config.state_dir or None, poll_seconds=config.poll_seconds
         )
@@ -123,10 +131,11 @@ class Sidecar:
             raise SetupError(f"refusing to start: {error}") from None
         self._watcher = GeoWatcher(
             self.holder,
-            self.geo.path,
+            geo.path,
             cache_size=config.cache_size,
             poll_seconds=config.geoip_poll_seconds,
             sha256_file=config.geoip_sha256_file,
+            nat64_prefixes=config.nat64_prefixes,
         )
 
     def _serve(self) -> None:

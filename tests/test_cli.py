@@ -196,11 +196,13 @@ def test_geo_lookup(tmp_path: Path) -> None:
 
     as_json = run("geo", "lookup", "--json", "2001:2e0::1", env={"PDP_GEOIP_DB": str(CITY_DB)})
     (row,) = json.loads(as_json.stdout)
-    assert {key: row[key] for key in ("ip", "found", "country", "subdivisions")} == {
+    assert {key: row[key] for key in ("ip", "found", "country", "subdivisions", "located", "via")} == {
         "ip": "2001:2e0::1",
         "found": True,
         "country": "HK",
         "subdivisions": [],
+        "located": "2001:2e0::1",
+        "via": "",
     }
 
     bad = run("geo", "lookup", "--geoip-db", str(CITY_DB), "1.2.3")
