@@ -13,11 +13,13 @@ grpc.aio with the same handler.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
 import socket
 import stat
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from pdp.audit import AuditLog
     from pdp.telemetry import Telemetry
 
-__all__ = ["SERVICE_NAME", "RunningServer", "grpc_options", "start_server", "wait_for_signal"]
+__all__ = ["SERVICE_NAME", "RunningServer", "StopSignals", "grpc_options", "start_server"]
 
 
 # --------------------------------------------------------------------------- running
@@ -142,11 +144,11 @@ def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *
         # The socket is born group-only (0660): no moment where others may connect.
         previous = os.umask(0o117)
         try:
-            bound = server.add_insecure_port(target)
+            bound = _add_port(server, target, None)
         finally:
             os.umask(previous)
         if not bound:
-            raise OSError(f"cannot listen on {listen}")
+            raise OSError(f"cannot listen on {listen}: {_why_not_bound(socket.AF_UNIX, host)}")
         return target
     credentials = _server_credentials(config) if config is not None else None
     insecure_allowed = health_only or (config is not None and config.allow_insecure_remote)
@@ -155,13 +157,44 @@ def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *
             f"refusing to serve {listen} without TLS: it is reachable from other hosts; pass --tls-cert and "
             "--tls-key (and --tls-client-ca for mutual TLS), or --allow-insecure-remote"
         )
-    try:
-        bound = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
-    except RuntimeError as error:
-        raise OSError(f"cannot listen on {listen}: {error}") from None
+    bound = _add_port(server, listen, credentials)
     if not bound:
-        raise OSError(f"cannot listen on {listen} (address in use or not local)")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        raise OSError(f"cannot listen on {listen}: {_why_not_bound(family, (host.strip('[]'), port))}")
     return f"{host}:{bound}"
+
+
+def _add_port(server: grpc.Server, target: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The port gRPC bound ``target`` to, 0 when it could not.
+
+    gRPC's C core writes its own line about a failed bind straight to the
+    process's stderr (``E... add_port.cc:83] Failed to add port...``), before
+    pdp can say the same in its words; stderr is pointed at /dev/null for the
+    duration of the call, which only ever runs while the server starts.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with Path(os.devnull).open("wb") as null:
+            os.dup2(null.fileno(), 2)
+        try:
+            return server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            return 0
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _why_not_bound(family: socket.AddressFamily, address: str | tuple[str, int]) -> str:
+    """Why the address cannot be bound, found by trying it with a plain socket."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        return f"{reason} (another process listens there)" if error.errno == errno.EADDRINUSE else reason
+    return "gRPC could not bind it (set GRPC_VERBOSITY=debug to see why)"
 
 
 def _is_loopback(host: str) -> bool:
@@ -213,16 +246,21 @@ def _clear_stale_socket(path: Path) -> None:
     raise OSError(f"{path}: another server is listening on this socket")
 
 
-def wait_for_signal() -> str:
-    """Block until SIGTERM or SIGINT; returns the signal's name. Main thread only."""
-    stop = threading.Event()
-    received: list[str] = []
+class StopSignals:
+    """SIGTERM and SIGINT, caught from construction on (main thread only), so
+    that one sent the moment a server says it is ready is not lost."""
 
-    def handle(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
+    def __init__(self) -> None:
+        self._received: list[str] = []
+        self._stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handle)
-    stop.wait()
-    return received[0]
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._received.append(signal.Signals(signum).name)
+        self._stop.set()
+
+    def wait(self) -> str:
+        """Block until one arrives; returns its name."""
+        self._stop.wait()
+        return self._received[0]
