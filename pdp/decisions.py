@@ -150,12 +150,6 @@ class DecisionPath:
         self._audit = audit
         self._observed = telemetry is not None or audit is not None
 
-    def _active(self) -> Active:
-        active = self.holder.active
-        if active is None:
-            raise NotReadyError
-        return active
-
     # ------------------------------------------------------------------ one participant
 
     def check(
@@ -200,7 +194,9 @@ class DecisionPath:
     def _decide(
         self, ip: str, user_id: str, account_id: str, meeting: MeetingFields, action: int, present: Presenter[T]
     ) -> T:
-        active = self._active()
+        active = self.holder.active  # read once: one consistent policy and database
+        if active is None:
+            raise NotReadyError
         checked = checked_meeting(meeting, action)
         if len(user_id) > MAX_ID_LENGTH or len(account_id) > MAX_ID_LENGTH:
             check_participant(user_id, account_id, "participant")
@@ -262,7 +258,9 @@ class DecisionPath:
         present: Presenter[T],
     ) -> Batch[T]:
         check_batch_size(len(participants), limit)
-        active = self._active()
+        active = self.holder.active  # read once: one consistent policy and database
+        if active is None:
+            raise NotReadyError
         checked = checked_meeting(meeting, action)
         for position, participant in enumerate(participants):
             if len(participant.user_id) > MAX_ID_LENGTH or len(participant.account_id) > MAX_ID_LENGTH:
