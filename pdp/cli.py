@@ -143,10 +143,10 @@ def _serving_lines(sidecar: Sidecar) -> list[str]:
             f"  it retries every {sidecar.config.poll_seconds:g} s and serves once {status.source} holds a valid "
             f"snapshot; until then Check answers UNAVAILABLE and health NOT_SERVING ({database})",
         ]
-    stale = ", stale: the store is unreachable or its snapshot was refused" if status.stale else ""
+    stale = " (stale: the store is unreachable or its snapshot was refused)" if status.stale else ""
     return [
         f"pdp {__version__} listening on {sidecar.address}: policy version {policy.version} "
-        f"({len(policy.rules)} rules{stale}), {database}",
+        f"({len(policy.rules)} rules){stale}, {database}",
         f"try: {pdp_command()} check --target {shlex.quote(sidecar.address)} --ip 175.16.199.1 --meeting m-1 "
         "--tag memorial",
     ]
