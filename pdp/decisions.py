@@ -178,17 +178,14 @@ class DecisionPath:
             except Exception:
                 self._observe_error(endpoint, started)
                 raise
-            decision, location, active = outcome.decision, outcome.location, outcome.active
-            verdict = _VERDICT_NAMES[decision.verdict]
+            decision, verdict = outcome.decision, _VERDICT_NAMES[outcome.decision.verdict]
             if span is not None:
                 span.set_attributes(
-                    {**_span_attributes(endpoint, active), "pdp.verdict": verdict, "pdp.rule_id": decision.rule_id}
+                    _span_attributes(endpoint, outcome.active, verdict, {"pdp.rule_id": decision.rule_id})
                 )
-        if self._telemetry is not None:
-            seconds = time.perf_counter() - started
-            self._telemetry.observe(endpoint.label, seconds, verdict, (decision,), (location,), active)
-        if self._audit is not None:
-            self._audit.record(decision, location, active, action, meeting.meeting_id, ip, user_id, account_id)
+        who = (Participant(ip, user_id, account_id),) if self._audit is not None else ()
+        self._record(endpoint, started, verdict, Batch([result], [decision], [outcome.location], outcome.active),
+                     action, meeting.meeting_id, who)  # fmt: skip
         return result
 
     def _decide(
@@ -237,16 +234,9 @@ class DecisionPath:
             verdict = verdict_label(decision.verdict for decision in batch.decisions)
             if span is not None:
                 span.set_attributes(
-                    {**_span_attributes(endpoint, batch.active), "pdp.verdict": verdict,
-                     "pdp.participants": len(batch.decisions)}
-                )  # fmt: skip
-        if self._telemetry is not None:
-            seconds = time.perf_counter() - started
-            self._telemetry.observe(endpoint.label, seconds, verdict, batch.decisions, batch.locations, batch.active)
-        if self._audit is not None:
-            record, meeting_id, active = self._audit.record, meeting.meeting_id, batch.active
-            for decision, location, who in zip(batch.decisions, batch.locations, participants, strict=True):
-                record(decision, location, active, action, meeting_id, who.ip, who.user_id, who.account_id)
+                    _span_attributes(endpoint, batch.active, verdict, {"pdp.participants": len(batch.decisions)})
+                )
+        self._record(endpoint, started, verdict, batch, action, meeting.meeting_id, participants)
         return batch
 
     def _decide_batch(
@@ -291,15 +281,40 @@ class DecisionPath:
             return contextlib.nullcontext()
         return self._tracer.start_as_current_span(endpoint.span_name, kind=SpanKind.SERVER)
 
+    def _record(
+        self,
+        endpoint: Endpoint,
+        started: float,
+        verdict: str,
+        batch: Batch[T],
+        action: int,
+        meeting_id: str,
+        who: Sequence[ParticipantFields],
+    ) -> None:
+        """The one observation of a call that decided: its duration and
+        decisions to telemetry, each decision (of ``who[n]``) to the audit log."""
+        active = batch.active
+        if self._telemetry is not None:
+            seconds = time.perf_counter() - started
+            self._telemetry.observe(endpoint.label, seconds, verdict, batch.decisions, batch.locations, active)
+        if self._audit is not None:
+            record = self._audit.record
+            for decision, location, person in zip(batch.decisions, batch.locations, who, strict=True):
+                record(decision, location, active, action, meeting_id, person.ip, person.user_id, person.account_id)
+
     def _observe_error(self, endpoint: Endpoint, started: float) -> None:
         if self._telemetry is not None:
             self._telemetry.observe_error(endpoint.label, time.perf_counter() - started)
 
 
-def _span_attributes(endpoint: Endpoint, active: Active) -> dict[str, str | int]:
-    """Attributes every span carries; never an address or an id of a person."""
+def _span_attributes(
+    endpoint: Endpoint, active: Active, verdict: str, extra: dict[str, str | int]
+) -> dict[str, str | int]:
+    """What a span carries; never an address or an id of a person."""
     return {
         **endpoint.attributes,
         "pdp.policy_version": active.policy.version,
         "pdp.geoip_build": active.geo.build_epoch,
+        "pdp.verdict": verdict,
+        **extra,
     }

@@ -21,8 +21,9 @@ import socket
 import stat
 import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -56,6 +57,10 @@ class RunningServer:
     grace_seconds: float
     health_server: grpc.Server | None = None
     health_address: str = ""
+    # gRPC never shuts down the pools it is given: stop() does, so that a
+    # stopped server leaves no thread behind.
+    pools: list[futures.ThreadPoolExecutor] = field(default_factory=list)
+    unsubscribe: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -64,10 +69,13 @@ class RunningServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish, then stop."""
+        self.unsubscribe()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.grace_seconds if grace is None else grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        for pool in self.pools:
+            pool.shutdown(wait=True)  # every call has ended: the workers exit at once
 
 
 def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -91,10 +99,8 @@ def start_server(
 
     :raises OSError: the address cannot be bound (in use, bad path, no permission).
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp-rpc"),
-        options=grpc_options(config),
-    )
+    pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp-rpc")
+    server = grpc.server(pool, options=grpc_options(config))
     handlers, names = _services(config, DecisionPath(holder, telemetry, audit))
     server.add_generic_rpc_handlers(handlers)
     health_servicer = health.HealthServicer()
@@ -103,12 +109,12 @@ def start_server(
     reflection.enable_server_reflection(names, server)
     address = _bind(server, config.listen, config)
     server.start()
-    running = RunningServer(server, health_servicer, address, config.grace_seconds)
+    running = RunningServer(server, health_servicer, address, config.grace_seconds, pools=[pool])
     if config.health_listen:
         # Only Health here: this address may be the pod IP, reachable by the kubelet and others.
-        probe_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health"), options=grpc_options(config)
-        )
+        probe_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health")
+        probe_server = grpc.server(probe_pool, options=grpc_options(config))
+        running.pools.append(probe_pool)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
         try:
             running.health_address = _bind(probe_server, config.health_listen, health_only=True)
@@ -119,7 +125,7 @@ def start_server(
         running.health_server = probe_server
     # Health follows the holder: NOT_SERVING until a policy and a database are active.
     running.set_serving(holder.active is not None)
-    holder.subscribe(lambda _active: running.set_serving(True))
+    running.unsubscribe = holder.subscribe(lambda _active: running.set_serving(True))
     return running
 
 
