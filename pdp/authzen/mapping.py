@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pdp.decisions import RequestError, check_batch_size
+from pdp.bounds import RequestError, check_batch_size
 from pdp.errors import PdpError
 from pdp.model import Action
 
