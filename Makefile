@@ -16,6 +16,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python scripts/proto_overlap.py  # xds-protos overwrites other packages' files (grpc/grpc#42830)
 	touch $@
 
 run: $(STAMP)  ## start the sidecar on the example rules and the demo GeoIP database
