@@ -591,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     report.add_argument("--chart", metavar="PNG", help="also draw denials per day (needs the report extra)")
     report.set_defaults(handler=cmd_report)
+
+    from pdp.loadtest.command import add_parser as add_loadtest
+
+    add_loadtest(commands)
     return parser
 
 
