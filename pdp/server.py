@@ -1,4 +1,4 @@
-"""The gRPC server: AdmissionService, standard health and reflection.
+"""The gRPC server: AdmissionService, Envoy's Authorization (pdp.envoy), standard health and reflection.
 
 Protobuf stops here: requests become :mod:`pdp.model` values before the rules
 engine sees them, decisions become messages on the way out.
@@ -36,6 +36,8 @@ from grpc_reflection.v1alpha import reflection
 from pdp import __version__
 from pdp._proto import admission_pb2 as pb
 from pdp.config import ServeConfig, parse_listen
+from pdp.envoy import servicer as envoy
+from pdp.envoy.admission_path import admission_path
 from pdp.geo import InvalidAddressError
 from pdp.model import Decision, Location, Meeting, Verdict, verdict_label
 from pdp.policy import Active, PolicyHolder
@@ -102,9 +104,9 @@ class AdmissionServicer:
         if not self._observed:
             return self._check(request, context)[0]
         if self._tracer is None:
-            return self._observed_check(request, context)[0]
+            return self.observed_check(request, context)[0]
         with self._tracer.start_as_current_span("pdp.v1.AdmissionService/Check", kind=self._span_kind) as span:
-            response, decision, active = self._observed_check(request, context)
+            response, decision, _, active = self.observed_check(request, context)
             span.set_attributes(
                 {**_span_attributes("Check", active), "pdp.verdict": _VERDICT_NAMES[decision.verdict],
                  "pdp.rule_id": decision.rule_id}
@@ -126,9 +128,10 @@ class AdmissionServicer:
         decision = active.policy.decide(location, request.action, meeting, time.time())
         return encode_check(decision, location, active), decision, location, active
 
-    def _observed_check(
+    def observed_check(
         self, request: pb.CheckRequest, context: grpc.ServicerContext
-    ) -> tuple[bytes, Decision, Active]:
+    ) -> tuple[bytes, Decision, Location, Active]:
+        """Check with telemetry and audit (also Envoy's Check, through pdp.envoy.admission_path)."""
         started = time.perf_counter()
         try:
             response, decision, location, active = self._check(request, context)
@@ -150,7 +153,7 @@ class AdmissionServicer:
                 decision, location, active, request.action, request.meeting.meeting_id,
                 participant.ip, participant.user_id, participant.account_id,
             )  # fmt: skip
-        return response, decision, active
+        return response, decision, location, active
 
     # ------------------------------------------------------------------ CheckBatch
 
@@ -448,10 +451,13 @@ def start_server(
         options=grpc_options(config),
     )
     servicer = AdmissionServicer(holder, config.batch_limit, max(1, config.workers // 2), telemetry, audit)
-    server.add_generic_rpc_handlers((_handlers(servicer),))
+    authorization = envoy.AuthorizationServicer(admission_path(servicer), envoy.mapper_from(config))
+    envoy_handler = envoy.handler(authorization, _refusing_undecodable, _decoder)
+    server.add_generic_rpc_handlers((_handlers(servicer), envoy_handler))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    names = [SERVICE_NAME, envoy.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME]  # fmt: skip
     reflection.enable_server_reflection(names, server)
     address = _bind(server, config.listen, config)
     server.start()
