@@ -174,29 +174,24 @@ class Mapper:
         if unmapped:
             raise ValueError(f"required but given no source: {', '.join(sorted(unmapped))}")
 
-    @property
-    def address_source(self) -> str:
-        """Where the participant's address is read, for messages and docs."""
-        return f"x-forwarded-for, {self._hops} trusted hops" if self._hops else "source.address (Envoy's peer)"
-
     def map(self, attributes: AttributeContext) -> HttpAdmission:
         """:raises MappingError: a required attribute is absent, or one is unreadable."""
         values: dict[str, Any] = {}
         for attribute, source, extract in self._extractors:
             try:
-                value = extract(attributes)
+                found = extract(attributes)
             except ValueError as error:
                 raise MappingError(attribute, f"{source}: {error}") from None
-            if value is None or value == "" or value == []:
+            value: Value | tuple[str, ...] = found
+            if attribute == "tags" and found is not None:
+                value = _tags(found)
+            elif isinstance(found, list):
+                raise MappingError(attribute, f"{source}: a list where one value was expected")
+            if not value:
                 if attribute in self._required:
                     raise MappingError(attribute, f"required, and {source} gave nothing")
                 continue
-            if attribute == "tags":
-                values[attribute] = _tags(value)
-            elif isinstance(value, list):
-                raise MappingError(attribute, f"{source}: a list where one value was expected")
-            else:
-                values[attribute] = value
+            values[attribute] = value
         if "action" in values:
             action = _ACTIONS.get(values["action"])
             if action is None:
@@ -221,6 +216,7 @@ class Mapper:
 
 
 def _tags(value: str | list[str]) -> tuple[str, ...]:
+    """One comma-separated text, or a list claim; blanks dropped."""
     parts = value.split(",") if isinstance(value, str) else value
     return tuple(tag for tag in (part.strip() for part in parts) if tag)
 
