@@ -560,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.set_defaults(handler=cmd_snapshot_publish)
 
+    from pdp.diff_command import add_parser as add_diff
+
+    add_diff(snapshot)
+
     keygen = commands.add_parser(
         "keygen",
         help="create an Ed25519 key pair for signing snapshots",
