@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pdp.audit import AuditConfig, AuditLog
 from pdp.client import Client
 from pdp.config import resolve
 from pdp.geo import GeoDatabase, demo_database_path
@@ -71,11 +73,13 @@ class Pdp:
     running: RunningServer | None = None
     holder: PolicyHolder | None = None
 
-    def start(self, rules: str = RULES, *, loaded: bool = True, **settings: str) -> PolicyHolder:
+    def start(
+        self, rules: str = RULES, *, loaded: bool = True, audit: AuditLog | None = None, **settings: str
+    ) -> PolicyHolder:
         self.stop()
         config = resolve({"listen": f"unix:{self.socket}", **settings}, {})
         self.holder = PolicyHolder()
-        self.running = start_server(config, self.holder)
+        self.running = start_server(config, self.holder, audit=audit)
         if loaded:
             self.holder.activate(policy_from(rules), self.geo, "test.yaml")
         return self.holder
@@ -342,3 +346,28 @@ def test_the_envoy_path_decides_like_check(stack: Stack, serve: Callable[..., Po
                 assert (status, seen["x-pdp-verdict"]) == (200, "ALLOW"), address
                 assert seen.get("x-pdp-country", "") == expected.location.country, address
                 assert seen.get("x-pdp-shadow-rules", "") == ",".join(expected.shadow_rule_ids), address
+
+
+def test_the_envoy_path_writes_the_audit_record_check_writes(
+    stack: Stack, serve: Callable[..., PolicyHolder], tmp_path: Path
+) -> None:
+    key, log = tmp_path / "audit.key", tmp_path / "audit.jsonl"
+    key.write_bytes(os.urandom(32))
+    audit = AuditLog(AuditConfig(str(log), str(key), allow_sample_rate=1.0))
+    serve(audit=audit, ext_authz_xff_trusted_hops="1")
+    assert stack.pdp.running is not None
+    with Client(stack.pdp.running.address, timeout=5) as client:
+        for address in (CN, HK):
+            assert stack.envoy.request("/memorial/join", {"x-forwarded-for": address})[0] in (200, 403)
+            client.check(address, "memorial-2026", tags=["memorial", "public"], host_account_id="acct-memorial")
+    stack.pdp.stop()
+    audit.close()  # writes what is queued
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    for record in records:
+        del record["time"], record["decision_id"]
+    # CN: one deny each; HK: an allow and the shadow rule's match each.
+    assert len(records) == 6
+    assert records[0] == records[1]
+    assert records[2:4] == records[4:6]
+    assert [(record["verdict"], record["mode"]) for record in records[:4]] == [
+        ("DENY", "enforce"), ("DENY", "enforce"), ("ALLOW", "enforce"), ("DENY", "shadow")]  # fmt: skip
