@@ -6,12 +6,14 @@ way Envoy fills them; tests/test_envoy.py runs the same paths behind a real Envo
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -27,7 +29,7 @@ from pdp.geo import GeoDatabase
 from pdp.model import Action, Decision, Location, Verdict
 from pdp.policy import PolicyHolder
 
-from .conftest import ROOT, policy_from
+from .conftest import ROOT, ServerFactory, policy_from
 from .envoyproxy import envoy_binary, render_config
 
 EXAMPLES = ROOT / "examples" / "envoy"
@@ -318,3 +320,54 @@ def test_the_istio_example_hangs_together() -> None:
     assert config.ext_authz_jwt_payload_key == rule["issuer"]  # Istio's payload_in_metadata is the issuer
     topology = documents["IstioOperator"]["spec"]["meshConfig"]["defaultConfig"]["gatewayTopology"]
     assert config.ext_authz_xff_trusted_hops == topology["numTrustedProxies"] + 1
+
+
+# --------------------------------------------------------------------------- the gRPC method, as Envoy calls it
+
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+
+
+def _call(address: str, payload: bytes) -> Any:
+    with grpc.insecure_channel(address) as channel:
+        method: Any = channel.unary_unary(CHECK_METHOD, request_serializer=None, response_deserializer=None)
+        return ext.CheckResponse.FromString(method(payload, timeout=5))
+
+
+def test_served_next_to_admission_service_and_listed_by_reflection(start: ServerFactory) -> None:
+    running, _, _ = start()
+    context = {"meeting_id": "m", "tags": "memorial", "host_account_id": "a"}
+    answer = _call(running.address, ext.CheckRequest(attributes=request(context=context)).SerializeToString())
+    assert answer.status.code == 0  # 81.2.69.142 is in GB: no rule applies
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(running.address) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"pdp.v1.AdmissionService", "envoy.service.auth.v3.Authorization"} <= services
+
+
+@pytest.mark.parametrize(
+    ("attributes", "field"),
+    [
+        (request(context={}), "meeting_id"),
+        (request(context={"meeting_id": "m", "tags": ",".join(f"t{n}" for n in range(65))}), "meeting.tags"),
+        (request(context={"meeting_id": "m" * 257}), "meeting.meeting_id"),
+        (request(peer="fe80::1%eth0", context={"meeting_id": "m"}), "participant.ip"),
+    ],
+)
+def test_what_cannot_be_decided_is_a_400_never_an_allow(start: ServerFactory, attributes: Any, field: str) -> None:
+    running, _, _ = start()
+    answer = _call(running.address, ext.CheckRequest(attributes=attributes).SerializeToString())
+    assert (answer.status.code, answer.denied_response.status.code) == (3, 400)
+    assert json.loads(answer.denied_response.body)["field"] == field
+    assert not answer.HasField("ok_response")
+
+
+def test_garbage_is_invalid_argument_and_no_policy_is_unavailable(start: ServerFactory) -> None:
+    running, _, _ = start()
+    with pytest.raises(grpc.RpcError) as raised:
+        _call(running.address, b"\xff\xff\xff")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    waiting, _, _ = start(loaded=False)
+    with pytest.raises(grpc.RpcError) as raised:
+        _call(waiting.address, ext.CheckRequest(attributes=request()).SerializeToString())
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # Envoy's status_on_error decides
