@@ -141,7 +141,7 @@ def serve(stack: Stack) -> Iterator[Callable[..., PolicyHolder]]:
 def _forged() -> dict[str, str]:
     """What a client would send to pass itself off as decided."""
     return {"x-pdp-verdict": "ALLOW", "x-pdp-country": "US", "x-pdp-policy-version": "999",
-            "x-pdp-shadow-rules": "none", "x-pdp-rule-id": "", "x-pdp-admin": "yes"}  # fmt: skip
+            "x-pdp-shadow-rules": "none", "x-pdp-rule-id": "", "x-pdp-admin": "yes", "X-PDP-Upper": "yes"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- context_extensions
@@ -182,6 +182,7 @@ def test_the_same_request_from_elsewhere_is_200_with_headers_the_client_could_no
     else:
         assert "x-pdp-shadow-rules" not in seen
     assert "x-pdp-admin" not in seen
+    assert "x-pdp-upper" not in seen  # header names are case-insensitive; Envoy hands pdp lower case
     assert "x-pdp-rule-id" not in seen
     assert [name for name in seen if name.startswith("x-pdp-") and seen[name] in ("999", "none", "yes")] == []
 
