@@ -321,19 +321,18 @@ def inprocess_costs(addresses: list[str], rounds: int = 20_000) -> dict[str, flo
     from envoy.service.auth.v3 import external_auth_pb2 as ext
 
     from pdp.config import resolve
-    from pdp.envoy.admission_path import admission_path
-    from pdp.envoy.servicer import AuthorizationServicer, mapper_from
+    from pdp.decisions import DecisionPath
+    from pdp.envoy.servicer import CHECK, AuthorizationServicer, mapper_from
     from pdp.geo import GeoDatabase
-    from pdp.policy import PolicyHolder
     from pdp.rules import parse_policy
-    from pdp.server import AdmissionServicer
+    from pdp.state import PolicyHolder
 
     holder = PolicyHolder()
     holder.activate(parse_policy(RULES.encode(), "bench.yaml"), GeoDatabase(demo_database_path()), "bench")
     config = resolve({"ext_authz_xff_trusted_hops": "2"}, {})
     mapper = mapper_from(config)
-    decide = admission_path(AdmissionServicer(holder, 1000, 4))
-    servicer = AuthorizationServicer(decide, mapper)
+    path = DecisionPath(holder)
+    servicer = AuthorizationServicer(path, mapper)
     wire = []
     for address in addresses[:1000]:
         request = ext.CheckRequest()
@@ -363,7 +362,12 @@ def inprocess_costs(addresses: list[str], rounds: int = 20_000) -> dict[str, flo
     return {
         "parse CheckRequest": per_call(ext.CheckRequest.FromString, wire),
         "map attributes": per_call(lambda request: mapper.map(request.attributes), parsed),
-        "decide (validate, locate, evaluate)": per_call(decide, admissions),
+        "decision path (bounds, locate, evaluate, answer bytes)": per_call(
+            lambda a: path.check(
+                a.ip, a.user_id, a.account_id, a, int(a.action), endpoint=CHECK, present=servicer._answers.answer
+            ),
+            admissions,
+        ),
         "whole servicer.Check (after parsing)": per_call(
             lambda request: servicer.Check(request, None),  # type: ignore[arg-type]
             parsed,

@@ -27,8 +27,8 @@ from pdp.client import Client
 from pdp.config import resolve
 from pdp.geo import GeoDatabase, demo_database_path
 from pdp.model import Verdict
-from pdp.policy import PolicyHolder
 from pdp.server import RunningServer, start_server
+from pdp.state import PolicyHolder
 
 from .conftest import policy_from
 from .envoyproxy import Envoy, Upstream, body_json, render_config, start_envoy, start_upstream

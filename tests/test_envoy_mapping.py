@@ -27,7 +27,7 @@ from pdp.envoy.mapping import HttpAdmission, Mapper, MappingError, parse_source
 from pdp.envoy.servicer import mapper_from
 from pdp.geo import GeoDatabase
 from pdp.model import Action, Decision, Location, Verdict
-from pdp.policy import PolicyHolder
+from pdp.state import PolicyHolder
 
 from .conftest import ROOT, ServerFactory, policy_from
 from .envoyproxy import envoy_binary, render_config
@@ -371,3 +371,37 @@ def test_garbage_is_invalid_argument_and_no_policy_is_unavailable(start: ServerF
     with pytest.raises(grpc.RpcError) as raised:
         _call(waiting.address, ext.CheckRequest(attributes=request()).SerializeToString())
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # Envoy's status_on_error decides
+
+
+def test_envoy_checks_are_counted_as_decisions_under_their_own_rpc(tmp_path: Path) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from pdp.config import ServeConfig
+    from pdp.server import start_server
+    from pdp.telemetry import Telemetry
+
+    from .conftest import CITY_DB
+
+    holder = PolicyHolder()
+    holder.activate(policy_from("version: 1\nrules: [{id: cn, effect: deny, jurisdiction: [CN], legal_basis: X}]\n"),
+                    GeoDatabase(CITY_DB), "test")  # fmt: skip
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(holder, MeterProvider(metric_readers=[reader]))
+    running = start_server(ServeConfig(listen=f"unix:{tmp_path}/s.sock"), holder, telemetry=telemetry)
+    try:
+        for peer in ("175.16.199.1", "81.2.69.142"):
+            _call(running.address, ext.CheckRequest(attributes=request(peer=peer)).SerializeToString())
+        data = reader.get_metrics_data()
+    finally:
+        running.stop(grace=0)
+        telemetry.shutdown()
+    assert data is not None
+    points: dict[str, list[tuple[dict[str, Any], Any]]] = {
+        metric.name: [(dict(p.attributes or {}), p) for p in metric.data.data_points]
+        for rm in data.resource_metrics for scope in rm.scope_metrics for metric in scope.metrics
+    }  # fmt: skip
+    durations = {(a["rpc"], a["verdict"]): p.count for a, p in points["pdp.check.duration"]}
+    assert durations == {("ext_authz", "DENY"): 1, ("ext_authz", "ALLOW"): 1}
+    decisions = {(a["verdict"], a["rule_id"]): p.value for a, p in points["pdp.decisions"]}
+    assert decisions == {("DENY", "cn"): 1, ("ALLOW", ""): 1}

@@ -25,7 +25,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext
 from envoy.type.v3 import http_status_pb2
 
 from pdp.model import Decision, Location, Verdict
-from pdp.policy import Active
+from pdp.state import Active
 
 __all__ = ["PREFIX", "AnswerCache", "allow", "bad_request", "decision_json", "deny"]
 

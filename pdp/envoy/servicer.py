@@ -1,10 +1,12 @@
 """``envoy.service.auth.v3.Authorization/Check``: Envoy's ext_authz filter asking pdp.
 
-Thin: :mod:`pdp.envoy.mapping` reads the participant, meeting and action from
-Envoy's AttributeContext, pdp's one decision path decides (validation,
-telemetry and audit included), :mod:`pdp.envoy.answer` says it in Envoy's terms.
-Before a policy is loaded the call fails with gRPC ``UNAVAILABLE``, so that
-Envoy's ``failure_mode_allow`` and ``status_on_error`` decide what the client gets.
+A protocol adapter of :mod:`pdp.decisions`, thin: :mod:`pdp.envoy.mapping` reads the
+participant, meeting and action from Envoy's AttributeContext, the one
+:class:`~pdp.decisions.DecisionPath` decides and observes the call (bounds,
+location, decision, telemetry, audit, tracing), and :mod:`pdp.envoy.answer`
+presents the decision in Envoy's terms. Before a policy is loaded the call fails
+with gRPC ``UNAVAILABLE``, so that Envoy's ``failure_mode_allow`` and
+``status_on_error`` decide what the client gets.
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext
 
-from pdp.envoy.admission_path import Decide, NotReady, RequestError
+from pdp.decisions import DecisionPath, Endpoint, NotReadyError, RequestError
 from pdp.envoy.answer import PREFIX, AnswerCache, allow, bad_request, deny
 from pdp.envoy.mapping import Mapper, MappingError
-from pdp.model import Verdict
+from pdp.model import Decision, Location, Verdict
+from pdp.servicer import encoded_unary
+from pdp.state import Active
 
 if TYPE_CHECKING:
     from pdp.config import ServeConfig
 
-__all__ = ["SERVICE_NAME", "AuthorizationServicer", "handler", "mapper_from"]
+__all__ = ["CHECK", "SERVICE_NAME", "AuthorizationServicer", "handler", "mapper_from"]
 
 SERVICE_NAME: str = ext.DESCRIPTOR.services_by_name["Authorization"].full_name
+# Its own `rpc` label in the duration metric: not AdmissionService's Check.
+CHECK = Endpoint("grpc", SERVICE_NAME, "Check", label="ext_authz")
 REQUEST_TYPE: Any = ext.CheckRequest
 
 
@@ -44,11 +50,22 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     raise AssertionError("unreachable: abort raises")
 
 
+def _fresh(client_sent: list[str]) -> Callable[[Decision, Location, Active], bytes]:
+    """A presenter for a request that sent ``x-pdp-*`` headers: they are removed, so the answer is its own."""
+
+    def present(decision: Decision, location: Location, active: Active) -> bytes:
+        if decision.verdict == Verdict.ALLOW:
+            return allow(decision, location, active, client_sent)
+        return deny(decision, location, active)
+
+    return present
+
+
 class AuthorizationServicer:
     """Answers Envoy's Check with serialized ``CheckResponse`` bytes."""
 
-    def __init__(self, decide: Decide, mapper: Mapper) -> None:
-        self._decide = decide
+    def __init__(self, path: DecisionPath, mapper: Mapper) -> None:
+        self._path = path
         self._mapper = mapper
         self._answers = AnswerCache()
 
@@ -58,26 +75,19 @@ class AuthorizationServicer:
             admission = self._mapper.map(attributes)
         except MappingError as error:
             return bad_request(error.attribute, error.message)
+        client_sent = [name for name in attributes.request.http.headers if name.startswith(PREFIX)]
+        present = _fresh(client_sent) if client_sent else self._answers.answer
         try:
-            decision, location, active = self._decide(admission)
-        except NotReady as error:
+            return self._path.check(
+                admission.ip, admission.user_id, admission.account_id, admission, int(admission.action),
+                endpoint=CHECK, present=present,
+            )  # fmt: skip
+        except NotReadyError as error:
             _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
         except RequestError as error:
             return bad_request(error.field, error.message)
-        client_sent = [name for name in attributes.request.http.headers if name.startswith(PREFIX)]
-        if not client_sent:
-            return self._answers.answer(decision, location, active)
-        if decision.verdict == Verdict.ALLOW:
-            return allow(decision, location, active, client_sent)
-        return deny(decision, location, active)
 
 
-def handler(
-    servicer: AuthorizationServicer,
-    guard: Callable[[Callable[[Any, grpc.ServicerContext], Any]], Callable[..., Any]],
-    decoder: Callable[[Any], Callable[[bytes], Any]],
-) -> grpc.GenericRpcHandler:
-    """Envoy's Authorization service; ``guard`` and ``decoder`` are the server's, so an
-    undecodable request is INVALID_ARGUMENT like everywhere else."""
-    method = grpc.unary_unary_rpc_method_handler(guard(servicer.Check), decoder(REQUEST_TYPE), bytes)
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": method})
+def handler(servicer: AuthorizationServicer) -> grpc.GenericRpcHandler:
+    """Envoy's Authorization service, on the transport's terms (an undecodable request is INVALID_ARGUMENT)."""
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": encoded_unary(servicer.Check, REQUEST_TYPE)})
