@@ -49,7 +49,8 @@ _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _ACTIONS = {"join": Action.JOIN, "host": Action.HOST}
 
 Value = str | list[str] | None
-Extractor = Callable[["AttributeContext"], Value]
+# (attributes, its context_extensions, its request headers): the two maps fetched once per request.
+Extractor = Callable[["AttributeContext", Any, Any], Value]
 
 
 class MappingError(Exception):
@@ -175,12 +176,18 @@ class Mapper:
         if unmapped:
             raise ValueError(f"required but given no source: {', '.join(sorted(unmapped))}")
 
-    def map(self, attributes: AttributeContext) -> HttpAdmission:
-        """:raises MappingError: a required attribute is absent, or one is unreadable."""
+    def map(self, attributes: AttributeContext, headers: Any = None) -> HttpAdmission:
+        """``headers``: ``attributes.request.http.headers``, when the caller holds it already.
+
+        :raises MappingError: a required attribute is absent, or one is unreadable.
+        """
+        context = attributes.context_extensions
+        if headers is None:
+            headers = attributes.request.http.headers
         values: dict[str, Any] = {}
         for attribute, source, extract in self._extractors:
             try:
-                found = extract(attributes)
+                found = extract(attributes, context, headers)
             except ValueError as error:
                 raise MappingError(attribute, f"{source}: {error}") from None
             value: Value | tuple[str, ...] = found
@@ -198,15 +205,15 @@ class Mapper:
             if action is None:
                 raise MappingError("action", f"{values['action'][:64]!r} is not join or host")
             values["action"] = action
-        return HttpAdmission(self._address(attributes), **values)
+        return HttpAdmission(self._address(attributes, headers), **values)
 
-    def _address(self, attributes: AttributeContext) -> str:
+    def _address(self, attributes: AttributeContext, headers: Any) -> str:
         if not self._hops:
             address = attributes.source.address
             if not address.HasField("socket_address"):
                 raise MappingError("participant.ip", "Envoy's peer (source.address) has no IP address")
             return str(address.socket_address.address)
-        forwarded: str = attributes.request.http.headers.get("x-forwarded-for", "")
+        forwarded: str = headers.get("x-forwarded-for", "")
         # Only the trusted end is split off: whatever the client wrote further left is never parsed.
         entries = forwarded.rsplit(",", self._hops) if forwarded.strip() else []
         if len(entries) < self._hops:
@@ -226,13 +233,13 @@ def _tags(value: str | list[str]) -> tuple[str, ...]:
 def _extractor(source: str, jwt_payload_key: str) -> Extractor:
     kind, _, argument = source.partition(":")
     if kind == "context":
-        return lambda attributes: attributes.context_extensions.get(argument)
+        return lambda attributes, context, headers: context.get(argument)
     if kind == "header":
-        return lambda attributes: attributes.request.http.headers.get(argument)
+        return lambda attributes, context, headers: headers.get(argument)
     if kind == "path":
         pattern = re.compile(argument)
 
-        def from_path(attributes: AttributeContext) -> Value:
+        def from_path(attributes: AttributeContext, context: Any, headers: Any) -> Value:
             match = pattern.search(attributes.request.http.path.partition("?")[0])
             found = match.group(1) if match else None
             # strict: invalid UTF-8 after decoding is a ValueError, reported as unreadable
@@ -240,7 +247,7 @@ def _extractor(source: str, jwt_payload_key: str) -> Extractor:
 
         return from_path
     segments = tuple(argument.split("."))
-    return lambda attributes: _claim(attributes, jwt_payload_key, segments)
+    return lambda attributes, context, headers: _claim(attributes, jwt_payload_key, segments)
 
 
 def _claim(attributes: AttributeContext, payload_key: str, segments: tuple[str, ...]) -> Value:

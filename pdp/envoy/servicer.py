@@ -71,11 +71,12 @@ class AuthorizationServicer:
 
     def Check(self, request: Any, context: grpc.ServicerContext) -> bytes:
         attributes = request.attributes
+        headers = attributes.request.http.headers
         try:
-            admission = self._mapper.map(attributes)
+            admission = self._mapper.map(attributes, headers)
         except MappingError as error:
             return bad_request(error.attribute, error.message)
-        client_sent = [name for name in attributes.request.http.headers if name.startswith(PREFIX)]
+        client_sent = [name for name in headers if name.startswith(PREFIX)]
         present = _fresh(client_sent) if client_sent else self._answers.answer
         try:
             return self._path.check(
