@@ -69,6 +69,7 @@ class ServeConfig:
     audit_include_ip: bool = False
     audit_queue_size: int = 10_000
     audit_max_bytes: int = 100 * 1024 * 1024
+    nat64_prefix: str = ""
     ext_authz_meeting_id: str = "context:meeting_id"
     ext_authz_tags: str = "context:tags"
     ext_authz_host_account_id: str = "context:host_account_id"
@@ -89,6 +90,10 @@ class ServeConfig:
     def pubkey_files(self) -> list[str]:
         return [part.strip() for part in self.snapshot_pubkey.split(",") if part.strip()]
 
+    @property
+    def nat64_prefixes(self) -> list[str]:
+        return [part for part in self.nat64_prefix.split(",") if part]
+
 
 @dataclass(frozen=True, slots=True)
 class Setting:
@@ -98,6 +103,7 @@ class Setting:
     parse: Callable[[str], Any]
     env_name: str = ""  # when the contract's variable differs from PDP_<NAME>
     required: bool = False
+    repeatable: bool = False  # the flag may be given again; the variable and config key take a comma list
 
     @property
     def flag(self) -> str:
@@ -177,6 +183,12 @@ def _log_format(text: str) -> str:
     if text.lower() not in ("json", "text"):
         raise ValueError(f"{text!r} is not json or text")
     return text.lower()
+
+
+def _nat64_prefixes(text: str) -> str:
+    from pdp.addresses import parse_nat64_prefix
+
+    return ",".join(str(parse_nat64_prefix(part).network) for part in text.split(",") if part.strip())
 
 
 def _listen(text: str) -> str:
@@ -345,6 +357,15 @@ SETTINGS: tuple[Setting, ...] = (
         "NAME",
         _nonempty,
     ),
+    Setting(
+        "nat64_prefix",
+        "NAT64 prefix of this network (RFC 6052: /32, /40, /48, /56, /64 or /96), repeatable or comma-separated; "
+        "addresses in it are located by the IPv4 address they carry, as are the well-known NAT64, SIIT, 6to4 "
+        "and Teredo forms",
+        "PREFIX",
+        _nat64_prefixes,
+        repeatable=True,
+    ),
 )
 
 CONFIG_ENV = "PDP_CONFIG"
@@ -371,6 +392,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             dest=setting.name,
             metavar=setting.metavar,
             default=None,
+            action="append" if setting.repeatable else "store",
             help=f"{setting.help} [env {setting.env}; {shown}]",
         )
 
@@ -394,7 +416,8 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         if isinstance(flag, bool):
             values[setting.name] = flag
         elif flag is not None:
-            values[setting.name] = _convert(setting, str(flag), setting.flag)
+            text = ",".join(flag) if isinstance(flag, list) else str(flag)
+            values[setting.name] = _convert(setting, text, setting.flag)
     config = ServeConfig(**values)
     _check_ext_authz(config)
     return config
