@@ -1,8 +1,10 @@
 """One decision path: the same participant gets the same answer through gRPC
-``Check`` and AuthZEN, and AuthZEN's calls are observed and audited as Check's are."""
+``Check``, AuthZEN and Envoy's ext_authz (a real Envoy in front of the same
+sidecar), and AuthZEN's calls are observed and audited as Check's are."""
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pdp.audit import pseudonym
 from pdp.client import Client
@@ -18,6 +22,7 @@ from pdp.model import Action
 
 from .authzen import SidecarFactory, action, client_of, resource, running_sidecars, subject
 from .conftest import CITY_DB
+from .envoyproxy import body_json, render_config, start_envoy, start_upstream
 
 RULES = """
 version: 11
@@ -60,8 +65,8 @@ def sidecars(tmp_path: Path) -> Iterator[SidecarFactory]:
     yield from running_sidecars(tmp_path)
 
 
-def _grpc_fields(client: Client, ip: str, meeting: str, tags: list[str], name: str) -> dict[str, Any]:
-    result = client.check(ip, meeting, tags=tags, user_id="u-1", action=Action[name.upper()])
+def _grpc_fields(client: Client, ip: str, meeting: str, tags: list[str], name: str, host: str = "") -> dict[str, Any]:
+    result = client.check(ip, meeting, tags=tags, user_id="u-1", host_account_id=host, action=Action[name.upper()])
     return {
         "verdict": result.verdict.name, "rule_id": result.rule_id, "reason": result.reason,
         "legal_basis": result.legal_basis,
@@ -115,6 +120,65 @@ def test_the_same_participant_gets_the_same_answer_through_grpc_and_authzen(
         ("ALLOW", ""),
     } <= compared
     assert ("DENY", "us-wa" if database == "test" else "mo-vigil") in compared
+
+
+# The example Envoy's routes (examples/envoy/envoy.template.yaml) and the meeting each one names.
+ENVOY_ROUTES = {
+    "/memorial/join": ("memorial-2026", ["memorial", "public"], "acct-memorial", "join"),
+    "/host/memorial/start": ("memorial-2026", ["memorial"], "", "host"),
+}
+
+
+@pytest.mark.parametrize("database", ["test", "demo"])
+def test_envoy_gives_the_same_answer_as_grpc_and_authzen(
+    sidecars: SidecarFactory, tmp_path: Path, database: str
+) -> None:
+    """The same places through a real Envoy whose ext_authz filter calls the
+    sidecar (the participant in x-forwarded-for, one trusted hop; the meeting
+    from the route): a deny is 403 with every CheckResponse field equal to
+    Check's and AuthZEN's context; an allow reaches the upstream with the
+    verdict, policy version and country pdp put there."""
+    geoip = str(CITY_DB) if database == "test" else str(demo_database_path())
+    sidecar = sidecars(RULES, geoip_db=geoip, ext_authz_xff_trusted_hops=1)
+    key = Ed25519PrivateKey.generate().public_key()
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    jwks = json.dumps({"keys": [{"kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "kid": "k",
+                                 "x": base64.urlsafe_b64encode(raw).rstrip(b"=").decode()}]})  # fmt: skip
+    upstream = start_upstream()
+    config = render_config(
+        admin_port="0", listen_address="127.0.0.1", listen_port="0", upstream_port=str(upstream.port),
+        pdp_socket=sidecar.address.removeprefix("unix:"), authz_timeout="5s", jwt_issuer="https://meet.test",
+        jwt_audience="meet", jwks=jwks,
+    )  # fmt: skip
+    envoy = start_envoy(tmp_path / "envoy", config)
+    pdp = client_of(sidecar)
+    denied = allowed = 0
+    try:
+        with Client(sidecar.address, timeout=10) as grpc_client:
+            for path, (meeting, tags, host, name) in ENVOY_ROUTES.items():
+                for ip in [ip for ips in PLACES[database].values() for ip in ips]:
+                    expected = _grpc_fields(grpc_client, ip, meeting, tags, name, host)
+                    authzen = pdp.evaluate({"subject": subject(ip), "action": action(name),
+                                            "resource": resource(meeting, tags, host)})["context"]  # fmt: skip
+                    assert {key: authzen[key] for key in SAME} == expected, (path, ip)
+                    status, _, body = envoy.request(path, {"x-forwarded-for": ip})
+                    if expected["verdict"] == "DENY":
+                        assert status == 403, (path, ip)
+                        assert {key: body_json(body)[key] for key in SAME} == expected, (path, ip)
+                        denied += 1
+                    else:
+                        seen = body_json(body)["headers"]
+                        assert status == 200, (path, ip)
+                        assert seen["x-pdp-verdict"] == "ALLOW"
+                        assert seen["x-pdp-policy-version"] == str(expected["policy_version"])
+                        assert seen.get("x-pdp-country", "") == expected["location"]["country"], (path, ip)
+                        assert seen.get("x-pdp-shadow-rules", "") == ",".join(expected["shadow_rule_ids"])
+                        allowed += 1
+    finally:
+        envoy.stop()
+        upstream.stop()
+    assert denied >= 3
+    assert allowed >= 3
 
 
 def test_authzen_is_observed_and_audited_as_check_is(sidecars: SidecarFactory, tmp_path: Path) -> None:
