@@ -35,6 +35,8 @@ from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Ver
 from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from pdp.client import Client
 
 log = logging.getLogger("pdp")
@@ -135,6 +137,7 @@ def cmd_serve(options: argparse.Namespace) -> int:
         timeout=config.http_timeout,
         bearer_token_file=config.http_bearer_token_file,
         ca_bundle=config.http_ca_bundle,
+        keys=keys,
     )
     try:
         source = open_source(config.snapshot, source_options)
@@ -324,27 +327,32 @@ def cmd_keygen(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _signed(path: str, key_file: str | None, as_json: bool = False) -> tuple[bytes, Policy]:
-    """A validated rules file's bytes (as JSON if asked), in a signed envelope when a key is given."""
-    from pdp.rules import snapshot_as_json
+def _signed(path: str, key_file: str | None, as_json: bool = False) -> tuple[bytes, Policy, Ed25519PrivateKey | None]:
+    """A validated rules file's bytes (as canonical JSON if asked, see pdp.canonical), in a
+    signed envelope when a key is given; and the key."""
+    from pdp.canonical import canonical_snapshot
     from pdp.signing import SignatureError, load_private_key, sign
 
     policy = load_policy(path)
     data = Path(path).read_bytes()
     if as_json:
-        data = snapshot_as_json(data, path)
+        data = canonical_snapshot(data, path)
     if not key_file:
-        return data, policy
+        return data, policy, None
     try:
-        return sign(data, policy.version, load_private_key(key_file)), policy
+        key = load_private_key(key_file)
     except SignatureError as error:
         raise UsageError(f"--key: {error}") from None
+    return sign(data, policy.version, key), policy, key
 
 
 def cmd_snapshot_sign(options: argparse.Namespace) -> int:
-    data, policy = _signed(options.file, options.key, options.json)
+    from pdp.compression import compress
+
+    data, policy, _ = _signed(options.file, options.key, options.json)
+    data = compress(data, options.compress)
     if options.out == "-":
-        sys.stdout.write(data.decode())
+        sys.stdout.buffer.write(data)
     else:
         Path(options.out).write_bytes(data)
         print(f"signed version {policy.version} into {options.out}")
@@ -354,9 +362,20 @@ def cmd_snapshot_sign(options: argparse.Namespace) -> int:
 def cmd_snapshot_publish(options: argparse.Namespace) -> int:
     from pdp.publish import PublishError, publish
 
-    data, policy = _signed(options.file, options.key, options.json)
+    # Redis stores get canonical JSON: deltas are computed on it, and it compiles faster.
+    to_redis = options.to.startswith(("redis://", "rediss://", "redis+sentinel://"))
+    data, policy, key = _signed(options.file, options.key, options.json or to_redis)
     try:
-        outcome = publish(data, options.to, policy.version, notify=not options.no_notify)
+        outcome = publish(
+            data,
+            options.to,
+            policy.version,
+            notify=not options.no_notify,
+            key=key,
+            compression=options.compress,
+            deltas=not options.no_delta,
+            stream_maxlen=options.stream_maxlen,
+        )
     except (PublishError, ValueError) as error:
         raise UsageError(str(error)) from None
     signed = "signed" if options.key else "unsigned"
@@ -534,19 +553,25 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("file", help="YAML or JSON snapshot")
     sign.add_argument("--key", required=True, metavar="PRIVATE_KEY", help="PEM private key from pdp keygen")
     sign.add_argument("--out", required=True, metavar="FILE", help="where to write the envelope ('-' for stdout)")
-    sign.add_argument("--json", action="store_true", help="convert to compact JSON first (compiles faster)")
+    sign.add_argument("--json", action="store_true", help="convert to canonical compact JSON first (compiles faster)")
+    sign.add_argument(
+        "--compress", choices=("none", "gzip"), default="none", help="compress the envelope (sources detect gzip)"
+    )
     sign.set_defaults(handler=cmd_snapshot_sign)
 
     publish = snapshot.add_parser(
         "publish",
         help="validate, sign and publish a snapshot to a store",
         description="Validate FILE, sign it when --key is given, and publish it: "
-        "file:// by atomic rename, redis://host:port/db?key=K&channel=C by SET and "
-        "PUBLISH in one MULTI/EXEC. For HTTP stores, upload the signed file with the "
-        "store's own tools (see README).",
+        "file:// by atomic rename; redis://host:port/db?key=K&channel=C (or "
+        "redis+sentinel://h1:26379,h2:26379/SERVICE?key=K) as canonical JSON, writing the "
+        "snapshot, its head, a signed delta against the stored one and the notice in one "
+        "MULTI/EXEC. For HTTP stores, upload the signed file with the store's own tools (see README).",
     )
     publish.add_argument("file", help="YAML or JSON snapshot")
-    publish.add_argument("--to", required=True, metavar="URL", help="file:///path or redis://host:port/db?key=K")
+    publish.add_argument(
+        "--to", required=True, metavar="URL", help="file:///path, redis://host:port/db?key=K or redis+sentinel://..."
+    )
     publish.add_argument("--key", metavar="PRIVATE_KEY", help="sign with this PEM private key")
     publish.add_argument(
         "--no-notify",
@@ -556,7 +581,24 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--json",
         action="store_true",
-        help="publish as compact JSON (sidecars compile it several times faster than YAML)",
+        help="publish as canonical compact JSON (sidecars compile it several times faster than YAML; "
+        "always so for redis)",
+    )
+    publish.add_argument(
+        "--compress",
+        choices=("none", "gzip"),
+        default="none",
+        help="store the snapshot gzip-compressed (about 10x smaller; sidecars before 0.2 cannot read it)",
+    )
+    publish.add_argument(
+        "--no-delta", action="store_true", help="redis: write no delta (sidecars fetch this change whole)"
+    )
+    publish.add_argument(
+        "--stream-maxlen",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="redis: keep about N deltas in the stream (XADD MAXLEN ~ N; default 1000)",
     )
     publish.set_defaults(handler=cmd_snapshot_publish)
 

@@ -106,8 +106,10 @@ def _snapshot_url(text: str) -> str:
     if text and "://" not in text:
         # A bare path is the common case on the command line.
         return Path(text).resolve().as_uri()
-    if text and text.split("://", 1)[0] not in ("file", "http", "https", "redis", "rediss"):
-        raise ValueError(f"{text!r}: snapshot URLs are file://, http(s):// or redis://")
+    if text and text.split("://", 1)[0] not in ("file", "http", "https", "redis", "rediss", "redis+sentinel"):
+        raise ValueError(
+            f"{text!r}: snapshot URLs are file://, http(s):// or redis:// (redis+sentinel:// with Sentinel)"
+        )
     return text
 
 
@@ -161,7 +163,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "snapshot",
         "rules snapshot to follow: file:///path/rules.yaml (or a plain path), http(s)://host/path, or "
-        "redis://host:port/db?key=K&channel=C",
+        "redis://host:port/db?key=K&channel=C (deltas from the stream K:deltas), or "
+        "redis+sentinel://host:port,host:port/SERVICE?key=K",
         "URL",
         _snapshot_url,
         "PDP_SNAPSHOT_URL",

@@ -162,6 +162,10 @@ class Reloader(_Poller):
         digest = fetched.sha256
         if digest == self._rejected_sha:
             return self._result("unchanged (still rejected)")
+        if fetched.fallback:  # deltas were announced but could not be used: this is the full snapshot
+            self.status.delta_fallbacks += 1
+            self.status.last_delta_fallback = fetched.fallback
+            log.warning("deltas not used, the full snapshot was fetched: %s", fetched.fallback)
         started = time.perf_counter()
         try:
             with in_background() as pace:
@@ -202,6 +206,11 @@ class Reloader(_Poller):
             self.status.last_compile_ms,
         )
         self._persist(fetched.data, policy)
+        if fetched.deltas:
+            self.status.delta_activations += 1
+            return (
+                f"activated version {policy.version} (from {fetched.deltas} delta{'s' if fetched.deltas > 1 else ''})"
+            )
         return f"activated version {policy.version}"
 
     def _result(self, text: str, *, error: str = "") -> str:

@@ -1,4 +1,4 @@
-"""Where snapshots come from: ``file://``, ``http(s)://`` and ``redis://`` sources.
+"""Where snapshots come from: ``file://``, ``http(s)://`` and ``redis://`` (or ``redis+sentinel://``) sources.
 
 Every source answers :meth:`Source.fetch` with new bytes, or None when nothing
 changed since the last :meth:`Source.commit`; the reloader commits only after
@@ -13,7 +13,7 @@ from pdp.sources.base import Fetched, Source, SourceError, SourceOptions
 
 __all__ = ["Fetched", "Source", "SourceError", "SourceOptions", "open_source"]
 
-SCHEMES = ("file", "http", "https", "redis", "rediss")
+SCHEMES = ("file", "http", "https", "redis", "rediss", "redis+sentinel")
 
 
 def open_source(url: str, options: SourceOptions | None = None) -> Source:
@@ -31,8 +31,8 @@ def open_source(url: str, options: SourceOptions | None = None) -> Source:
         from pdp.sources.http_source import HttpSource
 
         return HttpSource(url, options)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+sentinel"):
         from pdp.sources.redis_source import RedisSource
 
         return RedisSource(url, options)
-    raise ValueError(f"{url!r}: snapshot URLs are file://, http(s):// or redis://")
+    raise ValueError(f"{url!r}: snapshot URLs are file://, http(s):// or redis:// (redis+sentinel:// with Sentinel)")

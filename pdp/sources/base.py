@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdp.rules import MAX_SNAPSHOT_BYTES
+from pdp.signing import TrustedKeys
 
 __all__ = ["Fetched", "Source", "SourceError", "SourceOptions"]
 
@@ -23,6 +24,8 @@ class Fetched:
     data: bytes
     tag: str
     sha256: str
+    deltas: int = 0  # deltas applied to the active snapshot to make ``data`` (0: fetched whole)
+    fallback: str = ""  # why deltas were announced but not used, when they were
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,7 @@ class SourceOptions:
     bearer_token_file: str = ""
     ca_bundle: str = ""
     max_bytes: int = MAX_SNAPSHOT_BYTES
+    keys: TrustedKeys = field(default_factory=TrustedKeys)  # deltas are verified with them (redis)
 
 
 class Source:

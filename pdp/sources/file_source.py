@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pdp.compression import CompressionError, inflate
 from pdp.files import Identity, identity_of
 from pdp.rules import MAX_SNAPSHOT_BYTES
 from pdp.sources.base import Fetched, Source, SourceError, read_limited
@@ -42,6 +43,9 @@ class FileSource(Source):
                 return None
             with self.path.open("rb") as handle:
                 data = read_limited(handle, MAX_SNAPSHOT_BYTES, str(self.path))
+            data = inflate(data, MAX_SNAPSHOT_BYTES, str(self.path))  # gzip, told by its magic bytes
+        except CompressionError as error:
+            raise SourceError(str(error)) from None
         except OSError as error:
             raise SourceError(f"{self.path}: {error.strerror or error}") from None
         digest = hashlib.sha256(data).hexdigest()

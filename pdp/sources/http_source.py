@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pdp.compression import CompressionError, decode_content_encoding, inflate
 from pdp.sources.base import Fetched, Source, SourceError, SourceOptions, read_limited
 
 
@@ -27,7 +28,11 @@ class HttpSource(Source):
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), *handlers)
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json, application/yaml, */*", "User-Agent": "pdp-sidecar"}
+        headers = {
+            "Accept": "application/json, application/yaml, */*",
+            "Accept-Encoding": "gzip",
+            "User-Agent": "pdp-sidecar",
+        }
         if self.committed:
             validators = json.loads(self.committed)
             if validators.get("etag"):
@@ -49,6 +54,14 @@ class HttpSource(Source):
                 data = read_limited(response, self.options.max_bytes, self.url)
                 etag = response.headers.get("ETag", "")
                 last_modified = response.headers.get("Last-Modified", "")
+                encoding = response.headers.get("Content-Encoding", "")
+            data = inflate(
+                decode_content_encoding(data, encoding, self.options.max_bytes, self.url),
+                self.options.max_bytes,
+                self.url,
+            )
+        except CompressionError as error:
+            raise SourceError(str(error)) from None
         except urllib.error.HTTPError as error:
             if error.code == 304:
                 return None
