@@ -25,7 +25,7 @@ __all__ = ["GZIP_MAGIC", "CompressionError", "compress", "decode_content_encodin
 
 GZIP_MAGIC = b"\x1f\x8b"
 METHODS = ("none", "gzip")
-_SLICE = 1 << 20  # compressed bytes fed to zlib at a time
+_SLICE = 1 << 20  # bytes fed to zlib, and taken from it, at a time
 
 
 class CompressionError(ValueError):
@@ -80,8 +80,9 @@ def _gunzip(data: bytes, limit: int, origin: str) -> bytes:
         for start in range(0, len(data), _SLICE):
             pending = data[start : start + _SLICE]
             while pending and not inflater.eof:
-                # Never more than one byte past the limit per call: a bomb stops here.
-                output += inflater.decompress(pending, limit + 1 - len(output))
+                # At most a slice per call, and never past the limit plus one byte: a bomb stops
+                # there, and no inflated piece is ever held twice (as a chunk and in the output).
+                output += inflater.decompress(pending, min(_SLICE, limit + 1 - len(output)))
                 if len(output) > limit:
                     raise CompressionError(f"{origin}: inflates to more than {limit} bytes; refused")
                 pending = inflater.unconsumed_tail
