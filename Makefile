@@ -25,10 +25,11 @@ test: $(STAMP)  ## lint, type-check and run the whole test suite
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest
 
-lint: $(STAMP)  ## ruff and mypy --strict
+lint: $(STAMP)  ## ruff, mypy --strict, and buf lint, format and breaking on proto/
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/python scripts/check_proto.py
 
 proto: $(STAMP)  ## regenerate pdp/_proto/ from proto/
 	$(BIN)/python scripts/gen_proto.py

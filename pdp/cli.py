@@ -602,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.set_defaults(handler=cmd_snapshot_publish)
 
+    from pdp.diff_command import add_parser as add_diff
+
+    add_diff(snapshot)
+
     keygen = commands.add_parser(
         "keygen",
         help="create an Ed25519 key pair for signing snapshots",
@@ -633,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     report.add_argument("--chart", metavar="PNG", help="also draw denials per day (needs the report extra)")
     report.set_defaults(handler=cmd_report)
+
+    from pdp.loadtest.command import add_parser as add_loadtest
+
+    add_loadtest(commands)
     return parser
 
 

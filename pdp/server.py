@@ -223,7 +223,9 @@ class AdmissionServicer:
             framed.append(known[1])
         return encode_batch(framed, active), decided, active
 
-    def WatchPolicy(self, request: pb.WatchPolicyRequest, context: grpc.ServicerContext) -> Iterator[pb.PolicyEvent]:
+    def WatchPolicy(
+        self, request: pb.WatchPolicyRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchPolicyResponse]:
         if not self._watch_slots.acquire(blocking=False):
             _abort(
                 context,
@@ -338,8 +340,8 @@ def _span_attributes(rpc: str, active: Active) -> dict[str, str | int]:
     }
 
 
-def _policy_event(active: Active) -> pb.PolicyEvent:
-    event = pb.PolicyEvent(policy_version=active.policy.version, geoip_build=active.geo.build_epoch)
+def _policy_event(active: Active) -> pb.WatchPolicyResponse:
+    event = pb.WatchPolicyResponse(policy_version=active.policy.version, geoip_build=active.geo.build_epoch)
     event.activated_at.FromDatetime(datetime.fromtimestamp(active.activated_at, UTC))
     return event
 
@@ -392,7 +394,7 @@ def _handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
             guard(servicer.GetStatus), _decoder(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
         ),
         "WatchPolicy": grpc.unary_stream_rpc_method_handler(
-            guard(servicer.WatchPolicy), _decoder(pb.WatchPolicyRequest), pb.PolicyEvent.SerializeToString
+            guard(servicer.WatchPolicy), _decoder(pb.WatchPolicyRequest), pb.WatchPolicyResponse.SerializeToString
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)

@@ -340,7 +340,9 @@ class WatchPolicyRequest(_message.Message):
 Global___WatchPolicyRequest: _TypeAlias = WatchPolicyRequest  # noqa: Y015
 
 @_typing.final
-class PolicyEvent(_message.Message):
+class WatchPolicyResponse(_message.Message):
+    """One activation: the policy and GeoIP database now serving."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
@@ -367,7 +369,7 @@ class PolicyEvent(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PolicyEvent: _TypeAlias = PolicyEvent  # noqa: Y015
+Global___WatchPolicyResponse: _TypeAlias = WatchPolicyResponse  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):

@@ -47,7 +47,7 @@ class AdmissionServiceStub:
         self.WatchPolicy = channel.unary_stream(
                 '/pdp.v1.AdmissionService/WatchPolicy',
                 request_serializer=pdp_dot_v1_dot_admission__pb2.WatchPolicyRequest.SerializeToString,
-                response_deserializer=pdp_dot_v1_dot_admission__pb2.PolicyEvent.FromString,
+                response_deserializer=pdp_dot_v1_dot_admission__pb2.WatchPolicyResponse.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/pdp.v1.AdmissionService/GetStatus',
@@ -106,7 +106,7 @@ def add_AdmissionServiceServicer_to_server(servicer, server):
             'WatchPolicy': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchPolicy,
                     request_deserializer=pdp_dot_v1_dot_admission__pb2.WatchPolicyRequest.FromString,
-                    response_serializer=pdp_dot_v1_dot_admission__pb2.PolicyEvent.SerializeToString,
+                    response_serializer=pdp_dot_v1_dot_admission__pb2.WatchPolicyResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -194,7 +194,7 @@ class AdmissionService:
             target,
             '/pdp.v1.AdmissionService/WatchPolicy',
             pdp_dot_v1_dot_admission__pb2.WatchPolicyRequest.SerializeToString,
-            pdp_dot_v1_dot_admission__pb2.PolicyEvent.FromString,
+            pdp_dot_v1_dot_admission__pb2.WatchPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,7 +44,7 @@ class AdmissionServiceStub:
     the results are in request order. Used to re-check live participants
     after WatchPolicy reports a new policy version.
     """
-    WatchPolicy: _grpc.UnaryStreamMultiCallable[_admission_pb2.WatchPolicyRequest, _admission_pb2.PolicyEvent]
+    WatchPolicy: _grpc.UnaryStreamMultiCallable[_admission_pb2.WatchPolicyRequest, _admission_pb2.WatchPolicyResponse]
     """Stream of policy (and GeoIP database) changes: one event at subscription,
     then one per activation.
     """
@@ -61,7 +61,7 @@ class AdmissionServiceAsyncStub(AdmissionServiceStub):
     the results are in request order. Used to re-check live participants
     after WatchPolicy reports a new policy version.
     """
-    WatchPolicy: _aio.UnaryStreamMultiCallable[_admission_pb2.WatchPolicyRequest, _admission_pb2.PolicyEvent]  # type: ignore[assignment]
+    WatchPolicy: _aio.UnaryStreamMultiCallable[_admission_pb2.WatchPolicyRequest, _admission_pb2.WatchPolicyResponse]  # type: ignore[assignment]
     """Stream of policy (and GeoIP database) changes: one event at subscription,
     then one per activation.
     """
@@ -93,7 +93,7 @@ class AdmissionServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admission_pb2.WatchPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_admission_pb2.PolicyEvent], _abc.AsyncIterator[_admission_pb2.PolicyEvent]]:
+    ) -> _typing.Union[_abc.Iterator[_admission_pb2.WatchPolicyResponse], _abc.AsyncIterator[_admission_pb2.WatchPolicyResponse]]:
         """Stream of policy (and GeoIP database) changes: one event at subscription,
         then one per activation.
         """
