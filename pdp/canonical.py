@@ -4,14 +4,17 @@ A delta carries rules, not text, yet its result must be byte for byte the
 snapshot that was published (its SHA-256 is what the signature and the store's
 head name). Both sides therefore serialise with one definition::
 
-    {"version":42,"defaults":{"unknown_location":"allow"},"rules":[{"id":"a",...},...]}
+    {"defaults":{"unknown_location":"allow"},"rules":[{"id":"a",...},...],"version":42}
 
 compact (no spaces), UTF-8 (no ``\\u`` escapes but those JSON requires), the
 top-level keys in that order with ``defaults`` always present, every rule's
 ``id`` first and its other keys sorted, ``meetings`` keys sorted, lists and
 rule order as written. ``"id"`` first makes a rule findable in the text by
 ``{"id":"<id>",``: inside a JSON string a quote is always escaped, so that
-sequence can only start a rule.
+sequence can only start a rule. The version comes last so that two versions
+share all the text before their first changed rule: the compiler skips shared
+text in C (see ``parse_policy``), and a version number at the front would end
+the shared beginning at its first byte.
 
 Two files that differ only in formatting, comments or key order give the same
 canonical text, hence the same SHA-256.
@@ -52,9 +55,9 @@ def canonical_rule(rule: dict[str, Any]) -> str:
 def _document(parsed: dict[str, Any]) -> str:
     defaults = parsed.get("defaults") or {}
     return (
-        f'{{"version":{int(parsed["version"])},'
-        f'"defaults":{dumps({"unknown_location": defaults.get("unknown_location", "allow")})},'
-        f'"rules":[{",".join(canonical_rule(rule) for rule in parsed["rules"])}]}}'
+        f'{{"defaults":{dumps({"unknown_location": defaults.get("unknown_location", "allow")})},'
+        f'"rules":[{",".join(canonical_rule(rule) for rule in parsed["rules"])}],'
+        f'"version":{int(parsed["version"])}}}'
     )
 
 

@@ -41,8 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["Delta", "DeltaError", "apply_delta", "encode_delta", "make_delta", "open_delta", "result_snapshot"]
 
 FORMAT = 1
-_HEAD = re.compile(r'\{"version":(\d+),"defaults":')
+_DEFAULTS = '{"defaults":'
 _RULES = ',"rules":['
+_VERSION = re.compile(r'\],"version":\d+\}')
 _SCANNER = json.JSONDecoder()
 
 
@@ -236,18 +237,18 @@ def apply_delta(base: bytes, delta: Delta, base_sha256: str = "") -> bytes:
     if (base_sha256 or hashlib.sha256(base).hexdigest()) != delta.base_sha256:
         raise DeltaError(f"applies to a base with SHA-256 {delta.base_sha256[:12]}..., not the active snapshot")
     text = base.decode("utf-8")
-    head = _HEAD.match(text)
-    if head is None or not text.endswith("]}"):
+    end = text.rfind('],"version":')
+    if end < 0 or not _VERSION.fullmatch(text, end) or not text.startswith(_DEFAULTS):
         raise DeltaError("the active snapshot is not canonical JSON")
     try:
-        defaults_end = _SCANNER.raw_decode(text, head.end())[1]
+        defaults_end = _SCANNER.raw_decode(text, len(_DEFAULTS))[1]
     except ValueError:
         raise DeltaError("the active snapshot is not canonical JSON") from None
     if not text.startswith(_RULES, defaults_end):
         raise DeltaError("the active snapshot is not canonical JSON")
-    body = _splice(text, defaults_end + len(_RULES), len(text) - 2, delta)
-    defaults = dumps(delta.defaults) if delta.defaults is not None else text[head.end() : defaults_end]
-    result = f'{{"version":{delta.version},"defaults":{defaults}{_RULES}{body}]}}'.encode()
+    body = _splice(text, defaults_end + len(_RULES), end, delta)
+    defaults = dumps(delta.defaults) if delta.defaults is not None else text[len(_DEFAULTS) : defaults_end]
+    result = f'{_DEFAULTS}{defaults}{_RULES}{body}],"version":{delta.version}}}'.encode()
     if hashlib.sha256(result).hexdigest() != delta.sha256:
         raise DeltaError(f"the result does not hash to the announced SHA-256 {delta.sha256[:12]}...")
     return result

@@ -69,7 +69,7 @@ def read_snapshot(
             opened = open_envelope(data)  # no key to check against: payload only
         else:
             return parse_policy(data, source, pace=pace, previous=previous, sha256=sha256)
-        policy = parse_policy(opened.payload, source, pace=pace, previous=previous)
+        policy = parse_policy(opened.payload, source, pace=pace, previous=previous, sha256=opened.sha256)
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
     except SnapshotError as error:

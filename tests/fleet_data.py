@@ -48,12 +48,12 @@ def initial(count: int, seed: int = 7, version: int = 1) -> dict[str, Any]:
 def mutate(document: dict[str, Any], rng: random.Random, edits: int = 3) -> dict[str, Any]:
     """The next publication: version + 1 and ``edits`` random changes."""
     rules = [dict(rule) for rule in document["rules"]]
-    for _ in range(edits):
+    for edit in range(edits):
         roll = rng.random()
         if roll < 0.25 and len(rules) > 1:
             rules.pop(rng.randrange(len(rules)))
         elif roll < 0.5:
-            rules.insert(rng.randrange(len(rules) + 1), make_rule(rng, f"n-{rng.getrandbits(40):x}"))
+            rules.insert(rng.randrange(len(rules) + 1), make_rule(rng, f"n-{document['version']}-{edit}"))
         elif roll < 0.8 and rules:
             index = rng.randrange(len(rules))
             rules[index] = dict(rules[index], priority=rng.randint(501, 900))

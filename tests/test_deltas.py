@@ -43,8 +43,8 @@ def key_pair(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_canonical_text_is_one_text_whatever_the_form() -> None:
     expected = (
-        b'{"version":3,"defaults":{"unknown_location":"deny"},"rules":[{"id":"cn","effect":"deny",'
-        b'"jurisdiction":["CN"],"legal_basis":"Order 1","meetings":{"meeting_ids":["m-1"],"tags":["memorial"]}}]}'
+        b'{"defaults":{"unknown_location":"deny"},"rules":[{"id":"cn","effect":"deny","jurisdiction":["CN"],'
+        b'"legal_basis":"Order 1","meetings":{"meeting_ids":["m-1"],"tags":["memorial"]}}],"version":3}'
     )
     assert canonical_snapshot(YAML, "a.yaml") == canonical_snapshot(JSON, "a.json") == expected
     assert is_canonical(expected)
@@ -52,7 +52,7 @@ def test_canonical_text_is_one_text_whatever_the_form() -> None:
     assert parse_policy(expected, "c.json").by_id["cn"].legal_basis == "Order 1"
     # Defaults are always written out, so that a changed default is a change of one field.
     assert canonical_snapshot(b"version: 1\nrules: []\n", "e.yaml") == (
-        b'{"version":1,"defaults":{"unknown_location":"allow"},"rules":[]}'
+        b'{"defaults":{"unknown_location":"allow"},"rules":[],"version":1}'
     )
 
 
@@ -152,6 +152,16 @@ def test_signed_deltas_verify_and_cannot_pass_for_snapshots(tmp_path: Path, key_
         open_delta(json.dumps(swapped).encode(), trusted)
     with pytest.raises(DeltaError, match="envelope says version"):
         open_delta(sign(delta.to_json(), 77, key, kind=DELTA), trusted)
+
+
+def test_envelopes_are_the_json_they_always_were(key_pair: tuple[Path, Path]) -> None:
+    """sign() writes its envelope directly now; byte for byte what json.dumps wrote before."""
+    key = load_private_key(key_pair[0])
+    for payload in (b"", b"version: 1\nrules: []\n", bytes(range(256)) * 50):
+        for kind in ("snapshot", DELTA):
+            signed = sign(payload, 9, key, kind=kind)
+            assert signed == (json.dumps(json.loads(signed), indent=1) + "\n").encode()
+            assert next(iter(json.loads(signed))) == f"pdp_signed_{kind}"
 
 
 def test_the_result_is_the_published_envelope_exactly(key_pair: tuple[Path, Path]) -> None:

@@ -219,6 +219,7 @@ def _resigned(key: Any, **changes: Any) -> Callable[[bytes], bytes]:
         ("unknown key", "signed with unknown key"),
         ("unsigned delta", "only signed deltas are accepted"),
         ("wrong result hash", "does not hash to the announced SHA-256"),
+        ("wrong carried signature", "is not the one the head names"),
     ],
 )
 def test_every_broken_delta_falls_back_to_the_full_snapshot_visibly(
@@ -257,6 +258,7 @@ def test_every_broken_delta_falls_back_to_the_full_snapshot_visibly(
                 "unknown key": _resigned(load_private_key(tmp_path / "other.key")),
                 "unsigned delta": _resigned(None),
                 "wrong result hash": _resigned(publisher.key, sha256="0" * 64),
+                "wrong carried signature": _resigned(publisher.key, snapshot_signature=("k", bytes(64))),
             }[case],
         )
         expected = "activated version 2"

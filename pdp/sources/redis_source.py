@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import redis
+from redis.client import Pipeline
 
 from pdp.compression import CompressionError, inflate
 from pdp.delta import Delta, DeltaError, apply_delta, open_delta, result_snapshot
@@ -41,7 +42,7 @@ from pdp.sources.redis_url import DEFAULT_KEY, redis_target
 __all__ = ["DEFAULT_KEY", "MAX_CHAIN", "RedisSource"]
 
 MAX_CHAIN = 1000  # deltas applied in one step; further behind, the full snapshot is cheaper
-_CANONICAL_VERSION = re.compile(rb'\{"version":(\d+),')
+_CANONICAL_VERSION = re.compile(rb'\],"version":(\d+)\}')
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +60,28 @@ class _Head:
         return None if base == -1 else cls(int(parts[0]), parts[1], base)
 
 
-@dataclass(frozen=True, slots=True)
 class _Base:
-    """The active snapshot's rules as text, which the next delta applies to."""
+    """The active snapshot, which the next delta applies to: its version, and its
+    rules' canonical text with their SHA-256, opened from the stored snapshot on
+    first use (a sidecar that never sees a delta never decodes it)."""
 
-    version: int
-    sha256: str
-    payload: bytes
+    __slots__ = ("_payload", "_sha256", "_stored", "version")
 
-    @classmethod
-    def of(cls, data: bytes) -> _Base | None:
-        """From an activated snapshot as stored; None when it is not canonical JSON."""
-        try:
-            payload = open_envelope(data).payload if is_envelope(data) else data
-        except SignatureError:
-            return None
-        match = _CANONICAL_VERSION.match(payload)
-        return cls(int(match[1]), hashlib.sha256(payload).hexdigest(), payload) if match else None
+    def __init__(self, version: int, *, stored: bytes = b"", payload: bytes = b"", sha256: str = "") -> None:
+        self.version = version
+        self._stored, self._payload, self._sha256 = stored, payload, sha256
+
+    def rules_text(self) -> tuple[bytes, str] | None:
+        """(text, SHA-256), or None when the snapshot is not canonical JSON (deltas cannot apply)."""
+        if self._stored:
+            stored, self._stored = self._stored, b""
+            try:
+                payload = open_envelope(stored).payload if is_envelope(stored) else stored
+            except SignatureError:
+                payload = b""
+            if _CANONICAL_VERSION.fullmatch(payload, max(0, payload.rfind(b'],"version":'))):
+                self._payload, self._sha256 = payload, hashlib.sha256(payload).hexdigest()
+        return (self._payload, self._sha256) if self._payload else None
 
 
 class RedisSource(Source):
@@ -94,10 +100,18 @@ class RedisSource(Source):
         self._subscriber.start()
 
     def fetch(self) -> Fetched | None:
+        # One round trip per poll: the head and, when a delta could follow the active
+        # snapshot, the entries after it (an empty reply while nothing changes).
+        base = self._base if self.target.follow_deltas and self._pending is None else None
         try:
-            raw_head = self._client.get(self.target.head)
+            with self._client.pipeline(transaction=False) as pipeline:
+                pipeline.get(self.target.head)
+                if base is not None:
+                    self._ask_entries(pipeline, base)
+                replies = pipeline.execute()
         except redis.RedisError as error:
             raise SourceError(f"{self.url}: {error}") from None
+        raw_head, entries = replies[0], (replies[1] if base is not None else None)
         if not isinstance(raw_head, bytes):
             return self._full(False, "")  # no head: a store written by an older publisher
         head = raw_head.decode("ascii", "replace")
@@ -110,11 +124,14 @@ class RedisSource(Source):
         base = self._base
         wanted = announced is not None and announced.delta_base is not None and self.target.follow_deltas
         if wanted and announced is not None and base is not None and announced.version > base.version:
-            followed = self._from_deltas(base, announced, head)
+            followed = self._from_deltas(base, entries, announced, head)
             if isinstance(followed, Fetched):
                 return followed
             fallback = followed
         return self._full(True, fallback)
+
+    def _ask_entries(self, client: redis.Redis | Pipeline, base: _Base) -> object:
+        return client.xrange(self.target.stream, min=f"{base.version + 1}-0", max="+", count=MAX_CHAIN + 1)
 
     def _full(self, with_head: bool, fallback: str) -> Fetched | None:
         try:
@@ -138,14 +155,15 @@ class RedisSource(Source):
         self._pending, self._pending_base = Fetched(data, tag, digest, fallback=fallback), None
         return self._pending
 
-    def _from_deltas(self, base: _Base, announced: _Head, head: str) -> Fetched | str:
-        """The snapshot ``announced`` from the deltas after ``base``, or why not (in words)."""
+    def _from_deltas(self, base: _Base, read: object, announced: _Head, head: str) -> Fetched | str:
+        """The snapshot ``announced`` from the deltas after ``base`` (``read`` with the
+        head, or None: read them now), or why not (in words)."""
         stream = self.target.stream
         try:
             # Without decode_responses, ids and fields are bytes (redis-py types them loosely).
             entries = cast(
                 "list[tuple[bytes, dict[bytes, bytes]]]",
-                self._client.xrange(stream, min=f"{base.version + 1}-0", max="+", count=MAX_CHAIN + 1),
+                read if read is not None else self._ask_entries(self._client, base),
             )
         except redis.RedisError as error:
             return f"cannot read the stream {stream!r}: {error}"
@@ -153,7 +171,10 @@ class RedisSource(Source):
             return f"no delta after version {base.version} in {stream!r} (trimmed, or never written)"
         if len(entries) > MAX_CHAIN:
             return f"more than {MAX_CHAIN} deltas behind"
-        payload, version, sha256, last = base.payload, base.version, base.sha256, None
+        text = base.rules_text()
+        if text is None:
+            return "the active snapshot is not canonical JSON: deltas cannot apply to it"
+        (payload, sha256), version, last = text, base.version, None
         for entry_id, fields in entries:
             name = entry_id.decode("ascii", "replace")
             try:
@@ -184,19 +205,21 @@ class RedisSource(Source):
         digest = last.sha256 if data is payload else hashlib.sha256(data).hexdigest()
         if digest != announced.sha256:
             return f"the snapshot the deltas make is not the one the head names ({announced.sha256[:12]}...)"
-        if self.options.keys and data is not payload:
+        if self.options.keys and last.snapshot_signature is not None:
             try:  # a delta whose carried signature fails must fall back, not be refused for good
-                self.options.keys.open(data, sha256=last.sha256)
+                kid, signature = last.snapshot_signature
+                self.options.keys.check(kid, last.version, last.sha256, signature)
             except SignatureError as error:
                 return f"the snapshot the deltas make is refused: {error}"
         self._pending = Fetched(data, head, digest, deltas=count)
-        self._pending_base = _Base(last.version, last.sha256, payload)
+        self._pending_base = _Base(last.version, payload=payload, sha256=last.sha256)
         return self._pending
 
     def commit(self, fetched: Fetched) -> None:
         super().commit(fetched)
         if self._pending is not None and self._pending.tag == fetched.tag:
-            self._base = self._pending_base or _Base.of(self._pending.data)
+            head = _Head.parse(fetched.tag)  # a full fetch: the head names the version of these bytes
+            self._base = self._pending_base or (_Base(head.version, stored=fetched.data) if head else None)
             self._pending = self._pending_base = None
 
     def _listen(self) -> None:
