@@ -29,7 +29,7 @@ from pdp.logs import redact_url
 from pdp.pacing import in_background
 from pdp.policy import PolicyHolder, ReloadStatus
 from pdp.rules import Policy, SnapshotError, parse_policy
-from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
+from pdp.signing import Opened, SignatureError, TrustedKeys, is_envelope, open_envelope
 from pdp.sources import Fetched, Source, SourceError
 
 __all__ = ["GeoWatcher", "Reloader", "SnapshotRejectedError", "StartupError", "read_snapshot"]
@@ -55,20 +55,26 @@ def read_snapshot(
     pace: Callable[[], None] | None = None,
     previous: Policy | None = None,
     sha256: str = "",
+    opened: Opened | None = None,
 ) -> Policy:
     """Verify (when keys are trusted) and compile snapshot bytes as stored.
-    ``sha256``, the digest of ``data`` if known, saves hashing it again.
+    ``sha256``, the digest of ``data`` if known, saves hashing it again; ``opened``,
+    the contents of the envelope ``data`` is, as its source opened them (a snapshot
+    rebuilt from deltas, its payload's digest computed), saves parsing and hashing it
+    again: only the signature over that digest is checked.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
         version mismatch, or any rules-file problem (every one listed).
     """
     try:
-        if keys:
+        if opened is None and keys:
             opened = keys.open(data)
-        elif is_envelope(data):
+        elif opened is None and is_envelope(data):
             opened = open_envelope(data)  # no key to check against: payload only
-        else:
+        elif opened is None:
             return parse_policy(data, source, pace=pace, previous=previous, sha256=sha256)
+        elif keys:  # a source's word is not enough: its signature over the payload's digest is checked here too
+            keys.check(opened.key_id, opened.version, opened.sha256, opened.signature)
         policy = parse_policy(opened.payload, source, pace=pace, previous=previous, sha256=opened.sha256)
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
@@ -170,7 +176,13 @@ class Reloader(_Poller):
         try:
             with in_background() as pace:
                 policy = read_snapshot(
-                    fetched.data, self.keys, self.status.source, pace, previous=self.holder.policy, sha256=digest
+                    fetched.data,
+                    self.keys,
+                    self.status.source,
+                    pace,
+                    previous=self.holder.policy,
+                    sha256=digest,
+                    opened=fetched.opened,
                 )
             self.status.last_compile_ms = round((time.perf_counter() - started) * 1000, 1)
             outcome = self._offer(policy, fetched)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DELTA",
     "SNAPSHOT",
+    "Opened",
     "SignatureError",
     "TrustedKeys",
     "envelope",

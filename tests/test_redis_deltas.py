@@ -365,3 +365,28 @@ def test_publish_writes_head_stream_and_notice_in_one_transaction(
     assert head.startswith(b"3 ")
     assert head.endswith(b" -")
     assert store.xlen("pdp:fleet:deltas") == 1
+
+
+def test_a_source_without_keys_cannot_pass_an_unverified_delta_to_a_reloader_with_keys(
+    tmp_path: Path, publisher: Publisher, store: redis.Redis, trusted: TrustedKeys
+) -> None:
+    """The reloader checks the rebuilt snapshot's signature itself: forgetting to give the
+    source the keys (SourceOptions()) fails closed, it does not skip verification."""
+    generate_keypair(tmp_path / "rogue.key", tmp_path / "rogue.pub")
+    rogue = Publisher(publisher.url, load_private_key(tmp_path / "rogue.key"))
+    publisher.publish(initial(20))
+    holder = PolicyHolder()
+    holder.activate_geo(GeoDatabase(CITY_DB))
+    reloader = Reloader(holder, open_source(publisher.url), keys=trusted)  # the source trusts nothing
+    try:
+        assert reloader.run_once() == "activated version 1"
+        assert publisher.document is not None
+        rogue.document = publisher.document
+        rogue.next()  # a delta and a snapshot signed by a key the sidecar does not trust
+        result = reloader.run_once()
+        assert result.startswith("rejected: ")
+        assert "signed with unknown key" in result
+        assert holder.policy is not None
+        assert holder.policy.version == 1
+    finally:
+        reloader.stop()

@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from pdp.rules import MAX_SNAPSHOT_BYTES
-from pdp.signing import TrustedKeys
+from pdp.signing import Opened, TrustedKeys
 
 __all__ = ["Fetched", "Source", "SourceError", "SourceOptions"]
 
@@ -26,6 +26,9 @@ class Fetched:
     sha256: str
     deltas: int = 0  # deltas applied to the active snapshot to make ``data`` (0: fetched whole)
     fallback: str = ""  # why deltas were announced but not used, when they were
+    # The envelope ``data`` is, as the source opened it (and verified it when keys are trusted):
+    # set by sources that build the envelope themselves, so that it is not parsed again.
+    opened: Opened | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ from redis.client import Pipeline
 
 from pdp.compression import CompressionError, inflate
 from pdp.delta import Delta, DeltaError, apply_delta, open_delta, result_snapshot
-from pdp.signing import SignatureError, is_envelope, open_envelope
+from pdp.signing import Opened, SignatureError, is_envelope, open_envelope
 from pdp.sources.base import Fetched, Source, SourceError, SourceOptions
 from pdp.sources.redis_url import DEFAULT_KEY, redis_target
 
@@ -205,13 +205,16 @@ class RedisSource(Source):
         digest = last.sha256 if data is payload else hashlib.sha256(data).hexdigest()
         if digest != announced.sha256:
             return f"the snapshot the deltas make is not the one the head names ({announced.sha256[:12]}...)"
-        if self.options.keys and last.snapshot_signature is not None:
+        opened = None
+        if last.snapshot_signature is not None:
+            kid, signature = last.snapshot_signature
+            opened = Opened(payload, last.version, kid, signature, last.sha256)
             try:  # a delta whose carried signature fails must fall back, not be refused for good
-                kid, signature = last.snapshot_signature
-                self.options.keys.check(kid, last.version, last.sha256, signature)
+                if self.options.keys:
+                    self.options.keys.check(kid, last.version, last.sha256, signature)
             except SignatureError as error:
                 return f"the snapshot the deltas make is refused: {error}"
-        self._pending = Fetched(data, head, digest, deltas=count)
+        self._pending = Fetched(data, head, digest, deltas=count, opened=opened)
         self._pending_base = _Base(last.version, payload=payload, sha256=last.sha256)
         return self._pending
 
@@ -219,7 +222,8 @@ class RedisSource(Source):
         super().commit(fetched)
         if self._pending is not None and self._pending.tag == fetched.tag:
             head = _Head.parse(fetched.tag)  # a full fetch: the head names the version of these bytes
-            self._base = self._pending_base or (_Base(head.version, stored=fetched.data) if head else None)
+            full = _Base(head.version, stored=fetched.data) if head and self.target.follow_deltas else None
+            self._base = self._pending_base or full
             self._pending = self._pending_base = None
 
     def _listen(self) -> None:
