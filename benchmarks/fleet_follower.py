@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pdp.geo import GeoDatabase
-from pdp.policy import Active, PolicyHolder
 from pdp.reload import Reloader, read_snapshot
 from pdp.rules import Policy
 from pdp.signing import TrustedKeys
 from pdp.sources import SourceOptions, open_source
+from pdp.state import Active, PolicyHolder
 
 CITY_DB = Path(__file__).resolve().parent.parent / "tests" / "data" / "maxmind" / "test-data" / "GeoIP2-City-Test.mmdb"
 

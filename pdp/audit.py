@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from pdp.errors import PdpError
 from pdp.model import Action, Decision, Location, Verdict
-from pdp.policy import Active
+from pdp.state import Active
 
 __all__ = ["AuditConfig", "AuditError", "AuditLog", "pseudonym"]
 
 
-class AuditError(Exception):
+class AuditError(PdpError):
     """The audit log cannot be set up (no key, unwritable path)."""
 
 
@@ -42,7 +43,11 @@ def pseudonym(key: bytes, value: str) -> str:
 
 
 class _Pending(NamedTuple):
-    """What the request path hands to the writer: references only, no formatting."""
+    """What the request path hands to the writer: references only, no formatting.
+
+    Read by field name only. A NamedTuple because it is built on the request
+    path, where a frozen dataclass costs twice as much to make.
+    """
 
     time: float
     decision: Decision
@@ -114,8 +119,11 @@ class AuditLog:
             return
         # A deque append is one atomic step: no lock, no wake-up of the writer.
         self._pending.append(
-            _Pending(time.time(), decision, location, active, action, meeting_id, ip, user_id, account_id, enforced)
-        )
+            _Pending(
+                time=time.time(), decision=decision, location=location, active=active, action=action,
+                meeting_id=meeting_id, ip=ip, user_id=user_id, account_id=account_id, enforced=enforced,
+            )
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ writer
 
@@ -144,23 +152,23 @@ class AuditLog:
         self._open()
 
     def _lines(self, item: _Pending) -> list[str]:
-        moment, decision, location, active, action, meeting_id, ip, user_id, account_id, enforced = item
+        decision, location, active = item.decision, item.location, item.active
         base = {
-            "time": dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="milliseconds"),
-            "action": "join" if action == Action.JOIN else "host",
+            "time": dt.datetime.fromtimestamp(item.time, dt.UTC).isoformat(timespec="milliseconds"),
+            "action": "join" if item.action == Action.JOIN else "host",
             "location": {"country": location.country, "subdivisions": list(location.subdivisions)},
-            "meeting_id": meeting_id,
-            "participant": pseudonym(self._key, str(account_id)),
-            "user": pseudonym(self._key, str(user_id)),
+            "meeting_id": item.meeting_id,
+            "participant": pseudonym(self._key, str(item.account_id)),
+            "user": pseudonym(self._key, str(item.user_id)),
             "policy_version": active.policy.version,
             "geoip_build": active.geo.build_epoch,
         }
         if self.config.include_ip:
-            base["ip"] = ip
+            base["ip"] = item.ip
         lines = []
         by_id = active.policy.by_id
         entries: list[tuple[str, str, str, str]] = []
-        if enforced:
+        if item.enforced:
             entries.append(("enforce", decision.verdict.name, decision.rule_id, decision.legal_basis))
         for shadow_id in decision.shadow_rule_ids:
             shadow = by_id[shadow_id]

@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pdp.rules import snapshot_as_json
-
 __all__ = ["canonical_rule", "canonical_snapshot", "dumps", "is_canonical", "rule_needle"]
 
 
@@ -66,6 +64,8 @@ def canonical_snapshot(data: bytes, source: str = "<snapshot>") -> bytes:
 
     :raises SnapshotError: the snapshot is invalid (it is fully validated first).
     """
+    from pdp.rules import snapshot_as_json  # here: a source applying deltas never loads the rules engine
+
     return _document(json.loads(snapshot_as_json(data, source))).encode()
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -21,22 +21,21 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from pdp import __version__
-from pdp.config import ConfigError, add_serve_arguments, describe, resolve
+from pdp.config import add_serve_arguments, describe, resolve
+from pdp.errors import PdpError
 from pdp.geo import (
-    DEMO,
-    DEMO_NOTICE,
     GeoDatabase,
-    GeoIPError,
     InvalidAddressError,
-    demo_database_path,
-    read_pinned_sha256,
+    Located,
 )
+from pdp.iso3166 import jurisdiction_problem
 from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Verdict
 from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from pdp.app import Sidecar
     from pdp.client import Client
 
 log = logging.getLogger("pdp")
@@ -44,27 +43,44 @@ log = logging.getLogger("pdp")
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_DENY = 0, 1, 2, 3
 
 
-class UsageError(Exception):
+class UsageError(PdpError):
     """A problem the user can fix; printed without a traceback, exit code 2."""
 
 
 # --------------------------------------------------------------------------- shared helpers
 
 
-def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> GeoDatabase:
-    """Open a database by path, or the demo one for ``demo`` (with its notice);
-    with ``sha256_file``, only if its digest is the one pinned there."""
-    if not name:
-        raise UsageError("no GeoIP database: pass --geoip-db PATH or set PDP_GEOIP_DB (or use --geoip-db demo)")
-    sha256 = read_pinned_sha256(sha256_file) if sha256_file else ""
-    if name == DEMO:
-        log.warning(DEMO_NOTICE)
-    path = demo_database_path() if name == DEMO else name
-    return GeoDatabase(path, cache_size, sha256=sha256)
+def open_geo(
+    name: str, cache_size: int = 100_000, sha256_file: str = "", nat64_prefixes: Sequence[str] = ()
+) -> GeoDatabase:
+    """:func:`pdp.app.open_geo`, imported when used: commands other than serve start quicker."""
+    from pdp import app
+    from pdp.addresses import InvalidPrefixError
+
+    try:
+        return app.open_geo(name, cache_size, sha256_file, nat64_prefixes)
+    except InvalidPrefixError as error:
+        raise UsageError(f"--nat64-prefix: {error}") from None
+
+
+def _open_geo_for(options: argparse.Namespace) -> GeoDatabase:
+    """The database `explain` and `geo lookup` use, with the server's NAT64 prefixes."""
+    prefixes = options.nat64_prefix or os.environ.get("PDP_NAT64_PREFIX", "").split(",")
+    return open_geo(
+        options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""), 1, nat64_prefixes=[p for p in prefixes if p]
+    )
 
 
 def _format_build(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d")
+
+
+def _build_fields(epoch: int) -> dict[str, Any]:
+    """The database build for JSON output: Unix seconds and RFC 3339 (both null without a database)."""
+    if not epoch:
+        return {"geoip_build": None, "geoip_build_time": None}
+    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return {"geoip_build": epoch, "geoip_build_time": moment.isoformat().replace("+00:00", "Z")}
 
 
 def _location_text(location: Location) -> str:
@@ -79,7 +95,8 @@ def _decision_lines(decision: Decision, location: Location, version: int, build:
     if decision.legal_basis:
         lines.append(f"  legal basis  {decision.legal_basis}")
     lines.append(f"  location     {_location_text(location)}")
-    lines.append(f"  policy       version {version}, GeoIP build {_format_build(build)}")
+    geoip = f"GeoIP build {_format_build(build)}" if build else "no GeoIP database (location given)"
+    lines.append(f"  policy       version {version}, {geoip}")
     if decision.shadow_rule_ids:
         lines.append(f"  shadow       {', '.join(decision.shadow_rule_ids)} (matched, not enforced)")
     return lines
@@ -93,13 +110,23 @@ def _decision_json(decision: Decision, location: Location, version: int, build: 
         "legal_basis": decision.legal_basis,
         "location": {"found": location.found, "country": location.country, "subdivisions": list(location.subdivisions)},
         "policy_version": version,
-        "geoip_build": build,
+        **_build_fields(build),
         "shadow_rule_ids": list(decision.shadow_rule_ids),
     }
 
 
 def _verdict_exit(verdict: Verdict) -> int:
     return EXIT_DENY if verdict == Verdict.DENY else EXIT_OK
+
+
+def _add_nat64_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nat64-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="the network's NAT64 prefix, as given to pdp serve (repeatable) [env PDP_NAT64_PREFIX]",
+    )
 
 
 def _add_meeting_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,98 +142,32 @@ def _add_meeting_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_serve(options: argparse.Namespace) -> int:
     from pdp import logs
-    from pdp.audit import AuditConfig, AuditError, AuditLog
-    from pdp.policy import PolicyHolder
-    from pdp.reload import GeoWatcher, Reloader, StartupError
-    from pdp.server import start_server, wait_for_signal
-    from pdp.signing import SignatureError, TrustedKeys
-    from pdp.sources import SourceOptions, open_source
-    from pdp.telemetry import TelemetryError, configure_from_environment, wanted
+    from pdp.app import Sidecar
 
     config = resolve(vars(options))
     logs.setup(config.log_format, config.log_level)
     log.info("starting pdp %s with %s", __version__, json.dumps(describe(config)))
-    if not config.snapshot:
-        raise UsageError("no snapshot: pass --snapshot file:///path/rules.yaml or set PDP_SNAPSHOT_URL")
-    try:
-        keys = TrustedKeys.from_files(config.pubkey_files)
-    except SignatureError as error:
-        raise UsageError(f"--snapshot-pubkey: {error}") from None
-    geo = open_geo(config.geoip_db, config.cache_size, config.geoip_sha256_file)
-    source_options = SourceOptions(
-        timeout=config.http_timeout,
-        bearer_token_file=config.http_bearer_token_file,
-        ca_bundle=config.http_ca_bundle,
-        keys=keys,
-    )
-    try:
-        source = open_source(config.snapshot, source_options)
-    except ValueError as error:
-        raise UsageError(f"--snapshot: {error}") from None
-    holder = PolicyHolder()
-    holder.activate_geo(geo)
-    reloader = Reloader(holder, source, keys=keys, state_dir=config.state_dir or None, poll_seconds=config.poll_seconds)
-    try:
-        reloader.initial()
-    except StartupError as error:
-        source.close()
-        raise UsageError(f"refusing to start: {error}") from None
-    watcher = GeoWatcher(
-        holder,
-        geo.path,
-        cache_size=config.cache_size,
-        poll_seconds=config.geoip_poll_seconds,
-        sha256_file=config.geoip_sha256_file,
-    )
-    audit = None
-    try:
-        telemetry, exporters = configure_from_environment(holder) if wanted(os.environ) else (None, [])
-        if config.audit_log:
-            if not config.audit_hmac_key_file:
-                raise UsageError(
-                    "--audit-log needs --audit-hmac-key-file (PDP_AUDIT_HMAC_KEY_FILE): ids are pseudonymised"
-                )
-            audit = AuditLog(
-                AuditConfig(
-                    config.audit_log,
-                    config.audit_hmac_key_file,
-                    config.audit_allow_sample_rate,
-                    config.audit_include_ip,
-                    config.audit_queue_size,
-                    config.audit_max_bytes,
-                )
-            )
-        running = start_server(config, holder, telemetry=telemetry, audit=audit)
-    except (OSError, TelemetryError, AuditError) as error:
-        source.close()
-        raise UsageError(str(error)) from None
-    for exporter in exporters:
+    sidecar = Sidecar(config)
+    sidecar.start()
+    for exporter in sidecar.exporters:
         log.info("telemetry %s", exporter)
-    reloader.start()
-    watcher.start()
-    # Everything loaded so far lives as long as the process: keep the collector off it.
-    gc.collect()
-    gc.freeze()
-    policy = holder.policy
-    state = f"policy version {policy.version} ({len(policy.rules)} rules)" if policy else "no policy yet, NOT_SERVING"
-    print(
-        f"pdp {__version__} listening on {running.address}: {state}, "
-        f"{geo.database_type} built {_format_build(geo.build_epoch)}",
-        flush=True,
-    )
-    print(f"try: pdp check --target {running.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
-    try:
-        wait_for_signal(running)
-    finally:
-        reloader.stop()
-        watcher.stop()
-        if audit is not None:
-            audit.close()
-            log.info("audit log closed: %d records written, %d dropped", audit.written, audit.dropped)
-        if telemetry is not None:
-            telemetry.shutdown()
+    # In a function: no local here may hold the start-up database, which is
+    # unmapped when the last reference to it goes after a reload.
+    print(_banner(sidecar), flush=True)
+    print(f"try: pdp check --target {sidecar.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
+    sidecar.run_until_signal()
     log.info("shutdown complete")
     return EXIT_OK
+
+
+def _banner(sidecar: Sidecar) -> str:
+    policy, geo = sidecar.holder.policy, sidecar.geo
+    assert geo is not None
+    state = f"policy version {policy.version} ({len(policy.rules)} rules)" if policy else "no policy yet, NOT_SERVING"
+    return (
+        f"pdp {__version__} listening on {sidecar.address}: {state}, "
+        f"{geo.database_type} built {_format_build(geo.build_epoch)}"
+    )
 
 
 def cmd_check(options: argparse.Namespace) -> int:
@@ -228,18 +189,7 @@ def cmd_check(options: argparse.Namespace) -> int:
 
 def cmd_explain(options: argparse.Namespace) -> int:
     policy = load_policy(options.rules)
-    build = 0
-    if options.ip:
-        geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
-        try:
-            location = geo.locate(options.ip)
-        except InvalidAddressError as error:
-            raise UsageError(f"--ip: {error}") from None
-        build = geo.build_epoch
-    elif options.country:
-        location = Location(options.country.upper(), tuple(options.subdivision))
-    else:
-        location = UNKNOWN_LOCATION
+    location, build, located = _explain_location(options)
     now = options.at.timestamp() if options.at else time.time()
     meeting = Meeting(options.meeting, options.host_account, frozenset(options.tag))
     action = Action[options.action.upper()]
@@ -247,10 +197,14 @@ def cmd_explain(options: argparse.Namespace) -> int:
     traces = policy.explain(location, action, meeting, now)
     if options.json:
         payload = _decision_json(decision, location, policy.version, build)
+        if located is not None:
+            payload["located"] = {"ip": options.ip, "address": located.address, "via": located.via}
         payload["rules"] = [{"id": t.rule.id, "outcome": t.outcome} for t in traces]
         print(json.dumps(payload, indent=2))
     else:
         print("\n".join(_decision_lines(decision, location, policy.version, build)))
+        if located is not None and located.via:
+            print(f"  located as   {located.address} (inside {options.ip}: {located.via})")
         if traces:
             print(f"\nrules whose jurisdiction covers {', '.join(location.codes)}:")
             for trace in traces:
@@ -262,33 +216,86 @@ def cmd_explain(options: argparse.Namespace) -> int:
     return _verdict_exit(decision.verdict)
 
 
+def _explain_location(options: argparse.Namespace) -> tuple[Location, int, Located | None]:
+    """The participant's location from --ip (with its database build and which address was
+    located) or from --country/--subdivision.
+
+    :raises UsageError: an option names a place GeoIP data could never return.
+    """
+    if options.ip:
+        if options.subdivision:
+            raise UsageError("--subdivision goes with --country, not --ip (the database locates the address)")
+        geo = _open_geo_for(options)
+        try:
+            located = geo.trace(options.ip)
+        except InvalidAddressError as error:
+            raise UsageError(f"--ip: {error}") from None
+        return located.location, geo.build_epoch, located
+    country = _country_option(options.country) if options.country else ""
+    subdivisions = tuple(dict.fromkeys(_subdivision_option(code, country) for code in options.subdivision))
+    if not country and subdivisions:
+        country = subdivisions[0][:2]  # US-WA alone says the country
+    for code in subdivisions:
+        if code[:2] != country:
+            given = "--country" if options.country else f"--subdivision {subdivisions[0]}"
+            raise UsageError(f"--subdivision: {code!r} is in {code[:2]}, not in {country} (from {given})")
+    return (Location(country, subdivisions) if country else UNKNOWN_LOCATION), 0, None
+
+
+def _country_option(text: str) -> str:
+    code = text.upper() if len(text) == 2 else text
+    if "-" in code:
+        raise UsageError(f"--country: {code!r} is a subdivision: pass --subdivision {code} (it implies its country)")
+    problem = jurisdiction_problem(code)
+    if problem:
+        raise UsageError(f"--country: {problem}")
+    return code
+
+
+def _subdivision_option(text: str, country: str) -> str:
+    code = text.upper()
+    if "-" not in code:
+        example = f"{country or 'US'}-{code}" if re.fullmatch(r"[A-Z0-9]{1,3}", code) else "US-WA"
+        raise UsageError(f"--subdivision: {text!r} needs its country, as in ISO 3166-2: like {example!r}")
+    problem = jurisdiction_problem(code)
+    if problem:
+        raise UsageError(f"--subdivision: {problem}")
+    return code
+
+
 def cmd_geo_lookup(options: argparse.Namespace) -> int:
-    geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
+    geo = _open_geo_for(options)
     rows = []
     failed = False
     for address in options.ip:
         try:
-            location = geo.lookup_uncached(address)
+            located = geo.trace(address)
         except InvalidAddressError as error:
             print(f"pdp: {address}: {error}", file=sys.stderr)
             failed = True
             continue
-        rows.append((address, location))
+        rows.append((address, located))
     if options.json:
-        print(
-            json.dumps(
-                [
-                    {"ip": address, "found": loc.found, "country": loc.country, "subdivisions": list(loc.subdivisions)}
-                    for address, loc in rows
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps([_lookup_json(address, located, geo.build_epoch) for address, located in rows], indent=2))
     else:
         print(f"# {geo.database_type} built {_format_build(geo.build_epoch)} ({geo.path})")
-        for address, location in rows:
-            print(f"{address:<40} {_location_text(location)}")
+        for address, located in rows:
+            via = f"  located as {located.address}: {located.via}" if located.via else ""
+            print(f"{address:<40} {_location_text(located.location)}{via}")
     return EXIT_USAGE if failed else EXIT_OK
+
+
+def _lookup_json(address: str, located: Located, build: int) -> dict[str, Any]:
+    location = located.location
+    return {
+        "ip": address,
+        "found": location.found,
+        "country": location.country,
+        "subdivisions": list(location.subdivisions),
+        "located": located.address,
+        "via": located.via,
+        **_build_fields(build),
+    }
 
 
 def cmd_snapshot_validate(options: argparse.Namespace) -> int:
@@ -392,27 +399,56 @@ def cmd_status(options: argparse.Namespace) -> int:
         except grpc.RpcError as error:
             raise UsageError(f"{options.target}: {_rpc_error_text(error)}") from None
     document = MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    # proto3 JSON writes int64 as a string; the build is a number and a time, as in pdp check --json.
+    fields = _build_fields(status.geoip_build)
+    document = {key: value for key, value in document.items() if key != "geoip_build"}
+    position = list(document).index("geoip_type") + 1 if "geoip_type" in document else len(document)
+    document = dict([*list(document.items())[:position], *fields.items(), *list(document.items())[position:]])
     if options.json:
         print(json.dumps(document, indent=2))
     else:
+        document["geoip_build"] = _format_build(status.geoip_build) if status.geoip_build else "none"
+        del document["geoip_build_time"]
         width = max(len(key) for key in document)
         for key, value in document.items():
             print(f"{key:<{width}}  {value}")
+    if not status.serving:
+        print(f"pdp: {options.target} is not serving (exit 2)", file=sys.stderr)
     return EXIT_OK if status.serving else EXIT_USAGE
 
 
 def cmd_report(options: argparse.Namespace) -> int:
-    from pdp.report import ReportError, build, chart, read_records, render
+    """Exit 0; 1 when a record breaks the jurisdiction boundary (the report, written anyway, says so)."""
+    from pdp.files import atomic_write
+    from pdp.report import ReportError, Snapshots, build_report, load, moment, render
+    from pdp.report.charts import save
+    from pdp.report.html import render_html
+    from pdp.report.text import boundary_statement
 
     try:
-        records = list(read_records(options.log))
-        rows = build(records, options.since, options.until)
-        sys.stdout.write(render(rows, options.format))
+        since = moment(options.since, "--since") if options.since else None
+        until = moment(options.until, "--until") if options.until else None
+        if since and until and since >= until:
+            raise ReportError(f"--since {options.since} is not before --until {options.until}")
+        snapshots = Snapshots(options.rules)
+        report = build_report(load(options.log), since, until, snapshots, files=len(options.log))
+        text = render_html(report) if options.format == "html" else render(report, options.format)
         if options.chart:
-            chart(records, rows, options.chart)
+            save(report, options.chart)
             print(f"chart written to {options.chart}", file=sys.stderr)
     except ReportError as error:
         raise UsageError(str(error)) from None
+    if options.output:
+        atomic_write(Path(options.output), text.encode())
+        Path(options.output).chmod(0o644)  # a report is for publishing; the temporary file was private
+        print(f"report written to {options.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if not report.boundary.holds:
+        print(f"pdp: {boundary_statement(report.boundary)}", file=sys.stderr)
+        for violation in report.boundary.violations[:20]:
+            print(f"  {violation.record.where}: {violation.problem}", file=sys.stderr)
+        return EXIT_INVALID
     return EXIT_OK
 
 
@@ -511,9 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CODE",
-        help="with --country: ISO 3166-2 subdivision like US-WA (repeatable)",
+        help="ISO 3166-2 subdivision like US-WA (repeatable); alone, it implies its --country",
     )
     explain.add_argument("--geoip-db", metavar="PATH", help="MaxMind database, or 'demo' [env PDP_GEOIP_DB]")
+    _add_nat64_argument(explain)
     explain.add_argument("--at", type=_timestamp, metavar="TIME", help="evaluate at this time (default now)")
     _add_meeting_arguments(explain)
     explain.set_defaults(handler=cmd_explain)
@@ -525,10 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
         "lookup",
         help="show where addresses are located",
         description="Locate addresses exactly as the server does (country, not registered "
-        "country; ISO 3166-2 subdivisions).",
+        "country; ISO 3166-2 subdivisions). An IPv6 address carrying an IPv4 one (NAT64, SIIT, "
+        "6to4, Teredo, or a --nat64-prefix) is located by that IPv4 address, and the line says so.",
     )
     lookup.add_argument("ip", nargs="+", help="IPv4 or IPv6 addresses")
     lookup.add_argument("--geoip-db", metavar="PATH", help="MaxMind database, or 'demo' [env PDP_GEOIP_DB]")
+    _add_nat64_argument(lookup)
     lookup.add_argument("--json", action="store_true", help="print JSON instead of text")
     lookup.set_defaults(handler=cmd_geo_lookup)
 
@@ -619,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show a running sidecar's status",
         description="Print GetStatus: policy version and source, last fetch, stale flag, "
-        "last error, GeoIP database and cache. Exit 0 when serving, 2 otherwise.",
+        "last error, GeoIP database and cache. Exit 0 when the sidecar is serving; exit 2 when it is "
+        "not serving (no policy or GeoIP database loaded yet, or draining on SIGTERM) or cannot be reached.",
     )
     _add_client_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -629,13 +669,34 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="transparency report from decision audit logs",
         description="Aggregate audit logs per jurisdiction, rule and legal basis: denials, distinct meetings, "
-        "distinct pseudonymous participants, where they were located, first and last seen, shadow matches.",
+        "distinct pseudonymous participants, where they were located, first and last seen, shadow matches; "
+        "and check every record against its rule's jurisdiction. Times are RFC 3339 in UTC, to the second. "
+        "Exit 0; 1 when a record shows a rule applied to a participant located outside its jurisdiction "
+        "(the report is still written, and says so); 2 when a log, snapshot or option cannot be used.",
     )
     report.add_argument("log", nargs="+", help="audit log files (JSON lines; rotated files too)")
-    report.add_argument("--since", metavar="TIME", help="include records at or after this time (RFC 3339)")
-    report.add_argument("--until", metavar="TIME", help="include records before this time (RFC 3339)")
-    report.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
-    report.add_argument("--chart", metavar="PNG", help="also draw denials per day (needs the report extra)")
+    report.add_argument(
+        "--since", metavar="TIME", help="period start, included (RFC 3339 or a date; UTC unless an offset is given)"
+    )
+    report.add_argument(
+        "--until", metavar="TIME", help="period end, not included (default: just after the last record)"
+    )
+    report.add_argument(
+        "--format",
+        choices=("md", "csv", "json", "html"),
+        default="md",
+        help="md, csv, json, or html: one self-contained page with the chart, to publish (default md)",
+    )
+    report.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (whole or not at all)")
+    report.add_argument("--chart", metavar="FILE", help="also draw the chart as PNG, or SVG for a .svg name")
+    report.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="SNAPSHOT",
+        help="snapshot file of a policy version in the logs (repeatable): adds validity windows, "
+        "and checks the logged jurisdictions against the published ones",
+    )
     report.set_defaults(handler=cmd_report)
 
     from pdp.loadtest.command import add_parser as add_loadtest
@@ -649,10 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     try:
         result: int = options.handler(options)
-    except SnapshotError as error:
-        print(f"pdp: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (UsageError, ConfigError, GeoIPError, ValueError) as error:
+    except PdpError as error:  # anything else is a bug, and keeps its traceback
         print(f"pdp: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:

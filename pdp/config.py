@@ -18,10 +18,13 @@ from typing import Any
 
 import yaml
 
+from pdp.errors import PdpError
+from pdp.sources import check_scheme
+
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "add_serve_arguments", "parse_listen", "resolve"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PdpError, ValueError):
     """A setting has a bad value; the message names where it came from."""
 
 
@@ -58,10 +61,15 @@ class ServeConfig:
     audit_include_ip: bool = False
     audit_queue_size: int = 10_000
     audit_max_bytes: int = 100 * 1024 * 1024
+    nat64_prefix: str = ""
 
     @property
     def pubkey_files(self) -> list[str]:
         return [part.strip() for part in self.snapshot_pubkey.split(",") if part.strip()]
+
+    @property
+    def nat64_prefixes(self) -> list[str]:
+        return [part for part in self.nat64_prefix.split(",") if part]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,7 @@ class Setting:
     parse: Callable[[str], Any]
     env_name: str = ""  # when the contract's variable differs from PDP_<NAME>
     required: bool = False
+    repeatable: bool = False  # the flag may be given again; the variable and config key take a comma list
 
     @property
     def flag(self) -> str:
@@ -81,19 +90,55 @@ class Setting:
     def env(self) -> str:
         return self.env_name or "PDP_" + self.name.upper()
 
+    @property
+    def switch(self) -> bool:
+        """A boolean: a bare flag with a ``--no-`` form on the command line."""
+        return self.parse is _boolean
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise ValueError(f"{value} is not a positive integer")
     return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 3600:
-        raise ValueError(f"{value} is outside 0..3600 seconds")
-    return value
+def _float_range(low: float, high: float, unit: str = "") -> Callable[[str], float]:
+    """A parser of numbers from ``low`` to ``high`` inclusive (nan and infinities refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # also false for nan
+            raise ValueError(f"{value} is outside {low}..{high}{unit}")
+        return value
+
+    return parse
+
+
+_seconds = _float_range(0, 3600, " seconds")
+_interval = _float_range(0.05, 86400, " seconds")
+_rate = _float_range(0, 1)
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not true or false (nor 1/0, yes/no, on/off)")
 
 
 def _log_level(text: str) -> str:
@@ -106,10 +151,8 @@ def _snapshot_url(text: str) -> str:
     if text and "://" not in text:
         # A bare path is the common case on the command line.
         return Path(text).resolve().as_uri()
-    if text and text.split("://", 1)[0] not in ("file", "http", "https", "redis", "rediss", "redis+sentinel"):
-        raise ValueError(
-            f"{text!r}: snapshot URLs are file://, http(s):// or redis:// (redis+sentinel:// with Sentinel)"
-        )
+    if text:
+        check_scheme(text)
     return text
 
 
@@ -119,26 +162,10 @@ def _log_format(text: str) -> str:
     return text.lower()
 
 
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise ValueError(f"{value} is outside 0..1")
-    return value
+def _nat64_prefixes(text: str) -> str:
+    from pdp.addresses import parse_nat64_prefix
 
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{text!r} is not true or false")
-
-
-def _interval(text: str) -> float:
-    value = float(text)
-    if not 0.05 <= value <= 86400:
-        raise ValueError(f"{value} is outside 0.05..86400 seconds")
-    return value
+    return ",".join(str(parse_nat64_prefix(part).network) for part in text.split(",") if part.strip())
 
 
 def _listen(text: str) -> str:
@@ -192,8 +219,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "state_dir",
-        "directory where the last activated snapshot is kept, to serve (marked stale) "
-        "when the store is unreachable at start",
+        "private directory (0700, created if missing; refused if others can write it) where the last "
+        "activated snapshot is kept: served (marked stale) when the store is unreachable at start, and "
+        "the replay floor after a restart",
         "DIR",
         str,
     ),
@@ -212,7 +240,13 @@ SETTINGS: tuple[Setting, ...] = (
         "FILE",
         str,
     ),
-    Setting("http_timeout", "timeout of one snapshot fetch (http and redis)", "SECONDS", _interval),
+    Setting(
+        "http_timeout",
+        "deadline of one whole snapshot fetch for http(s) (connect, TLS, headers, body, redirects); "
+        "for redis, of each command",
+        "SECONDS",
+        _interval,
+    ),
     Setting(
         "http_bearer_token_file",
         "file holding a bearer token for http(s) snapshot URLs (read at each fetch, so it can be rotated)",
@@ -243,6 +277,15 @@ SETTINGS: tuple[Setting, ...] = (
         "audit_queue_size", "audit records waiting to be written; beyond, they are dropped and counted", "N", _positive
     ),
     Setting("audit_max_bytes", "audit log size that triggers rotation (5 old files are kept)", "BYTES", _positive),
+    Setting(
+        "nat64_prefix",
+        "NAT64 prefix of this network (RFC 6052: /32, /40, /48, /56, /64 or /96), repeatable or comma-separated; "
+        "addresses in it are located by the IPv4 address they carry, as are the well-known NAT64, SIIT, 6to4 "
+        "and Teredo forms",
+        "PREFIX",
+        _nat64_prefixes,
+        repeatable=True,
+    ),
 )
 
 CONFIG_ENV = "PDP_CONFIG"
@@ -255,11 +298,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         default = getattr(defaults, setting.name)
         shown = "required" if setting.required else f"default {default}" if default != "" else "unset"
+        if setting.switch:
+            parser.add_argument(
+                setting.flag,
+                dest=setting.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{setting.help} [env {setting.env}=true|false; {shown}]",
+            )
+            continue
         parser.add_argument(
             setting.flag,
             dest=setting.name,
             metavar=setting.metavar,
             default=None,
+            action="append" if setting.repeatable else "store",
             help=f"{setting.help} [env {setting.env}; {shown}]",
         )
 
@@ -279,8 +332,12 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         raw = environ.get(setting.env)
         if raw is not None and raw != "":
             values[setting.name] = _convert(setting, raw, f"environment variable {setting.env}")
-        if flags.get(setting.name) is not None:
-            values[setting.name] = _convert(setting, str(flags[setting.name]), setting.flag)
+        flag = flags.get(setting.name)
+        if isinstance(flag, bool):
+            values[setting.name] = flag
+        elif flag is not None:
+            text = ",".join(flag) if isinstance(flag, list) else str(flag)
+            values[setting.name] = _convert(setting, text, setting.flag)
     return ServeConfig(**values)
 
 

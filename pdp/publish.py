@@ -32,9 +32,10 @@ from redis.typing import EncodableT, FieldT
 
 from pdp.compression import compress, inflate
 from pdp.delta import encode_delta, make_delta
+from pdp.errors import PdpError
 from pdp.files import atomic_write
-from pdp.rules import MAX_SNAPSHOT_BYTES
 from pdp.signing import SignatureError, is_envelope, open_envelope
+from pdp.sources.base import MAX_SNAPSHOT_BYTES
 from pdp.sources.file_source import file_path
 from pdp.sources.redis_url import SCHEMES, RedisTarget, redis_target
 
@@ -47,7 +48,7 @@ DEFAULT_STREAM_MAXLEN = 1000
 _ATTEMPTS = 10
 
 
-class PublishError(Exception):
+class PublishError(PdpError):
     """The store could not be written."""
 
 

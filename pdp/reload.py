@@ -5,47 +5,77 @@ Rules that keep a fleet safe (learnt from OPA's and Cerbos's issue trackers):
 
 - a source remembers what it fetched (ETag, file identity) only after the
   snapshot was activated, so a rejected one is fetched again;
-- a lower version is a replay and is refused; the same version with other
-  content is a conflict and is refused; the same content is a no-op;
-- the last good snapshot is persisted atomically and re-verified at start;
-  stale-but-valid beats empty;
+- a lower version is a replay and is refused; the same content is a no-op;
+- the same version with other content is a conflict and is refused, unless the
+  active snapshot's bytes are a prefix of the new one's: then the active one was
+  a truncated read (a writer that paused longer than a poll) and the complete
+  one replaces it. A truncated copy never replaces the complete one;
+- the last good snapshot is persisted atomically (a failed write is retried at
+  every poll) and, at start, re-verified and made the floor: the store must
+  offer it or a later version; stale-but-valid beats empty;
 - nothing here ever blocks or fails a request: requests read one reference.
 """
 
 from __future__ import annotations
 
-import json
+import enum
+import hashlib
 import logging
 import random
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pdp.files import atomic_write
-from pdp.files import identity as file_identity
-from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
+from pdp.errors import PdpError
+from pdp.files import NotPrivateError
+from pdp.geo import FileChangedError, GeoDatabase, GeoIPError, format_build, read_pinned_sha256
 from pdp.logs import redact_url
+from pdp.mmdb import look
 from pdp.pacing import in_background
-from pdp.policy import PolicyHolder, ReloadStatus
+from pdp.persisted import Persisted, StateDir
+from pdp.poller import Poller as _Poller
 from pdp.rules import Policy, SnapshotError, parse_policy
 from pdp.signing import Opened, SignatureError, TrustedKeys, is_envelope, open_envelope
-from pdp.sources import Fetched, Source, SourceError
+from pdp.sources import Fetched, Source, SourceError, snapshot_format
+from pdp.state import PolicyHolder, ReloadStatus
 
-__all__ = ["GeoWatcher", "Reloader", "SnapshotRejectedError", "StartupError", "read_snapshot"]
+__all__ = [
+    "GeoWatcher",
+    "InitialOutcome",
+    "Reloader",
+    "SnapshotRejectedError",
+    "StartupError",
+    "Step",
+    "read_snapshot",
+]
 
 log = logging.getLogger("pdp.reload")
 
-PERSISTED = "snapshot"
-PERSISTED_META = "snapshot.meta.json"
 
-
-class SnapshotRejectedError(Exception):
+class SnapshotRejectedError(PdpError):
     """A fetched snapshot was refused; the message says why."""
 
 
-class StartupError(Exception):
-    """Nothing valid to serve at start: the store's snapshot is invalid and none was persisted."""
+class StartupError(PdpError):
+    """Nothing valid to serve at start (the store's snapshot is invalid and none was
+    persisted), or a ``--state-dir`` that others could write."""
+
+
+class Step(enum.Enum):
+    """What one :meth:`Reloader.step` did."""
+
+    ACTIVATED = "activated"
+    UNCHANGED = "unchanged"  # nothing new, the same content again, or the same rejected bytes
+    REJECTED = "rejected"
+    FETCH_FAILED = "fetch failed"
+
+
+class InitialOutcome(enum.Enum):
+    """What :meth:`Reloader.initial` left active when the server starts."""
+
+    STORE = "the store's snapshot"
+    PERSISTED = "the persisted snapshot, marked stale"  # store unreachable, or its snapshot refused
+    NOTHING = "no policy, NOT_SERVING until one can be fetched"
 
 
 def read_snapshot(
@@ -55,13 +85,16 @@ def read_snapshot(
     pace: Callable[[], None] | None = None,
     previous: Policy | None = None,
     sha256: str = "",
+    *,
+    fmt: str | None = None,
     opened: Opened | None = None,
 ) -> Policy:
     """Verify (when keys are trusted) and compile snapshot bytes as stored.
-    ``sha256``, the digest of ``data`` if known, saves hashing it again; ``opened``,
-    the contents of the envelope ``data`` is, as its source opened them (a snapshot
-    rebuilt from deltas, its payload's digest computed), saves parsing and hashing it
-    again: only the signature over that digest is checked.
+    ``sha256``, the digest of ``data`` if known, saves hashing it again; ``fmt``
+    (``"yaml"`` or ``"json"``) overrides the parser's guess from ``source`` and content;
+    ``opened``, the contents of the envelope ``data`` is as its source opened them (a
+    snapshot rebuilt from deltas, its payload's digest computed), saves parsing and
+    hashing it again: only the signature over that digest is checked.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
         version mismatch, or any rules-file problem (every one listed).
@@ -72,10 +105,10 @@ def read_snapshot(
         elif opened is None and is_envelope(data):
             opened = open_envelope(data)  # no key to check against: payload only
         elif opened is None:
-            return parse_policy(data, source, pace=pace, previous=previous, sha256=sha256)
+            return parse_policy(data, source, fmt, pace=pace, previous=previous, sha256=sha256)
         elif keys:  # a source's word is not enough: its signature over the payload's digest is checked here too
             keys.check(opened.key_id, opened.version, opened.sha256, opened.signature)
-        policy = parse_policy(opened.payload, source, pace=pace, previous=previous, sha256=opened.sha256)
+        policy = parse_policy(opened.payload, source, fmt, pace=pace, previous=previous, sha256=opened.sha256)
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
     except SnapshotError as error:
@@ -87,43 +120,8 @@ def read_snapshot(
     return policy
 
 
-class _Poller:
-    """A daemon thread calling :meth:`run_once` after each :meth:`_wait` until stopped."""
-
-    name = "pdp-poller"
-
-    def __init__(self) -> None:
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run_once(self) -> str:
-        raise NotImplementedError
-
-    def _wait(self) -> None:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wait()
-            if self._stopping.is_set():
-                break
-            try:
-                self.run_once()
-            except Exception:  # a bug in one step must not end the polling
-                log.exception("%s: step failed", self.name)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-
 class Reloader(_Poller):
-    """Follows one source; :meth:`run_once` is one fetch-and-maybe-activate step."""
+    """Follows one source; :meth:`step` is one fetch-and-maybe-activate."""
 
     name = "pdp-reloader"
 
@@ -140,34 +138,43 @@ class Reloader(_Poller):
         self.holder = holder
         self.source = source
         self.keys = keys or TrustedKeys()
-        self.state_dir = Path(state_dir) if state_dir else None
+        self.state = StateDir(Path(state_dir)) if state_dir else None
         self.poll_seconds = poll_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self.status: ReloadStatus = holder.status
         self.status.source = redact_url(source.url)
         super().__init__()
+        self._format = snapshot_format(source.url)
         self._failures = 0
         self._rejected_sha = ""
+        self._active_bytes: tuple[int, str] = (0, "")  # length and SHA-256 of the active snapshot as fetched
+        self._unsaved: Persisted | None = None
+        self._save_error = ""
 
     # ------------------------------------------------------------------ steps
 
     def run_once(self) -> str:
         """Fetch once; activate if new and valid. Returns what happened, in words."""
+        return self.step()[1]
+
+    def step(self) -> tuple[Step, str]:
+        """Fetch once; activate if new and valid; retry a failed persist."""
         self.status.last_fetch_at = time.time()
+        self._save()
         try:
             fetched = self.source.fetch()
         except SourceError as error:
             self._failures += 1
             self.status.fetch_errors += 1
             self.status.stale = True
-            return self._result(f"error: {error}", error=str(error))
+            return self._result(Step.FETCH_FAILED, f"error: {error}", error=str(error))
         self._failures = 0
         self.status.stale = False
         if fetched is None:
-            return self._result("unchanged")
+            return self._result(Step.UNCHANGED, "unchanged")
         digest = fetched.sha256
         if digest == self._rejected_sha:
-            return self._result("unchanged (still rejected)")
+            return self._result(Step.UNCHANGED, "unchanged (still rejected)")
         if fetched.fallback:  # deltas were announced but could not be used: this is the full snapshot
             self.status.delta_fallbacks += 1
             self.status.last_delta_fallback = fetched.fallback
@@ -182,31 +189,34 @@ class Reloader(_Poller):
                     pace,
                     previous=self.holder.policy,
                     sha256=digest,
+                    fmt=self._format,
                     opened=fetched.opened,
                 )
             self.status.last_compile_ms = round((time.perf_counter() - started) * 1000, 1)
-            outcome = self._offer(policy, fetched)
+            return self._offer(policy, fetched)
         except SnapshotRejectedError as error:
             self._rejected_sha = digest
             self.status.rejections += 1
             log.warning("snapshot rejected, version %s stays active: %s", self._active_version(), error)
-            return self._result(f"rejected: {error}", error=str(error))
-        return self._result(outcome)
+            return self._result(Step.REJECTED, f"rejected: {error}", error=str(error))
 
-    def _offer(self, policy: Policy, fetched: Fetched) -> str:
+    def _offer(self, policy: Policy, fetched: Fetched) -> tuple[Step, str]:
         current = self.holder.policy
+        completes = False
         if current is not None:
             if policy.sha256 == current.sha256:
                 self.source.commit(fetched)
-                return f"unchanged content (version {policy.version})"
+                return self._result(Step.UNCHANGED, f"unchanged content (version {policy.version})")
             if policy.version < current.version:
                 raise SnapshotRejectedError(
                     f"version {policy.version} is lower than the active {current.version} (replay)"
                 )
-            if policy.version == current.version:
+            completes = policy.version == current.version
+            if completes and not self._completes_active(fetched.data):
                 raise SnapshotRejectedError(f"version {policy.version} is already active with other content (conflict)")
         self.holder.activate_policy(policy, self.status.source)
         self.source.commit(fetched)
+        self._active_bytes = (len(fetched.data), fetched.sha256)
         self._rejected_sha = ""
         self.status.activations += 1
         self.status.last_error = ""
@@ -217,19 +227,25 @@ class Reloader(_Poller):
             self.status.source,
             self.status.last_compile_ms,
         )
-        self._persist(fetched.data, policy)
+        if completes:
+            log.warning("version %d was a truncated read; the complete snapshot replaces it", policy.version)
+        self._persist(fetched, policy)
+        done = f" (it completes the truncated version {policy.version} that was active)" if completes else ""
         if fetched.deltas:
             self.status.delta_activations += 1
-            return (
-                f"activated version {policy.version} (from {fetched.deltas} delta{'s' if fetched.deltas > 1 else ''})"
-            )
-        return f"activated version {policy.version}"
+            done += f" (from {fetched.deltas} delta{'s' if fetched.deltas > 1 else ''})"
+        return self._result(Step.ACTIVATED, f"activated version {policy.version}{done}")
 
-    def _result(self, text: str, *, error: str = "") -> str:
+    def _completes_active(self, data: bytes) -> bool:
+        """Whether the active snapshot's bytes are a strict prefix of ``data``."""
+        size, digest = self._active_bytes
+        return bool(digest) and len(data) > size and hashlib.sha256(data[:size]).hexdigest() == digest
+
+    def _result(self, step: Step, text: str, *, error: str = "") -> tuple[Step, str]:
         self.status.last_fetch_result = text
         if error:
             self.status.last_error = error
-        return text
+        return step, text
 
     def _active_version(self) -> str:
         policy = self.holder.policy
@@ -237,59 +253,92 @@ class Reloader(_Poller):
 
     # ------------------------------------------------------------------ start
 
-    def initial(self) -> None:
+    def initial(self) -> InitialOutcome:
         """First load at start-up, before serving.
 
-        Activates the store's snapshot; if the store is unreachable or its
-        snapshot invalid, the persisted one (re-verified, marked stale). With
-        neither, returns without activating (health stays NOT_SERVING) when the
-        store is unreachable, so the loop keeps trying.
+        The persisted snapshot (re-verified) is activated first and is the floor:
+        the store's replaces it only when it is a later version (or completes it,
+        see the module's rules). If the store is unreachable or its snapshot
+        refused, the persisted one serves, marked stale. With neither, nothing
+        is active (health stays NOT_SERVING) while the store is unreachable, and
+        the loop keeps trying.
 
-        :raises StartupError: the store's snapshot is invalid and nothing is persisted.
+        :raises StartupError: the store's snapshot is invalid and nothing is persisted,
+            or others could write the state directory or a file in it.
         """
-        result = self.run_once()
-        if result.startswith(("activated", "unchanged")):
-            return
-        persisted = self._load_persisted()
+        persisted = self._start_from_state_dir()
+        step, result = self.step()
+        if step in (Step.ACTIVATED, Step.UNCHANGED) and self.holder.policy is not None:
+            return InitialOutcome.STORE
         if persisted is not None:
-            self.holder.activate_policy(persisted, self.status.source)
             self.status.stale = True
             log.warning("serving the persisted snapshot, version %d, marked stale: %s", persisted.version, result)
-            return
-        if result.startswith("rejected"):
+            return InitialOutcome.PERSISTED
+        if step is Step.REJECTED:
             raise StartupError(self.status.last_error)
         log.warning("no policy yet (%s); not serving until one can be fetched", result)
+        return InitialOutcome.NOTHING
 
-    # ------------------------------------------------------------------ persistence
+    def _start_from_state_dir(self) -> Policy | None:
+        """Check and clean the state directory; activate the persisted snapshot, if any and valid.
 
-    def _persist(self, data: bytes, policy: Policy) -> None:
-        if self.state_dir is None:
-            return
-        meta = {"source": self.status.source, "version": policy.version, "sha256": policy.sha256}
+        :raises StartupError: others could write the directory or a file in it.
+        """
+        if self.state is None:
+            return None
         try:
-            atomic_write(self.state_dir / PERSISTED, data)
-            atomic_write(self.state_dir / PERSISTED_META, json.dumps(meta).encode())
+            self.state.prepare()
+            persisted = self.state.load()
+        except NotPrivateError as error:
+            raise StartupError(
+                f"{error} (pdp trusts the snapshot it keeps in --state-dir: only its own user may write there)"
+            ) from None
         except OSError as error:
-            # Serving the new policy matters more than remembering it.
-            self.status.last_error = f"cannot persist the snapshot in {self.state_dir}: {error.strerror or error}"
+            self.status.last_error = f"cannot use the state directory {self.state.path}: {error.strerror or error}"
             log.error("%s", self.status.last_error)
-
-    def _load_persisted(self) -> Policy | None:
-        if self.state_dir is None:
+            return None
+        if persisted is None:
+            return None
+        if persisted.source != self.status.source:
+            log.warning("persisted snapshot came from %s, not %s; not used", persisted.source, self.status.source)
             return None
         try:
-            meta = json.loads((self.state_dir / PERSISTED_META).read_bytes())
-            data = (self.state_dir / PERSISTED).read_bytes()
-        except (OSError, ValueError):
-            return None
-        if meta.get("source") != self.status.source:
-            log.warning("persisted snapshot came from %s, not %s; not used", meta.get("source"), self.status.source)
-            return None
-        try:
-            return read_snapshot(data, self.keys, str(self.state_dir / PERSISTED))
+            # Read as it was the first time: the same name and format, so the same parse.
+            policy = read_snapshot(persisted.data, self.keys, self.status.source, fmt=persisted.format)
         except SnapshotRejectedError as error:
             log.error("persisted snapshot fails verification, not used: %s", error)
             return None
+        self.holder.activate_policy(policy, self.status.source)
+        self._active_bytes = (len(persisted.data), persisted.sha256)
+        log.info("persisted snapshot version %d loaded: the store must offer it or a later one", policy.version)
+        return policy
+
+    # ------------------------------------------------------------------ persistence
+
+    def _persist(self, fetched: Fetched, policy: Policy) -> None:
+        if self.state is not None:
+            self._unsaved = Persisted(fetched.data, self.status.source, policy.version, fetched.sha256, self._format)
+            self._save()
+
+    def _save(self) -> None:
+        """Write the newest activated snapshot if it is not on disk yet; a failure is
+        said in ``last_error`` and retried at the next step."""
+        if self.state is None or self._unsaved is None:
+            return
+        try:
+            self.state.save(self._unsaved)
+        except (OSError, NotPrivateError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            message = f"cannot persist the snapshot in {self.state.path}: {reason}; retried at the next poll"
+            if message != self._save_error:
+                log.error("%s", message)  # once per reason, not at every poll
+            # Serving the new policy matters more than remembering it.
+            self.status.last_error = self._save_error = message
+            return
+        self._unsaved = None
+        if self._save_error and self.status.last_error == self._save_error:
+            self.status.last_error = ""
+        self._save_error = ""
 
     # ------------------------------------------------------------------ loop
 
@@ -309,49 +358,99 @@ class Reloader(_Poller):
 
 
 class GeoWatcher(_Poller):
-    """Reopens the GeoIP database when its file is replaced (geoipupdate renames
-    a new file in); a file that fails the checks is refused until it changes again."""
+    """Reopens the GeoIP database when its file changes: replaced by a rename
+    (geoipupdate), or written in place (``cp``, same inode; a change of size,
+    mtime or ctime). Each new content is copied into private memory and
+    validated there before one swap (see :mod:`pdp.mmdb`), so a file caught
+    half-written is refused or looked at again, and never served. A file that
+    fails is refused until it changes again."""
 
     name = "pdp-geoip-watcher"
 
     def __init__(
-        self, holder: PolicyHolder, path: str, *, cache_size: int, poll_seconds: float = 5.0, sha256_file: str = ""
+        self,
+        holder: PolicyHolder,
+        path: str,
+        *,
+        cache_size: int,
+        poll_seconds: float = 5.0,
+        sha256_file: str = "",
+        nat64_prefixes: Sequence[str] = (),
     ) -> None:
         """``sha256_file``, when set, pins the digest a new database must have;
         a change to either file is a change (write the digest, then rename the
-        database in, or the other way round: the pair is checked again)."""
+        database in, or the other way round: the pair is checked again).
+        ``nat64_prefixes`` are passed on to every database opened."""
         self.holder = holder
         self.path = path
         self.cache_size = cache_size
         self.poll_seconds = poll_seconds
         self.sha256_file = sha256_file
-        self._seen = self._identity()
+        self.nat64_prefixes = tuple(nat64_prefixes)
+        serving = self._serving()
+        # What the serving database was read from, not what is there now: a change
+        # made since it was read is a change.
+        self._seen = self._look(serving.look if serving is not None and serving.path == path else None)
         super().__init__()
 
-    def _identity(self) -> object:
-        database = file_identity(self.path)
+    def _serving(self) -> GeoDatabase | None:
+        active = self.holder.active
+        return active.geo if active is not None else None
+
+    def _look(self, database: object = None) -> object:
+        database = database or look(self.path)
         if database is None or not self.sha256_file:
             return database
-        return (database, file_identity(self.sha256_file))
+        return (database, look(self.sha256_file))
 
     def run_once(self) -> str:
-        identity = self._identity()
-        if identity is None or identity == self._seen:
-            return "unchanged" if identity else "missing: the current database keeps serving"
-        self._seen = identity
+        """Look at the file once; load, validate and swap if it changed. Returns what happened."""
+        seen = self._look()
+        if seen is None:
+            return "missing: the loaded database keeps serving"
+        if seen == self._seen:
+            return "unchanged"
         status = self.holder.status
         try:
             pinned = read_pinned_sha256(self.sha256_file) if self.sha256_file else ""
-            geo = GeoDatabase(self.path, self.cache_size, sha256=pinned)
+            geo = GeoDatabase(self.path, self.cache_size, sha256=pinned, nat64_prefixes=self.nat64_prefixes)
+            _check_replaces(self._serving(), geo)
+        except FileChangedError as error:
+            return f"changing: {error}; looked at again at the next poll"  # not remembered
         except GeoIPError as error:
+            self._seen = seen
             status.geoip_rejections += 1
-            status.last_error = f"GeoIP database rejected, the current one keeps serving: {error}"
+            status.last_error = f"GeoIP database rejected, {self._serving_text()} keeps serving: {error}"
             log.warning("%s", status.last_error)
             return f"rejected: {error}"
+        self._seen = self._look(geo.look)  # what was read, should the file have moved on since the look
         self.holder.activate_geo(geo)
         status.geoip_reloads += 1
-        log.info("GeoIP database reloaded: %s built %d", geo.database_type, geo.build_epoch)
+        log.info("GeoIP database reloaded: %s built %s", geo.database_type, format_build(geo.build_epoch))
         return f"reloaded build {geo.build_epoch}"
+
+    def _serving_text(self) -> str:
+        serving = self._serving()
+        if serving is None:
+            return "the loaded one"
+        return f"the loaded {serving.database_type} built {format_build(serving.build_epoch)}"
 
     def _wait(self) -> None:
         self._stopping.wait(self.poll_seconds)
+
+
+def _check_replaces(serving: GeoDatabase | None, new: GeoDatabase) -> None:
+    """The same bytes again may replace ``serving`` (a cold cache is all it costs).
+
+    :raises GeoIPError: ``new`` claims to be the serving build with other bytes: its
+        metadata, at the end of the file, is the old one's while the rest is not,
+        which is what a file being written over in place looks like.
+    """
+    if serving is None or new.sha256 == serving.sha256:
+        return
+    if (new.database_type, new.build_epoch) == (serving.database_type, serving.build_epoch):
+        raise GeoIPError(
+            f"{new.path}: says it is the same database as the one serving ({new.database_type} built "
+            f"{format_build(new.build_epoch)}) but its bytes differ: a file being written over in place, "
+            "or damaged (a new database has a new build time)"
+        )

@@ -12,9 +12,9 @@ import pytest
 from pdp.client import Client
 from pdp.config import ServeConfig
 from pdp.geo import GeoDatabase
-from pdp.policy import PolicyHolder
 from pdp.rules import Policy, parse_policy
 from pdp.server import RunningServer, start_server
+from pdp.state import PolicyHolder
 
 from .servers import http_store, redis_server  # noqa: F401  # fixtures shared by every test module
 
@@ -46,6 +46,15 @@ rules:
     jurisdiction: [US-WA]
     legal_basis: WA statute
 """
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Publish ``data`` at ``path`` as editors, ``mv`` and ``pdp snapshot publish`` do:
+    a new file renamed in, which the file source reads at its next look (one written
+    in place is read once two looks in a row see it unchanged)."""
+    staged = path.with_name(f".{path.name}.staged")
+    staged.write_bytes(data)
+    staged.replace(path)
 
 
 def policy_from(text: str) -> Policy:

@@ -15,12 +15,12 @@ import redis
 
 from pdp.compression import CompressionError, compress, decode_content_encoding, inflate
 from pdp.geo import GeoDatabase
-from pdp.policy import PolicyHolder
 from pdp.publish import publish
 from pdp.reload import Reloader
 from pdp.rules import MAX_SNAPSHOT_BYTES
 from pdp.signing import TrustedKeys, generate_keypair, load_private_key, sign
 from pdp.sources import SourceOptions, open_source
+from pdp.state import PolicyHolder
 
 from .conftest import CITY_DB
 from .fleet_data import canonical, initial
@@ -141,7 +141,7 @@ def test_compressed_snapshot_through_a_file(
     reloader = Reloader(holder, open_source(path.as_uri()), keys=keys, state_dir=tmp_path / "state")
     assert reloader.run_once() == "activated version 1"
     assert (tmp_path / "state" / "snapshot").read_bytes() == data  # persisted as verified, uncompressed
-    path.write_bytes(bomb(100))
+    publish(bomb(100), path.as_uri(), 2)  # renamed in, so read at the next poll
     result = reloader.run_once()
     assert result.startswith("error: ")
     assert "inflates to more than" in result

@@ -18,11 +18,11 @@ import redis
 
 from pdp.delta import encode_delta, open_delta
 from pdp.geo import GeoDatabase
-from pdp.policy import PolicyHolder
 from pdp.publish import publish
 from pdp.reload import Reloader
 from pdp.signing import TrustedKeys, generate_keypair, load_private_key, sign
 from pdp.sources import SourceOptions, open_source
+from pdp.state import PolicyHolder
 
 from .conftest import CITY_DB, ServerFactory
 from .fleet_data import canonical, initial, mutate, seeded

@@ -66,10 +66,6 @@ class PolicyHolder:
         self._listeners: dict[int, Callable[[Active], None]] = {}
         self._next_listener = 0
 
-    @property
-    def last_error(self) -> str:
-        return self.status.last_error
-
     def activate(self, policy: Policy, geo: GeoDatabase, source: str) -> Active:
         """Make ``policy`` and ``geo`` the active pair."""
         with self._write_lock:
@@ -91,6 +87,11 @@ class PolicyHolder:
         with self._write_lock:
             self._geo = geo
             return self._publish()
+
+    @property
+    def geo(self) -> GeoDatabase | None:
+        """The newest database, served or (without a policy yet) waiting."""
+        return self._geo
 
     @property
     def policy(self) -> Policy | None:
