@@ -49,7 +49,7 @@ class FewAtATime(Reloader):
     takes a quarter of it), and steps overlap across the simulation's processes.
     """
 
-    slots = threading.BoundedSemaphore(4)
+    slots = threading.BoundedSemaphore(1)
 
     def run_once(self) -> str:
         with self.slots:

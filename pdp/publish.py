@@ -11,7 +11,8 @@ To Redis, one ``MULTI/EXEC`` writes, all or nothing:
 - when the store held an earlier canonical snapshot, one delta entry
   (:mod:`pdp.delta`, signed with the same key) appended to the stream with id
   ``<version>-0``, the stream capped with ``MAXLEN ~``;
-- the notice on the channel.
+- the notice on the channel: the delta itself when it is at most 64 KB (a sidecar
+  at its base applies it with no request at all), else the version.
 
 ``WATCH`` on the key and head makes a concurrent publication retry instead of
 writing a delta against a snapshot that is no longer the stored one.
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_STREAM_MAXLEN", "PublishError", "head_value", "publish"]
 
 DEFAULT_STREAM_MAXLEN = 1000
+NOTICE_DELTA_BYTES = 64 * 1024  # deltas up to this size travel in the notice too
 _ATTEMPTS = 10
 
 
@@ -143,7 +145,9 @@ def _publish_redis(
                         target.stream, fields, id=f"{version}-0", maxlen=options.stream_maxlen, approximate=True
                     )
                 if options.notify:
-                    pipeline.publish(target.channel, str(version))
+                    # The delta itself is the notice when small: a sidecar at its base needs no request.
+                    carried = delta is not None and len(delta[1]) <= NOTICE_DELTA_BYTES
+                    pipeline.publish(target.channel, delta[1] if delta is not None and carried else str(version))
                 results = pipeline.execute()
                 break
             except redis.WatchError:

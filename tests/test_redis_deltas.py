@@ -42,8 +42,12 @@ class Publisher:
     rng: random.Random = dataclasses.field(default_factory=lambda: seeded(5))
 
     def publish(self, document: dict[str, Any], **options: Any) -> bytes:
-        """Publish ``document`` signed; returns the snapshot as stored before compression."""
+        """Publish ``document`` signed; returns the snapshot as stored before compression.
+
+        Without a notice unless asked (``notify=True``): a notice carries the delta to the
+        subscriber thread at a moment of its own, and these tests follow the store's path."""
         data = sign(canonical(document), document["version"], self.key)
+        options.setdefault("notify", False)
         publish(data, self.url, document["version"], key=self.key, compression=self.compression, **options)
         self.document = document
         return data
@@ -390,3 +394,59 @@ def test_a_source_without_keys_cannot_pass_an_unverified_delta_to_a_reloader_wit
         assert holder.policy.version == 1
     finally:
         reloader.stop()
+
+
+def test_a_delta_carried_by_the_notice_costs_no_request(
+    publisher: Publisher, store: redis.Redis, follow: Callable[..., Reloader], trusted: TrustedKeys
+) -> None:
+    publisher.publish(initial(2000))
+    reloader = follow(publisher.url)
+    assert reloader.run_once() == "activated version 1"
+    wait_until_subscribed(store, "pdp:fleet:updates")
+    stored = publisher.next(notify=True)
+    reloader.source.wait(10)  # the notice wakes the source (the reloader is driven by hand here)
+    outcomes: list[str] = []
+    cost = egress_of(store, lambda: outcomes.append(reloader.run_once()))
+    assert outcomes == ["activated version 2 (from 1 delta)"]
+    assert cost < 20  # nothing asked of Redis: the delta came with the notice (less INFO's own noise)
+    policy = reloader.holder.policy
+    assert policy is not None
+    assert policy.sha256 == payload_sha(stored, trusted)
+    assert reloader.run_once() == "unchanged"  # the head it derived is the head the publisher wrote
+
+
+@pytest.mark.parametrize("notice", [b"garbage", b"not-a-delta-but-long-enough-to-look-like-one", "forged"])
+def test_a_notice_that_is_no_good_delta_is_only_a_wake_up(
+    tmp_path: Path,
+    publisher: Publisher,
+    store: redis.Redis,
+    follow: Callable[..., Reloader],
+    trusted: TrustedKeys,
+    notice: bytes | str,
+) -> None:
+    publisher.publish(initial(50))
+    reloader = follow(publisher.url)
+    assert reloader.run_once() == "activated version 1"
+    wait_until_subscribed(store, "pdp:fleet:updates")
+    if notice == "forged":  # a well-formed delta from the active version, signed by a key nobody trusts
+        generate_keypair(tmp_path / "rogue.key", tmp_path / "rogue.pub")
+        rogue = Publisher(publisher.url, load_private_key(tmp_path / "rogue.key"), document=publisher.document)
+        rogue.next()
+        ((_, fields),) = stream_entries(store)
+        notice = fields[b"delta"]
+        store.delete("pdp:fleet:deltas")
+        publisher.publish(initial(50))  # the store back at version 1, as published by the real key
+    stored = publisher.next()
+    assert isinstance(notice, bytes)
+    store.publish("pdp:fleet:updates", notice)
+    reloader.source.wait(10)
+    assert reloader.run_once() == "activated version 2 (from 1 delta)"  # from the stream, as at any poll
+    assert reloader.holder.status.delta_fallbacks == 0
+    assert reloader.holder.policy is not None
+    assert reloader.holder.policy.sha256 == payload_sha(stored, trusted)
+
+
+def wait_until_subscribed(store: redis.Redis, channel: str) -> None:
+    from .sentinels import wait_for
+
+    wait_for(lambda: int(store.pubsub_numsub(channel)[0][1]) >= 1, f"a subscriber on {channel}")

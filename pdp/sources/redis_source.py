@@ -95,11 +95,17 @@ class RedisSource(Source):
         # The last fetch until committed, and the base it makes (None: computed at commit).
         self._pending: Fetched | None = None
         self._pending_base: _Base | None = None
+        self._noticed: bytes | None = None  # the delta the last notice carried, not yet looked at
         self._closed = threading.Event()
         self._subscriber = threading.Thread(target=self._listen, name="pdp-redis-notices", daemon=True)
         self._subscriber.start()
 
     def fetch(self) -> Fetched | None:
+        noticed, self._noticed = self._noticed, None
+        if noticed is not None and self._base is not None and self.target.follow_deltas:
+            carried = self._from_notice(noticed, self._base)
+            if carried is not None:
+                return carried
         # One round trip per poll: the head and, when a delta could follow the active
         # snapshot, the entries after it (an empty reply while nothing changes).
         base = self._base if self.target.follow_deltas and self._pending is None else None
@@ -129,6 +135,26 @@ class RedisSource(Source):
                 return followed
             fallback = followed
         return self._full(True, fallback)
+
+    def _from_notice(self, raw: bytes, base: _Base) -> Fetched | None:
+        """The snapshot the delta a notice carried makes of ``base``, or None (then the
+        store is asked, as at any poll: the notice may be forged, stale or from another base)."""
+        try:
+            delta = self._open({b"delta": raw})
+        except (DeltaError, SignatureError, CompressionError):
+            return None
+        text = base.rules_text() if delta.base_version == base.version else None
+        if text is None or delta.base_sha256 != text[1]:
+            return None
+        try:
+            payload = apply_delta(text[0], delta, text[1])
+        except DeltaError:
+            return None
+        data = result_snapshot(payload, delta)
+        digest = delta.sha256 if data is payload else hashlib.sha256(data).hexdigest()
+        head = f"{delta.version} {digest} {delta.base_version}"  # what the publisher wrote with it
+        result = self._result(payload, delta, _Head(delta.version, digest, delta.base_version), head, 1)
+        return result if isinstance(result, Fetched) else None
 
     def _ask_entries(self, client: redis.Redis | Pipeline, base: _Base) -> object:
         return client.xrange(self.target.stream, min=f"{base.version + 1}-0", max="+", count=MAX_CHAIN + 1)
@@ -238,6 +264,10 @@ class RedisSource(Source):
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=0.25)  # bounds how long close() waits
                     if message is not None and message.get("type") == "message":
+                        data = message.get("data")
+                        # A delta carried by the notice (a version alone is a plain wake-up); the
+                        # reloader's thread opens it, and only the newest is kept.
+                        self._noticed = data if isinstance(data, bytes) and not data.isdigit() else None
                         self.wake()
             except (redis.RedisError, OSError, ValueError):
                 failures += 1
