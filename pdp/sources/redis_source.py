@@ -85,6 +85,10 @@ class _Base:
 
 
 class RedisSource(Source):
+    # How often the subscriber, waiting for a notice, looks whether close() was called:
+    # what close() may wait. A notice ends the wait at once whatever the value.
+    close_check_seconds = 0.25
+
     def __init__(self, url: str, options: SourceOptions) -> None:
         super().__init__(url)
         self.options = options
@@ -262,7 +266,7 @@ class RedisSource(Source):
                     self.wake()  # notices sent while we were away are lost: look now
                 failures = 0
                 while not self._closed.is_set():
-                    message = pubsub.get_message(timeout=0.25)  # bounds how long close() waits
+                    message = pubsub.get_message(timeout=self.close_check_seconds)
                     if message is not None and message.get("type") == "message":
                         data = message.get("data")
                         # A delta carried by the notice (a version alone is a plain wake-up); the
