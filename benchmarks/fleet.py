@@ -378,28 +378,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def markdown(results: dict[str, Any]) -> str:
-    sizes = results["sizes"]
-    out = [
-        f"Fleet simulation, {results['rules']:,} rules, one rule changed per publication (signed; snapshot "
-        f"{sizes['snapshot_bytes']:,} B, stored gzip {sizes['stored_gzip_bytes']:,} B, "
-        f"delta entry {sizes['delta_entry_bytes']:,} B)",
-        "",
-    ]
-    if "followers_reduced" in results:
-        out += [f"Followers reduced: {results['followers_reduced']}.", ""]
-    if checks := targets(results):
-        out += ["| target | measured | met |", "|---|---|---|"]
-        out += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in checks] + [""]
-    if "serve" in results:
-        row = results["serve"]
-        out += [
-            "| full `pdp serve` | p50 | p99 | max | Redis egress | Redis CPU | via delta |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {row['sidecars']} | {row['p50_ms']} ms | {row['p99_ms']} ms | {row['max_ms']} ms | "
-            f"{row['redis_egress_bytes']:,} B | {row['redis_cpu_ms']} ms | {row['via_delta']} |",
-            "",
-        ]
+def _followers_markdown(results: dict[str, Any]) -> list[str]:
+    out: list[str] = []
     rows = [results[name] for name in ("followers_delta", "followers_full", "followers_full_gzip") if name in results]
     if rows:
         out += [
@@ -435,6 +415,32 @@ def markdown(results: dict[str, Any]) -> str:
                 f"CPU {delta[cpu] / max(rows[2][cpu], 0.001):.1%}."
             )
         out.append("")
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    sizes = results["sizes"]
+    out = [
+        f"Fleet simulation, {results['rules']:,} rules, one rule changed per publication (signed; snapshot "
+        f"{sizes['snapshot_bytes']:,} B, stored gzip {sizes['stored_gzip_bytes']:,} B, "
+        f"delta entry {sizes['delta_entry_bytes']:,} B)",
+        "",
+    ]
+    if "followers_reduced" in results:
+        out += [f"Followers reduced: {results['followers_reduced']}.", ""]
+    if checks := targets(results):
+        out += ["| target | measured | met |", "|---|---|---|"]
+        out += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in checks] + [""]
+    if "serve" in results:
+        row = results["serve"]
+        out += [
+            "| full `pdp serve` | p50 | p99 | max | Redis egress | Redis CPU | via delta |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {row['sidecars']} | {row['p50_ms']} ms | {row['p99_ms']} ms | {row['max_ms']} ms | "
+            f"{row['redis_egress_bytes']:,} B | {row['redis_cpu_ms']} ms | {row['via_delta']} |",
+            "",
+        ]
+    out += _followers_markdown(results)
     apply = results["apply"]
     out += [
         f"One follower alone, CPU to take the change (median of {apply['repeats']}): as a delta "

@@ -450,3 +450,47 @@ def wait_until_subscribed(store: redis.Redis, channel: str) -> None:
     from .sentinels import wait_for
 
     wait_for(lambda: int(store.pubsub_numsub(channel)[0][1]) >= 1, f"a subscriber on {channel}")
+
+
+def test_the_publish_and_sign_commands(tmp_path: Path, redis_server: RedisServer, store: redis.Redis) -> None:
+    import subprocess
+    import sys
+
+    pdp = [sys.executable, "-m", "pdp"]
+    url = redis_server.url("pdp:cli")
+    key = tmp_path / "ops.key"
+    generate_keypair(key, tmp_path / "ops.pub")
+    outcomes = []
+    for version, extra in ((1, []), (2, []), (3, ["--no-delta"]), (4, ["--compress", "gzip", "--stream-maxlen", "5"])):
+        document = initial(40, version=version)
+        document["rules"][7]["priority"] = version
+        rules = tmp_path / f"v{version}.yaml"  # JSON is YAML: stored as canonical JSON all the same
+        rules.write_text(json.dumps(document, indent=2))
+        result = subprocess.run(
+            [*pdp, "snapshot", "publish", str(rules), "--to", url, "--key", str(key), *extra],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        outcomes.append(result.stdout)
+    assert "no delta (first publication)" in outcomes[0]
+    assert "delta 1 -> 2" in outcomes[1]
+    assert "no delta (turned off)" in outcomes[2]
+    assert "delta 3 -> 4" in outcomes[3]
+    stored = store.get("pdp:cli")
+    assert isinstance(stored, bytes)
+    assert stored[:2] == b"\x1f\x8b"
+    assert [entry_id for entry_id, _ in cast("list[tuple[bytes, Any]]", store.xrange("pdp:cli:deltas"))] == [
+        b"2-0",
+        b"4-0",
+    ]
+
+    signed = tmp_path / "v4.signed.gz"
+    result = subprocess.run(
+        [*pdp, "snapshot", "sign", str(tmp_path / "v4.yaml"), "--key", str(key), "--out", str(signed),
+         "--compress", "gzip"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    holder = PolicyHolder()
+    reloader = Reloader(holder, open_source(signed.as_uri()), keys=TrustedKeys.from_files([tmp_path / "ops.pub"]))
+    assert reloader.run_once() == "activated version 4"
