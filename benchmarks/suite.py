@@ -15,7 +15,8 @@ Writes benchmarks/results/<date>.json, <date>.md (summary with targets) and
 4. reload under load: p99 while a 10,000-rule snapshot is activated every second;
 5. telemetry overhead: Check p50 with Prometheus metrics, with the audit log, off;
 6. peak RSS with GeoLite2-City, 10,000 rules and 100,000 cache entries;
-7. the fleet: 50 pdp serve and 1,000 followers of one Redis through a one-rule change
+7. Envoy plain, with geoip+RBAC and with ext_authz to pdp (benchmarks/envoy_peer.py);
+8. the fleet: 50 pdp serve and 1,000 followers of one Redis through a one-rule change
    (benchmarks/fleet.py).
 
 The server runs on core 0, each load generator on core 1.
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import fleet, inprocess, nginx_peer
+from benchmarks import envoy_peer, fleet, inprocess, nginx_peer
 from benchmarks.harness import Server, floor_serve, machine_facts, pdp_serve, run_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -168,6 +169,11 @@ def section_batch_and_peer(run: Run) -> None:
     peer = {"skipped": missing} if missing else nginx_peer.measure(run.addresses, run.seconds)
     run.results["batch"] = batches
     run.results["nginx_geoip2"] = peer
+
+
+def section_envoy(run: Run) -> None:
+    run.say("Envoy: plain, geoip+RBAC and ext_authz to pdp")
+    run.results["envoy"] = envoy_peer.run_section(run.addresses, run.quick, run.say)
 
 
 def section_reload(run: Run) -> None:
@@ -448,6 +454,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     telemetry = results["telemetry"]["ratio_p50"]
     rows.append(("p50 with Prometheus ≤ 1.10× off", f"{telemetry['prometheus']:.3f}×", telemetry["prometheus"] <= 1.10))
     rows.append(("p50 with audit log ≤ 1.05× off", f"{telemetry['audit']:.3f}×", telemetry["audit"] <= 1.05))
+    if "summary" in results.get("envoy", {}):
+        rows += envoy_peer.targets(results["envoy"])
     return rows
 
 
@@ -539,6 +547,8 @@ def markdown(results: dict[str, Any]) -> str:
             "(most in the first half, in the second); "
             f"latency {soak['latency_us']}.",
         ]
+    if "summary" in results.get("envoy", {}):
+        lines += envoy_peer.markdown(results["envoy"])
     memory = results["memory"]
     lines += ["", f"Peak RSS: {memory['peak_rss_mb']:.0f} MB with {memory['rules']:,} rules and "
               f"{memory['cache_entries']:,} cache entries (GeoLite2-City mapped)."]  # fmt: skip
@@ -589,8 +599,8 @@ def main() -> int:
     run = Run(options.quick)
     run.results["repeats"], run.results["seconds"] = run.repeats, run.seconds
     sections: list[Callable[[Run], None]] = [
-        section_inprocess, section_transport, section_batch_and_peer, section_reload, section_telemetry,
-        section_memory, section_soak, section_fleet,
+        section_inprocess, section_transport, section_batch_and_peer, section_envoy, section_reload,
+        section_telemetry, section_memory, section_soak, section_fleet,
     ]  # fmt: skip
     started = time.monotonic()
     for section in sections:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from pdp.audit import AuditConfig, AuditError, AuditLog
 from pdp.config import ServeConfig
 from pdp.errors import PdpError
 from pdp.geo import DEMO, DEMO_NOTICE, GeoDatabase, demo_database_path, read_pinned_sha256
 from pdp.reload import GeoWatcher, Reloader, StartupError
-from pdp.server import RunningServer, start_server, wait_for_signal
+from pdp.server import RunningServer, StopSignals, start_server
 from pdp.signing import SignatureError, TrustedKeys
 from pdp.sources import Source, SourceOptions, open_source
 from pdp.state import PolicyHolder
@@ -52,6 +52,16 @@ def open_geo(
         log.warning(DEMO_NOTICE)
     path = demo_database_path() if name == DEMO else name
     return GeoDatabase(path, cache_size, sha256=sha256, nat64_prefixes=nat64_prefixes)
+
+
+def _said_once(message: str) -> str:
+    """A rejected snapshot's problems are listed once: the reloader's warning
+    has just logged them, so the message keeps its first line only (all of
+    it when warnings are not shown)."""
+    head, newline, _ = message.partition("\n")
+    if newline and logging.getLogger("pdp.reload").isEnabledFor(logging.WARNING):
+        return f"{head.rstrip(':')} (listed in the warning above)"
+    return message
 
 
 class Sidecar:
@@ -129,7 +139,7 @@ class Sidecar:
         try:
             self._reloader.initial()
         except StartupError as error:
-            raise SetupError(f"refusing to start: {error}") from None
+            raise SetupError(f"refusing to start: {_said_once(str(error))}") from None
         self._watcher = GeoWatcher(
             self.holder,
             geo.path,
@@ -161,17 +171,28 @@ class Sidecar:
                     )
                 )
             self.running = start_server(config, self.holder, telemetry=self._telemetry, audit=self._audit)
-        except (OSError, TelemetryError, AuditError) as error:
+        except OSError as error:
+            where = f"{error.filename}: " if error.filename else ""
+            raise SetupError(f"{where}{error.strerror or error}") from None
+        except (TelemetryError, AuditError) as error:
             raise SetupError(str(error)) from None
 
-    def run_until_signal(self) -> str:
+    def run_until_signal(self, ready: Callable[[], None] | None = None) -> str:
         """Serve until SIGTERM or SIGINT, then drain and :meth:`stop`; returns
-        the signal's name. Freezes the heap first: everything loaded so far
-        lives as long as the process, so the cyclic collector skips it."""
-        gc.collect()
-        gc.freeze()
+        the signal's name. Main thread only.
+
+        ``ready`` is called once the signals are caught, so a signal sent the
+        moment it reports readiness is handled. The heap is frozen first:
+        everything loaded so far lives as long as the process, so the cyclic
+        collector skips it.
+        """
         try:
-            received = wait_for_signal()
+            signals = StopSignals()
+            gc.collect()
+            gc.freeze()
+            if ready is not None:
+                ready()
+            received = signals.wait()
             grace = self.running.grace_seconds if self.running is not None else 0.0
             log.info("%s received: draining for up to %.1fs (pid %d)", received, grace, os.getpid())
         finally:

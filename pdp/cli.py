@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -151,23 +153,44 @@ def cmd_serve(options: argparse.Namespace) -> int:
     sidecar.start()
     for exporter in sidecar.exporters:
         log.info("telemetry %s", exporter)
-    # In a function: no local here may hold the start-up database, which is
-    # unmapped when the last reference to it goes after a reload.
-    print(_banner(sidecar), flush=True)
-    print(f"try: pdp check --target {sidecar.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
-    sidecar.run_until_signal()
+    sidecar.run_until_signal(ready=lambda: print("\n".join(_serving_lines(sidecar)), flush=True))
     log.info("shutdown complete")
     return EXIT_OK
 
 
-def _banner(sidecar: Sidecar) -> str:
-    policy, geo = sidecar.holder.policy, sidecar.geo
-    assert geo is not None
-    state = f"policy version {policy.version} ({len(policy.rules)} rules)" if policy else "no policy yet, NOT_SERVING"
-    return (
-        f"pdp {__version__} listening on {sidecar.address}: {state}, "
-        f"{geo.database_type} built {_format_build(geo.build_epoch)}"
-    )
+def _serving_lines(sidecar: Sidecar) -> list[str]:
+    """What `pdp serve` prints once it listens: the first line says whether it
+    serves; only a serving sidecar suggests a check, in a form that runs when pasted."""
+    policy, geo, status = sidecar.holder.policy, sidecar.geo, sidecar.holder.status
+    assert geo is not None  # started
+    database = f"{geo.database_type} built {_format_build(geo.build_epoch)}"
+    if policy is None:
+        return [
+            f"pdp {__version__} NOT SERVING on {sidecar.address}: no policy: {status.last_error or 'none fetched yet'}",
+            f"  it retries every {sidecar.config.poll_seconds:g} s and serves once {status.source} holds a valid "
+            f"snapshot; until then Check answers UNAVAILABLE and health NOT_SERVING ({database})",
+        ]
+    stale = " (stale: the store is unreachable or its snapshot was refused)" if status.stale else ""
+    return [
+        f"pdp {__version__} listening on {sidecar.address}: policy version {policy.version} "
+        f"({len(policy.rules)} rules){stale}, {database}",
+        f"try: {pdp_command()} check --target {shlex.quote(sidecar.address)} --ip 175.16.199.1 --meeting m-1 "
+        "--tag memorial",
+    ]
+
+
+def pdp_command() -> str:
+    """This pdp as a shell command that runs when pasted: ``pdp`` when that name
+    on PATH is this very program, else its absolute path (``.venv/bin/pdp``
+    is not on a new user's PATH), or ``python -m pdp`` when started that way."""
+    started_as = sys.argv[0]
+    if Path(started_as).name == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m pdp"
+    path = Path((shutil.which(started_as) if os.sep not in started_as else None) or started_as).absolute()
+    on_path = shutil.which("pdp")
+    if on_path is not None and path.exists() and path.samefile(on_path):
+        return "pdp"
+    return shlex.quote(str(path))
 
 
 def cmd_check(options: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from pdp.errors import PdpError
 from pdp.state import Active
 from pdp.wire import encode_batch, encode_check, encode_result
 
-__all__ = ["CHECK", "CHECK_BATCH", "SERVICE_NAME", "AdmissionServicer", "admission_handlers"]
+__all__ = ["CHECK", "CHECK_BATCH", "SERVICE_NAME", "AdmissionServicer", "admission_handlers", "encoded_unary"]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdmissionService"].full_name
 CHECK = Endpoint("grpc", SERVICE_NAME, "Check")
@@ -183,6 +183,14 @@ def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) ->
         return method(request, context)
 
     return handler
+
+
+def encoded_unary(
+    method: Callable[[Any, grpc.ServicerContext], bytes], request_type: Any
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary method answering bytes it encoded itself, for any adapter on this transport
+    (Envoy's Authorization too): an undecodable request is INVALID_ARGUMENT, never INTERNAL."""
+    return grpc.unary_unary_rpc_method_handler(_refusing_undecodable(method), _decoder(request_type), _passthrough)
 
 
 def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
