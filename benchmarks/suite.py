@@ -15,7 +15,9 @@ Writes benchmarks/results/<date>.json, <date>.md (summary with targets) and
 4. reload under load: p99 while a 10,000-rule snapshot is activated every second;
 5. telemetry overhead: Check p50 with Prometheus metrics, with the audit log, off;
 6. peak RSS with GeoLite2-City, 10,000 rules and 100,000 cache entries;
-7. Envoy plain, with geoip+RBAC and with ext_authz to pdp (benchmarks/envoy_peer.py).
+7. Envoy plain, with geoip+RBAC and with ext_authz to pdp (benchmarks/envoy_peer.py);
+8. the fleet: 50 pdp serve and 1,000 followers of one Redis through a one-rule change
+   (benchmarks/fleet.py).
 
 The server runs on core 0, each load generator on core 1.
 """
@@ -35,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import envoy_peer, inprocess, nginx_peer
+from benchmarks import envoy_peer, fleet, inprocess, nginx_peer
 from benchmarks.harness import Server, floor_serve, machine_facts, pdp_serve, run_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -212,6 +214,13 @@ def section_reload(run: Run) -> None:
         "p99_ratio": round(reload_latency["p99"] / steady_latency["p99"], 3),
         "errors": {"steady": _errors(steady), "reloading": _errors(reloading)},
     }
+
+
+def section_fleet(run: Run) -> None:
+    """Sidecars following one Redis through a one-rule change (benchmarks/fleet.py)."""
+    serve, followers = (10, 200) if run.quick else (50, 1000)
+    run.say(f"fleet: {serve} pdp serve, {followers} followers, one change of 10,000 rules")
+    run.results["fleet"] = fleet.run(serve, followers, per_process=100, rules=10_000, repeats=3 if run.quick else 5)
 
 
 def _versions(path: Path, first_version: int, count: int) -> list[Path]:
@@ -412,7 +421,7 @@ def section_soak(run: Run) -> None:
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for every target of the suite."""
-    rows: list[tuple[str, str, bool]] = []
+    rows: list[tuple[str, str, bool]] = fleet.targets(results["fleet"]) if "fleet" in results else []
     inproc = {row["rules"]: row for row in results["inprocess"]["rows"]}[10_000]
     rows.append(("in-process warm ≤ 3 µs (10,000 rules)", f"{inproc['warm_us']:.2f} µs", inproc["warm_us"] <= 3))
     rows.append(("in-process cold ≤ 10 µs (10,000 rules)", f"{inproc['cold_us']:.2f} µs", inproc["cold_us"] <= 10))
@@ -543,6 +552,8 @@ def markdown(results: dict[str, Any]) -> str:
     memory = results["memory"]
     lines += ["", f"Peak RSS: {memory['peak_rss_mb']:.0f} MB with {memory['rules']:,} rules and "
               f"{memory['cache_entries']:,} cache entries (GeoLite2-City mapped)."]  # fmt: skip
+    if "fleet" in results:
+        lines += ["", "## Fleet", "", fleet.markdown(results["fleet"])]
     return "\n".join(lines) + "\n"
 
 
@@ -589,7 +600,7 @@ def main() -> int:
     run.results["repeats"], run.results["seconds"] = run.repeats, run.seconds
     sections: list[Callable[[Run], None]] = [
         section_inprocess, section_transport, section_batch_and_peer, section_envoy, section_reload,
-        section_telemetry, section_memory, section_soak,
+        section_telemetry, section_memory, section_soak, section_fleet,
     ]  # fmt: skip
     started = time.monotonic()
     for section in sections:

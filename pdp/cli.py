@@ -121,19 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("file", help="YAML or JSON snapshot")
     sign.add_argument("--key", required=True, metavar="PRIVATE_KEY", help="PEM private key from pdp keygen")
     sign.add_argument("--out", required=True, metavar="FILE", help="where to write the envelope ('-' for stdout)")
-    sign.add_argument("--json", action="store_true", help="convert to compact JSON first (compiles faster)")
+    sign.add_argument("--json", action="store_true", help="convert to canonical compact JSON first (compiles faster)")
+    sign.add_argument(
+        "--compress", choices=("none", "gzip"), default="none", help="compress the envelope (sources detect gzip)"
+    )
     sign.set_defaults(handler=cmd_snapshot_sign)
 
     publish = snapshot.add_parser(
         "publish",
         help="validate, sign and publish a snapshot to a store",
         description="Validate FILE, sign it when --key is given, and publish it: "
-        "file:// by atomic rename, redis://host:port/db?key=K&channel=C by SET and "
-        "PUBLISH in one MULTI/EXEC. For HTTP stores, upload the signed file with the "
-        "store's own tools (see README).",
+        "file:// by atomic rename; redis://host:port/db?key=K&channel=C (or "
+        "redis+sentinel://h1:26379,h2:26379/SERVICE?key=K) as canonical JSON, writing the "
+        "snapshot, its head, a signed delta against the stored one and the notice in one "
+        "MULTI/EXEC. For HTTP stores, upload the signed file with the store's own tools (see README).",
     )
     publish.add_argument("file", help="YAML or JSON snapshot")
-    publish.add_argument("--to", required=True, metavar="URL", help="file:///path or redis://host:port/db?key=K")
+    publish.add_argument(
+        "--to", required=True, metavar="URL", help="file:///path, redis://host:port/db?key=K or redis+sentinel://..."
+    )
     publish.add_argument("--key", metavar="PRIVATE_KEY", help="sign with this PEM private key")
     publish.add_argument(
         "--no-notify",
@@ -143,7 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--json",
         action="store_true",
-        help="publish as compact JSON (sidecars compile it several times faster than YAML)",
+        help="publish as canonical compact JSON (sidecars compile it several times faster than YAML; "
+        "always so for redis)",
+    )
+    publish.add_argument(
+        "--compress",
+        choices=("none", "gzip"),
+        default="none",
+        help="store the snapshot gzip-compressed (about 10x smaller; sidecars before 0.2 cannot read it)",
+    )
+    publish.add_argument(
+        "--no-delta", action="store_true", help="redis: write no delta (sidecars fetch this change whole)"
+    )
+    publish.add_argument(
+        "--stream-maxlen",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="redis: keep about N deltas in the stream (XADD MAXLEN ~ N; default 1000)",
     )
     publish.set_defaults(handler=cmd_snapshot_publish)
 

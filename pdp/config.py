@@ -227,8 +227,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "snapshot",
-        "rules snapshot to follow: file:///path/rules.yaml (or a plain path), http(s)://host/path, or "
-        "redis://host:port/db?key=K&channel=C",
+        "rules snapshot to follow: file:///path/rules.yaml (or a plain path), http(s)://host/path, "
+        "redis://host:port/db?key=K&channel=C (deltas from the stream K:deltas) or "
+        "redis+sentinel://host:port,host:port/SERVICE?key=K",
         "URL",
         _snapshot_url,
         "PDP_SNAPSHOT_URL",

@@ -118,6 +118,9 @@ class AdmissionServicer:
             rejections=status.rejections,
             geoip_reloads=status.geoip_reloads,
             geoip_rejections=status.geoip_rejections,
+            delta_activations=status.delta_activations,
+            delta_fallbacks=status.delta_fallbacks,
+            last_delta_fallback=status.last_delta_fallback,
         )
         if status.last_fetch_at:
             response.last_fetch_at.FromDatetime(datetime.fromtimestamp(status.last_fetch_at, UTC))

@@ -8,19 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from pdp.geo import (
-    InvalidAddressError,
-    Located,
-)
-from pdp.iso3166 import jurisdiction_problem
-from pdp.model import UNKNOWN_LOCATION, Action, Location, Meeting
-from pdp.rules import load_policy
-
-if TYPE_CHECKING:
-    pass
-
+from typing import Any
 
 from pdp.commands.common import (
     EXIT_INVALID,
@@ -35,6 +23,13 @@ from pdp.commands.common import (
     _open_geo_for,
     _verdict_exit,
 )
+from pdp.geo import (
+    InvalidAddressError,
+    Located,
+)
+from pdp.iso3166 import jurisdiction_problem
+from pdp.model import UNKNOWN_LOCATION, Action, Location, Meeting
+from pdp.rules import load_policy
 
 
 def cmd_explain(options: argparse.Namespace) -> int:

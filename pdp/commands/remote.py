@@ -5,15 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING
 
 import grpc
-
-from pdp.model import Action, Decision
-
-if TYPE_CHECKING:
-    pass
-
 
 from pdp.commands.common import (
     EXIT_OK,
@@ -26,6 +19,7 @@ from pdp.commands.common import (
     _rpc_error_text,
     _verdict_exit,
 )
+from pdp.model import Action, Decision
 
 
 def cmd_check(options: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
 
 if TYPE_CHECKING:
-    pass
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 from pdp.commands.common import (
@@ -57,27 +57,32 @@ def cmd_keygen(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _signed(path: str, key_file: str | None, as_json: bool = False) -> tuple[bytes, Policy]:
-    """A validated rules file's bytes (as JSON if asked), in a signed envelope when a key is given."""
-    from pdp.rules import snapshot_as_json
+def _signed(path: str, key_file: str | None, as_json: bool = False) -> tuple[bytes, Policy, Ed25519PrivateKey | None]:
+    """A validated rules file's bytes (as canonical JSON if asked, see pdp.canonical), in a
+    signed envelope when a key is given; and the key."""
+    from pdp.canonical import canonical_snapshot
     from pdp.signing import SignatureError, load_private_key, sign
 
     policy = load_policy(path)
     data = Path(path).read_bytes()
     if as_json:
-        data = snapshot_as_json(data, path)
+        data = canonical_snapshot(data, path)
     if not key_file:
-        return data, policy
+        return data, policy, None
     try:
-        return sign(data, policy.version, load_private_key(key_file)), policy
+        key = load_private_key(key_file)
     except SignatureError as error:
         raise UsageError(f"--key: {error}") from None
+    return sign(data, policy.version, key), policy, key
 
 
 def cmd_snapshot_sign(options: argparse.Namespace) -> int:
-    data, policy = _signed(options.file, options.key, options.json)
+    from pdp.compression import compress
+
+    data, policy, _ = _signed(options.file, options.key, options.json)
+    data = compress(data, options.compress)
     if options.out == "-":
-        sys.stdout.write(data.decode())
+        sys.stdout.buffer.write(data)
     else:
         Path(options.out).write_bytes(data)
         print(f"signed version {policy.version} into {options.out}")
@@ -87,9 +92,20 @@ def cmd_snapshot_sign(options: argparse.Namespace) -> int:
 def cmd_snapshot_publish(options: argparse.Namespace) -> int:
     from pdp.publish import PublishError, publish
 
-    data, policy = _signed(options.file, options.key, options.json)
+    # Redis stores get canonical JSON: deltas are computed on it, and it compiles faster.
+    to_redis = options.to.startswith(("redis://", "rediss://", "redis+sentinel://"))
+    data, policy, key = _signed(options.file, options.key, options.json or to_redis)
     try:
-        outcome = publish(data, options.to, policy.version, notify=not options.no_notify)
+        outcome = publish(
+            data,
+            options.to,
+            policy.version,
+            notify=not options.no_notify,
+            key=key,
+            compression=options.compress,
+            deltas=not options.no_delta,
+            stream_maxlen=options.stream_maxlen,
+        )
     except (PublishError, ValueError) as error:
         raise UsageError(str(error)) from None
     signed = "signed" if options.key else "unsigned"
