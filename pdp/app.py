@@ -14,9 +14,11 @@ import gc
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from pdp.audit import AuditConfig, AuditError, AuditLog
 from pdp.config import ServeConfig
+from pdp.decisions import DecisionPath
 from pdp.errors import PdpError
 from pdp.geo import DEMO, DEMO_NOTICE, GeoDatabase, demo_database_path, read_pinned_sha256
 from pdp.reload import GeoWatcher, Reloader, StartupError
@@ -25,6 +27,9 @@ from pdp.signing import SignatureError, TrustedKeys
 from pdp.sources import Source, SourceOptions, open_source
 from pdp.state import PolicyHolder
 from pdp.telemetry import Telemetry, TelemetryError, configure_from_environment, wanted
+
+if TYPE_CHECKING:
+    from pdp.authzen import RunningHttp
 
 __all__ = ["SetupError", "Sidecar", "open_geo"]
 
@@ -68,8 +73,9 @@ class Sidecar:
     """One running pdp: :meth:`start`, then :meth:`stop` (idempotent).
 
     After :meth:`start`, ``holder``, ``geo`` (the database serving now),
-    ``running`` (its ``address`` is what clients dial) and ``exporters`` (one
-    description per telemetry exporter) are set.
+    ``running`` (its ``address`` is what clients dial), ``http`` (the AuthZEN
+    listener, with ``--http-listen``) and ``exporters`` (one description per
+    telemetry exporter) are set.
     """
 
     def __init__(self, config: ServeConfig, environ: Mapping[str, str] | None = None) -> None:
@@ -77,6 +83,7 @@ class Sidecar:
         self.environ = os.environ if environ is None else environ
         self.holder = PolicyHolder()
         self.running: RunningServer | None = None
+        self.http: RunningHttp | None = None
         self.exporters: list[str] = []
         self._source: Source | None = None
         self._reloader: Reloader | None = None
@@ -150,7 +157,7 @@ class Sidecar:
         )
 
     def _serve(self) -> None:
-        """Telemetry, the audit log and the server."""
+        """Telemetry, the audit log and the servers."""
         config = self.config
         try:
             if wanted(self.environ):
@@ -171,6 +178,11 @@ class Sidecar:
                     )
                 )
             self.running = start_server(config, self.holder, telemetry=self._telemetry, audit=self._audit)
+            if config.http_listen:
+                from pdp.authzen import start_http  # uvicorn is imported only when it serves
+
+                # The same decision and observation path as gRPC's: one holder, telemetry and audit log.
+                self.http = start_http(config, DecisionPath(self.holder, self._telemetry, self._audit))
         except OSError as error:
             where = f"{error.filename}: " if error.filename else ""
             raise SetupError(f"{where}{error.strerror or error}") from None
@@ -203,8 +215,14 @@ class Sidecar:
         """Drain the server (for ``grace`` seconds, default the configured
         grace), then stop following and flush telemetry and the audit log."""
         running, self.running = self.running, None
+        http, self.http = self.http, None
+        if http is not None:
+            http.request_stop(self.config.grace_seconds if grace is None else grace)
         if running is not None:
             running.stop(grace)
+        if http is not None:
+            http.wait()
+        if running is not None or http is not None:
             log.info("stopped")
         if self._reloader is not None:
             self._reloader.stop()  # closes the source too

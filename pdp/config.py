@@ -80,6 +80,7 @@ class ServeConfig:
     ext_authz_trusted_headers: str = ""
     ext_authz_xff_trusted_hops: int = 0
     ext_authz_jwt_payload_key: str = "jwt_payload"
+    http_listen: str = ""
 
     @property
     def ext_authz_sources(self) -> dict[str, str]:
@@ -366,6 +367,13 @@ SETTINGS: tuple[Setting, ...] = (
         "PREFIX",
         _nat64_prefixes,
         repeatable=True,
+    ),
+    Setting(
+        "http_listen",
+        "also serve the OpenID AuthZEN Authorization API 1.0 over HTTP on HOST:PORT or unix:/path "
+        "(same TLS settings as --listen; off when unset)",
+        "ADDR",
+        _optional_listen,
     ),
 )
 

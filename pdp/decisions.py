@@ -162,18 +162,23 @@ class DecisionPath:
         *,
         endpoint: Endpoint,
         present: Presenter[T],
+        active: Active | None = None,
     ) -> T:
         """Decide for one participant; returns ``present(decision, location, active)``.
+
+        ``active``: the state to decide with, for an adapter that answers
+        several calls as one at one policy version (it reads ``holder.active``
+        once); by default the holder's current one.
 
         :raises NotReadyError: no policy and database active yet.
         :raises RequestError: a field is missing or out of bounds, or ``ip`` is not an address.
         """
         if not self._observed:
-            return self._decide(ip, user_id, account_id, meeting, action, present)
+            return self._decide(ip, user_id, account_id, meeting, action, present, active)
         with self._span(endpoint) as span:
             started = time.perf_counter()
             try:
-                outcome = self._decide(ip, user_id, account_id, meeting, action, Outcome)
+                outcome = self._decide(ip, user_id, account_id, meeting, action, Outcome, active)
                 result = present(outcome.decision, outcome.location, outcome.active)
             except Exception:
                 self._observe_error(endpoint, started)
@@ -189,11 +194,19 @@ class DecisionPath:
         return result
 
     def _decide(
-        self, ip: str, user_id: str, account_id: str, meeting: MeetingFields, action: int, present: Presenter[T]
+        self,
+        ip: str,
+        user_id: str,
+        account_id: str,
+        meeting: MeetingFields,
+        action: int,
+        present: Presenter[T],
+        active: Active | None,
     ) -> T:
-        active = self.holder.active  # read once: one consistent policy and database
         if active is None:
-            raise NotReadyError
+            active = self.holder.active  # read once: one consistent policy and database
+            if active is None:
+                raise NotReadyError
         checked = checked_meeting(meeting, action)
         if len(user_id) > MAX_ID_LENGTH or len(account_id) > MAX_ID_LENGTH:
             check_participant(user_id, account_id, "participant")

@@ -15,11 +15,9 @@ grpc.aio with the same handler.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import signal
 import socket
-import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from pdp.config import ServeConfig, parse_listen
 from pdp.decisions import DecisionPath
 from pdp.envoy import servicer as envoy
+from pdp.listen import SOCKET_UMASK, prepare_unix_socket, refuse_insecure_remote, tls_files
 from pdp.servicer import SERVICE_NAME, AdmissionServicer, admission_handlers
 from pdp.state import PolicyHolder
 
@@ -147,11 +146,9 @@ def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *
     """
     host, port = parse_listen(listen)
     if port is None:
-        _clear_stale_socket(Path(host))
-        _make_socket_directory(Path(host).parent)
+        prepare_unix_socket(Path(host))
         target = f"unix:{host}"
-        # The socket is born group-only (0660): no moment where others may connect.
-        previous = os.umask(0o117)
+        previous = os.umask(SOCKET_UMASK)
         try:
             bound = _add_port(server, target, None)
         finally:
@@ -160,12 +157,8 @@ def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *
             raise OSError(f"cannot listen on {listen}: {_why_not_bound(socket.AF_UNIX, host)}")
         return target
     credentials = _server_credentials(config) if config is not None else None
-    insecure_allowed = health_only or (config is not None and config.allow_insecure_remote)
-    if credentials is None and not insecure_allowed and not _is_loopback(host):
-        raise OSError(
-            f"refusing to serve {listen} without TLS: it is reachable from other hosts; pass --tls-cert and "
-            "--tls-key (and --tls-client-ca for mutual TLS), or --allow-insecure-remote"
-        )
+    if not health_only:  # the health port only answers Health: it may be the pod IP, plaintext
+        refuse_insecure_remote(listen, host, credentials is not None, config or ServeConfig())
     bound = _add_port(server, listen, credentials)
     if not bound:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -206,53 +199,13 @@ def _why_not_bound(family: socket.AddressFamily, address: str | tuple[str, int])
     return "gRPC could not bind it (set GRPC_VERBOSITY=debug to see why)"
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere
-
-
-def _make_socket_directory(directory: Path) -> None:
-    """Create the socket's directory for the server alone (and its group), if missing."""
-    if not directory.exists():
-        directory.mkdir(mode=0o750, parents=True)
-
-
 def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
-    if not (config.tls_cert or config.tls_key):
-        if config.tls_client_ca:
-            raise OSError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = tls_files(config)
+    if tls is None:
         return None
-    if not (config.tls_cert and config.tls_key):
-        raise OSError("TLS needs both --tls-cert and --tls-key")
-    try:
-        key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
-        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    except OSError as error:
-        raise OSError(f"TLS: {error.filename}: {error.strerror}") from None
     return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=tls.client_ca is not None
     )
-
-
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a dead server, never a live one or a non-socket."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-            return
-    raise OSError(f"{path}: another server is listening on this socket")
 
 
 class StopSignals:

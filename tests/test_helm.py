@@ -210,6 +210,11 @@ def test_rendered_args_and_env_are_parsed_by_pdp_serve(scenario: str, meeting_no
     assert config.ext_authz_trusted_headers == ",".join(ext_authz["trustedHeaders"]).lower()
     assert config.ext_authz_xff_trusted_hops == ext_authz["xffTrustedHops"]
     assert config.ext_authz_jwt_payload_key == ext_authz["jwtPayloadKey"]
+    if values.get("authzen", {}).get("enabled"):
+        daemonset = values.get("mode") == "daemonset"
+        assert config.http_listen == (f"{POD_IP}:8080" if daemonset else "unix:/run/pdp/authzen.sock")
+    else:
+        assert config.http_listen == ""
 
 
 # --------------------------------------------------------------------------- bad values
@@ -248,6 +253,9 @@ def with_values(**changes: Any) -> dict[str, Any]:
         ({"extAuthz__xffTrustedHops": -1}, "xffTrustedHops"),
         ({"extAuthz__required": ["room"]}, "required"),
         ({"extAuthz__trustedHeaders": ["x meeting"]}, "trustedHeaders"),
+        ({"authzen__port": 70000}, "port"),
+        ({"authzen__socketName": "../pdp.sock"}, "socketName"),
+        ({"authzen__enabled": "yes"}, "enabled"),
     ],
 )
 def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
@@ -270,6 +278,10 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
         ({"geoip__source": "geoipupdate"}, "geoip.source=geoipupdate needs geoip.geoipupdate.accountId"),
         ({"telemetry__serviceMonitor": {"enabled": True}}, "needs telemetry.metricsExporter=prometheus"),
         ({"audit__log": "stdout"}, "audit.log needs audit.hmacKeySecret"),
+        (
+            {"authzen": {"enabled": True, "socketName": "pdp.sock"}},
+            "authzen.socketName must differ from listen.socketName",
+        ),
         ({"tls__requireClientCert": True}, "tls.requireClientCert needs tls.existingSecret"),
         ({"telemetry__metricsExporter": "otlp"}, "telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint"),
         (

@@ -45,7 +45,9 @@ def cmd_serve(options: argparse.Namespace) -> int:
 
 def _serving_lines(sidecar: Sidecar) -> list[str]:
     """What `pdp serve` prints once it listens: the first line says whether it
-    serves; only a serving sidecar suggests a check, in a form that runs when pasted."""
+    serves; only a serving sidecar suggests a check, in a form that runs when pasted.
+    With --http-listen, the last line is where AuthZEN listens."""
+    authzen = [f"AuthZEN listening on {sidecar.http.url}"] if sidecar.http is not None else []
     policy, geo, status = sidecar.holder.policy, sidecar.geo, sidecar.holder.status
     assert geo is not None  # started
     database = f"{geo.database_type} built {_format_build(geo.build_epoch)}"
@@ -54,6 +56,7 @@ def _serving_lines(sidecar: Sidecar) -> list[str]:
             f"pdp {__version__} NOT SERVING on {sidecar.address}: no policy: {status.last_error or 'none fetched yet'}",
             f"  it retries every {sidecar.config.poll_seconds:g} s and serves once {status.source} holds a valid "
             f"snapshot; until then Check answers UNAVAILABLE and health NOT_SERVING ({database})",
+            *authzen,
         ]
     stale = " (stale: the store is unreachable or its snapshot was refused)" if status.stale else ""
     return [
@@ -61,6 +64,7 @@ def _serving_lines(sidecar: Sidecar) -> list[str]:
         f"({len(policy.rules)} rules){stale}, {database}",
         f"try: {pdp_command()} check --target {shlex.quote(sidecar.address)} --ip 175.16.199.1 --meeting m-1 "
         "--tag memorial",
+        *authzen,
     ]
 
 

@@ -74,6 +74,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "pdp: snapshot.signing.existingSecret needs snapshot.signing.keyNames (the keys inside it to trust)" -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.authzen.enabled (eq $v.authzen.socketName $v.listen.socketName) (ne $v.mode "daemonset") -}}
+{{- fail "pdp: authzen.socketName must differ from listen.socketName (one socket each for gRPC and HTTP)" -}}
+{{- end -}}
+{{- if and $v.authzen.enabled (eq (int $v.authzen.port) (int $v.listen.port)) (eq $v.mode "daemonset") -}}
+{{- fail "pdp: authzen.port must differ from listen.port" -}}
+{{- end -}}
 {{- if and (eq $v.geoip.source "existingClaim") (not $v.geoip.existingClaim) -}}
 {{- fail "pdp: geoip.source=existingClaim needs geoip.existingClaim" -}}
 {{- end -}}
@@ -154,6 +160,10 @@ entries + the database twice (the serving copy and its replacement), each term r
 {{- if eq .Values.mode "daemonset" -}}$(POD_IP):{{ .Values.listen.port }}{{- else -}}unix:{{ .Values.listen.socketDir }}/{{ .Values.listen.socketName }}{{- end -}}
 {{- end -}}
 
+{{- define "pdp.httpListenAddress" -}}
+{{- if eq .Values.mode "daemonset" -}}$(POD_IP):{{ .Values.authzen.port }}{{- else -}}unix:{{ .Values.listen.socketDir }}/{{ .Values.authzen.socketName }}{{- end -}}
+{{- end -}}
+
 {{- define "pdp.pubkeyFiles" -}}
 {{- $names := .Values.snapshot.signing.keyNames -}}
 {{- if not .Values.snapshot.signing.existingSecret -}}{{- $names = keys .Values.snapshot.signing.publicKeys | sortAlpha -}}{{- end -}}
@@ -178,6 +188,10 @@ chart writes, inside its pod's `containers:` list:
     - {{ include "pdp.listenAddress" . | quote }}
     - --health-listen
     - "$(POD_IP):{{ .Values.healthPort }}"
+    {{- if .Values.authzen.enabled }}
+    - --http-listen
+    - {{ include "pdp.httpListenAddress" . | quote }}
+    {{- end }}
   envFrom:
     - configMapRef:
         name: {{ include "pdp.fullname" . }}-config
@@ -201,6 +215,11 @@ chart writes, inside its pod's `containers:` list:
     {{- if eq .Values.mode "daemonset" }}
     - name: grpc
       containerPort: {{ .Values.listen.port }}
+      protocol: TCP
+    {{- end }}
+    {{- if and (eq .Values.mode "daemonset") .Values.authzen.enabled }}
+    - name: authzen
+      containerPort: {{ .Values.authzen.port }}
       protocol: TCP
     {{- end }}
     - name: health
