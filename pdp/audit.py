@@ -1,10 +1,14 @@
 """The decision audit log: one JSON line per DENY and per shadow match.
 
-ALLOWs are sampled (default: none). Participant and user ids are pseudonymised
-with HMAC-SHA256 under a key kept outside the log; raw IPs are written only
-when explicitly asked for. Records leave the request path through a bounded
-queue: when it is full they are dropped and counted, never waited for. A
-writer thread formats and writes them, rotating the file by size.
+ALLOWs are sampled (default: none). Participant, user and host account ids are
+pseudonymised with HMAC-SHA256 under a key kept outside the log; raw IPs are
+written only when explicitly asked for. Each record carries what replaying it
+against another snapshot needs (``pdp snapshot impact``): the location codes,
+the meeting's id, tags and host, the action, the time, the policy's version and
+digest, and the ALLOW sampling rate in force, so that counts can be scaled.
+Records leave the request path through a bounded queue: when it is full they
+are dropped and counted, never waited for. A writer thread formats and writes
+them, rotating the file by size.
 """
 
 from __future__ import annotations
@@ -20,14 +24,15 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, NamedTuple, Protocol
 
 from pdp.model import Action, Decision, Location, Verdict
 from pdp.policy import Active
 
-__all__ = ["AuditConfig", "AuditError", "AuditLog", "pseudonym"]
+__all__ = ["AuditConfig", "AuditError", "AuditLog", "key_id", "pseudonym"]
 
 
 class AuditError(Exception):
@@ -41,6 +46,25 @@ def pseudonym(key: bytes, value: str) -> str:
     return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def key_id(key: bytes) -> str:
+    """Names the pseudonymisation key without revealing it, so a reader of the
+    log can tell whether the key it holds is the one the log was written with."""
+    return hmac.new(key, b"pdp audit key id", hashlib.sha256).hexdigest()[:16]
+
+
+class MeetingFields(Protocol):
+    """The meeting as the request carried it (``pb.Meeting`` and ``pdp.model.Meeting`` are both one)."""
+
+    @property
+    def meeting_id(self) -> str: ...
+
+    @property
+    def host_account_id(self) -> str: ...
+
+    @property
+    def tags(self) -> Collection[str]: ...
+
+
 class _Pending(NamedTuple):
     """What the request path hands to the writer: references only, no formatting."""
 
@@ -49,7 +73,7 @@ class _Pending(NamedTuple):
     location: Location
     active: Active
     action: int
-    meeting_id: str
+    meeting: MeetingFields
     ip: str
     user_id: str
     account_id: str
@@ -78,6 +102,7 @@ class AuditLog:
             raise AuditError(f"audit HMAC key file {config.hmac_key_file}: {error.strerror or error}") from None
         if len(self._key) < 16:
             raise AuditError(f"audit HMAC key file {config.hmac_key_file}: use at least 16 bytes of key")
+        self._key_id = key_id(self._key)
         self._pending: deque[_Pending] = deque()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
@@ -98,7 +123,7 @@ class AuditLog:
         location: Location,
         active: Active,
         action: int,
-        meeting_id: str,
+        meeting: MeetingFields,
         ip: str,
         user_id: str,
         account_id: str,
@@ -114,7 +139,7 @@ class AuditLog:
             return
         # A deque append is one atomic step: no lock, no wake-up of the writer.
         self._pending.append(
-            _Pending(time.time(), decision, location, active, action, meeting_id, ip, user_id, account_id, enforced)
+            _Pending(time.time(), decision, location, active, action, meeting, ip, user_id, account_id, enforced)
         )
 
     # ------------------------------------------------------------------ writer
@@ -144,16 +169,22 @@ class AuditLog:
         self._open()
 
     def _lines(self, item: _Pending) -> list[str]:
-        moment, decision, location, active, action, meeting_id, ip, user_id, account_id, enforced = item
+        moment, decision, location, active, action, meeting, ip, user_id, account_id, enforced = item
         base = {
             "time": dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="milliseconds"),
             "action": "join" if action == Action.JOIN else "host",
             "location": {"country": location.country, "subdivisions": list(location.subdivisions)},
-            "meeting_id": meeting_id,
+            "meeting_id": meeting.meeting_id,
             "participant": pseudonym(self._key, str(account_id)),
             "user": pseudonym(self._key, str(user_id)),
             "policy_version": active.policy.version,
             "geoip_build": active.geo.build_epoch,
+            # What a replay needs besides the above (pdp snapshot impact).
+            "tags": sorted(meeting.tags),
+            "host_account": pseudonym(self._key, meeting.host_account_id),
+            "policy_sha256": active.policy.sha256,
+            "allow_sample_rate": self.config.allow_sample_rate,
+            "hmac_key_id": self._key_id,
         }
         if self.config.include_ip:
             base["ip"] = ip

@@ -563,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.diff_command import add_parser as add_diff
 
     add_diff(snapshot)
+    from pdp.impact.command import add_parser as add_impact
+
+    add_impact(snapshot)
 
     keygen = commands.add_parser(
         "keygen",

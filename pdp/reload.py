@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pdp import archive
 from pdp.files import atomic_write
 from pdp.files import identity as file_identity
 from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
@@ -248,6 +249,8 @@ class Reloader(_Poller):
         try:
             atomic_write(self.state_dir / PERSISTED, data)
             atomic_write(self.state_dir / PERSISTED_META, json.dumps(meta).encode())
+            # The audit log names this policy: keep it findable for replays (pdp snapshot impact).
+            archive.keep(self.state_dir, data, policy.version, policy.sha256)
         except OSError as error:
             # Serving the new policy matters more than remembering it.
             self.status.last_error = f"cannot persist the snapshot in {self.state_dir}: {error.strerror or error}"

@@ -147,7 +147,7 @@ class AdmissionServicer:
         if self._audit is not None:
             participant = request.participant
             self._audit.record(
-                decision, location, active, request.action, request.meeting.meeting_id,
+                decision, location, active, request.action, request.meeting,
                 participant.ip, participant.user_id, participant.account_id,
             )  # fmt: skip
         return response, decision, active
@@ -181,7 +181,7 @@ class AdmissionServicer:
         if self._audit is not None:
             for (decision, location), participant in zip(decided, request.participants, strict=True):
                 self._audit.record(
-                    decision, location, active, request.action, request.meeting.meeting_id,
+                    decision, location, active, request.action, request.meeting,
                     participant.ip, participant.user_id, participant.account_id,
                 )  # fmt: skip
         return response
