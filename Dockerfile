@@ -1,10 +1,11 @@
 # pdp sidecar image. No GeoIP database inside: mount one (see helm/pdp, geoip.*).
-# Build: docker build -t pdp:0.1.0 .
+# Build: make image (docker, podman or buildah), then push it and set the chart's image.repository/tag.
+# tests/test_wheel.py installs pdp the way these two stages do and serves a decision from it.
 
 # --- build: a wheel of pdp and of every runtime dependency
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE NOTICE ./
 COPY pdp ./pdp
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 

@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' pdp/__init__.py)
+IMAGE ?= pdp:$(VERSION)
+OCI_BUILDER ?=  # docker (when its daemon answers), else podman, else buildah; or a path
 
-.PHONY: run test lint proto fuzz bench bench-quick bench-inprocess clean help
+.PHONY: run test lint proto iso3166 image fuzz bench bench-quick bench-inprocess clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -16,6 +19,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# pdp's runtime dependencies as wheels: tests/test_wheel.py installs the image's way from them, offline.
+	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse .
+	rm -f $(VENV)/wheelhouse/pdp-*.whl
 	touch $@
 
 run: $(STAMP)  ## start the sidecar on the example rules and the demo GeoIP database
@@ -33,6 +39,27 @@ lint: $(STAMP)  ## ruff, mypy --strict, and buf lint, format and breaking on pro
 
 proto: $(STAMP)  ## regenerate pdp/_proto/ from proto/
 	$(BIN)/python scripts/gen_proto.py
+
+image:  ## build the container image IMAGE (default pdp:VERSION) with docker, podman or buildah
+	@builder="$(OCI_BUILDER)"; \
+	if [ -z "$$builder" ]; then \
+	  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then builder=docker; \
+	  elif command -v podman >/dev/null 2>&1; then builder=podman; \
+	  elif command -v buildah >/dev/null 2>&1; then builder=buildah; \
+	  elif command -v docker >/dev/null 2>&1; then \
+	    echo "make image: docker is installed but its daemon does not answer (docker info failed):" \
+	         "start it, or install podman or buildah, which need none" >&2; exit 2; \
+	  else \
+	    echo "make image: no OCI image builder on PATH: install docker, podman or buildah" \
+	         "(Debian: apt-get install podman), or name one with OCI_BUILDER=..." >&2; exit 2; \
+	  fi; \
+	fi; \
+	echo "$$builder build --tag $(IMAGE) --file Dockerfile ."; \
+	"$$builder" build --tag $(IMAGE) --file Dockerfile . || exit 2; \
+	echo "built $(IMAGE): push it to your registry, then set the chart's image.repository and image.tag"
+
+iso3166: $(STAMP)  ## regenerate pdp/iso3166.json from pycountry and the demo GeoIP database (about a minute)
+	$(BIN)/python scripts/gen_iso3166.py
 
 bench-inprocess: $(STAMP)  ## decision cost in µs on the real GeoLite2-City
 	$(BIN)/python -m benchmarks.inprocess

@@ -4,8 +4,10 @@ Every audit record names the policy that decided it by version and SHA-256
 (the digest of the rules document, inside any envelope). A sidecar with a
 ``--state-dir`` keeps each snapshot it activates, as it was fetched (signed
 envelopes included, so they can be verified again), under
-``STATE_DIR/snapshots/v<version>-<sha256>``; the newest :data:`KEEP` versions
-stay, older ones are removed. ``pdp snapshot impact`` finds the policy a record
+``STATE_DIR/snapshots/v<version>-<sha256>[.yaml|.json]`` (the format the
+sidecar read it as, when its URL said); the newest :data:`KEEP` versions stay,
+older ones are removed. The folder is private to pdp's user, like the state
+directory. ``pdp snapshot impact`` finds the policy a record
 names here.
 """
 
@@ -21,7 +23,7 @@ __all__ = ["ARCHIVE_DIR", "KEEP", "Archived", "entries", "keep"]
 
 ARCHIVE_DIR = "snapshots"
 KEEP = 32  # about a month of daily publications; a 10,000-rule snapshot is 1.5 MB
-_NAME = re.compile(r"v(\d{1,19})-([0-9a-f]{64})")
+_NAME = re.compile(r"v(\d{1,19})-([0-9a-f]{64})(?:\.(yaml|json))?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,17 +33,18 @@ class Archived:
     version: int
     sha256: str
     path: Path
+    format: str | None  # "yaml" or "json" when the sidecar was told; else the parser guesses
 
 
-def keep(state_dir: Path, data: bytes, version: int, sha256: str, limit: int = KEEP) -> Path:
+def keep(state_dir: Path, data: bytes, version: int, sha256: str, fmt: str | None = None, limit: int = KEEP) -> Path:
     """Store ``data`` (the snapshot as fetched) under its version and digest,
     then remove all but the newest ``limit`` versions.
 
     :raises OSError: the archive cannot be written.
     """
     folder = state_dir / ARCHIVE_DIR
-    folder.mkdir(mode=0o750, exist_ok=True)
-    path = folder / f"v{version}-{sha256}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / (f"v{version}-{sha256}" + (f".{fmt}" if fmt else ""))
     if not path.exists():
         atomic_write(path, data)
     kept = sorted(entries(state_dir), key=lambda entry: entry.version, reverse=True)
@@ -63,5 +66,5 @@ def entries(state_dir: Path) -> list[Archived]:
     for path in names:
         match = _NAME.fullmatch(path.name)
         if match is not None:
-            found.append(Archived(int(match[1]), match[2], path))
+            found.append(Archived(int(match[1]), match[2], path, match[3]))
     return found

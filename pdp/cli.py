@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from pdp.geo import (
     demo_database_path,
     read_pinned_sha256,
 )
+from pdp.iso3166 import jurisdiction_problem
 from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Verdict
 from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
 
@@ -65,6 +67,14 @@ def _format_build(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d")
 
 
+def _build_fields(epoch: int) -> dict[str, Any]:
+    """The database build for JSON output: Unix seconds and RFC 3339 (both null without a database)."""
+    if not epoch:
+        return {"geoip_build": None, "geoip_build_time": None}
+    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return {"geoip_build": epoch, "geoip_build_time": moment.isoformat().replace("+00:00", "Z")}
+
+
 def _location_text(location: Location) -> str:
     if not location.found:
         return "unknown (no country for this address)"
@@ -77,7 +87,8 @@ def _decision_lines(decision: Decision, location: Location, version: int, build:
     if decision.legal_basis:
         lines.append(f"  legal basis  {decision.legal_basis}")
     lines.append(f"  location     {_location_text(location)}")
-    lines.append(f"  policy       version {version}, GeoIP build {_format_build(build)}")
+    geoip = f"GeoIP build {_format_build(build)}" if build else "no GeoIP database (location given)"
+    lines.append(f"  policy       version {version}, {geoip}")
     if decision.shadow_rule_ids:
         lines.append(f"  shadow       {', '.join(decision.shadow_rule_ids)} (matched, not enforced)")
     return lines
@@ -91,7 +102,7 @@ def _decision_json(decision: Decision, location: Location, version: int, build: 
         "legal_basis": decision.legal_basis,
         "location": {"found": location.found, "country": location.country, "subdivisions": list(location.subdivisions)},
         "policy_version": version,
-        "geoip_build": build,
+        **_build_fields(build),
         "shadow_rule_ids": list(decision.shadow_rule_ids),
     }
 
@@ -225,18 +236,7 @@ def cmd_check(options: argparse.Namespace) -> int:
 
 def cmd_explain(options: argparse.Namespace) -> int:
     policy = load_policy(options.rules)
-    build = 0
-    if options.ip:
-        geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
-        try:
-            location = geo.locate(options.ip)
-        except InvalidAddressError as error:
-            raise UsageError(f"--ip: {error}") from None
-        build = geo.build_epoch
-    elif options.country:
-        location = Location(options.country.upper(), tuple(options.subdivision))
-    else:
-        location = UNKNOWN_LOCATION
+    location, build = _explain_location(options)
     now = options.at.timestamp() if options.at else time.time()
     meeting = Meeting(options.meeting, options.host_account, frozenset(options.tag))
     action = Action[options.action.upper()]
@@ -259,6 +259,51 @@ def cmd_explain(options: argparse.Namespace) -> int:
     return _verdict_exit(decision.verdict)
 
 
+def _explain_location(options: argparse.Namespace) -> tuple[Location, int]:
+    """The participant's location from --ip (and its database build) or from --country/--subdivision.
+
+    :raises UsageError: an option names a place GeoIP data could never return.
+    """
+    if options.ip:
+        if options.subdivision:
+            raise UsageError("--subdivision goes with --country, not --ip (the database locates the address)")
+        geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
+        try:
+            return geo.locate(options.ip), geo.build_epoch
+        except InvalidAddressError as error:
+            raise UsageError(f"--ip: {error}") from None
+    country = _country_option(options.country) if options.country else ""
+    subdivisions = tuple(dict.fromkeys(_subdivision_option(code, country) for code in options.subdivision))
+    if not country and subdivisions:
+        country = subdivisions[0][:2]  # US-WA alone says the country
+    for code in subdivisions:
+        if code[:2] != country:
+            given = "--country" if options.country else f"--subdivision {subdivisions[0]}"
+            raise UsageError(f"--subdivision: {code!r} is in {code[:2]}, not in {country} (from {given})")
+    return (Location(country, subdivisions) if country else UNKNOWN_LOCATION), 0
+
+
+def _country_option(text: str) -> str:
+    code = text.upper() if len(text) == 2 else text
+    if "-" in code:
+        raise UsageError(f"--country: {code!r} is a subdivision: pass --subdivision {code} (it implies its country)")
+    problem = jurisdiction_problem(code)
+    if problem:
+        raise UsageError(f"--country: {problem}")
+    return code
+
+
+def _subdivision_option(text: str, country: str) -> str:
+    code = text.upper()
+    if "-" not in code:
+        example = f"{country or 'US'}-{code}" if re.fullmatch(r"[A-Z0-9]{1,3}", code) else "US-WA"
+        raise UsageError(f"--subdivision: {text!r} needs its country, as in ISO 3166-2: like {example!r}")
+    problem = jurisdiction_problem(code)
+    if problem:
+        raise UsageError(f"--subdivision: {problem}")
+    return code
+
+
 def cmd_geo_lookup(options: argparse.Namespace) -> int:
     geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
     rows = []
@@ -275,7 +320,13 @@ def cmd_geo_lookup(options: argparse.Namespace) -> int:
         print(
             json.dumps(
                 [
-                    {"ip": address, "found": loc.found, "country": loc.country, "subdivisions": list(loc.subdivisions)}
+                    {
+                        "ip": address,
+                        "found": loc.found,
+                        "country": loc.country,
+                        "subdivisions": list(loc.subdivisions),
+                        **_build_fields(geo.build_epoch),
+                    }
                     for address, loc in rows
                 ],
                 indent=2,
@@ -373,27 +424,56 @@ def cmd_status(options: argparse.Namespace) -> int:
         except grpc.RpcError as error:
             raise UsageError(f"{options.target}: {_rpc_error_text(error)}") from None
     document = MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    # proto3 JSON writes int64 as a string; the build is a number and a time, as in pdp check --json.
+    fields = _build_fields(status.geoip_build)
+    document = {key: value for key, value in document.items() if key != "geoip_build"}
+    position = list(document).index("geoip_type") + 1 if "geoip_type" in document else len(document)
+    document = dict([*list(document.items())[:position], *fields.items(), *list(document.items())[position:]])
     if options.json:
         print(json.dumps(document, indent=2))
     else:
+        document["geoip_build"] = _format_build(status.geoip_build) if status.geoip_build else "none"
+        del document["geoip_build_time"]
         width = max(len(key) for key in document)
         for key, value in document.items():
             print(f"{key:<{width}}  {value}")
+    if not status.serving:
+        print(f"pdp: {options.target} is not serving (exit 2)", file=sys.stderr)
     return EXIT_OK if status.serving else EXIT_USAGE
 
 
 def cmd_report(options: argparse.Namespace) -> int:
-    from pdp.report import ReportError, build, chart, read_records, render
+    """Exit 0; 1 when a record breaks the jurisdiction boundary (the report, written anyway, says so)."""
+    from pdp.files import atomic_write
+    from pdp.report import ReportError, Snapshots, build_report, load, moment, render
+    from pdp.report.charts import save
+    from pdp.report.html import render_html
+    from pdp.report.text import boundary_statement
 
     try:
-        records = list(read_records(options.log))
-        rows = build(records, options.since, options.until)
-        sys.stdout.write(render(rows, options.format))
+        since = moment(options.since, "--since") if options.since else None
+        until = moment(options.until, "--until") if options.until else None
+        if since and until and since >= until:
+            raise ReportError(f"--since {options.since} is not before --until {options.until}")
+        snapshots = Snapshots(options.rules)
+        report = build_report(load(options.log), since, until, snapshots, files=len(options.log))
+        text = render_html(report) if options.format == "html" else render(report, options.format)
         if options.chart:
-            chart(records, rows, options.chart)
+            save(report, options.chart)
             print(f"chart written to {options.chart}", file=sys.stderr)
     except ReportError as error:
         raise UsageError(str(error)) from None
+    if options.output:
+        atomic_write(Path(options.output), text.encode())
+        Path(options.output).chmod(0o644)  # a report is for publishing; the temporary file was private
+        print(f"report written to {options.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if not report.boundary.holds:
+        print(f"pdp: {boundary_statement(report.boundary)}", file=sys.stderr)
+        for violation in report.boundary.violations[:20]:
+            print(f"  {violation.record.where}: {violation.problem}", file=sys.stderr)
+        return EXIT_INVALID
     return EXIT_OK
 
 
@@ -492,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CODE",
-        help="with --country: ISO 3166-2 subdivision like US-WA (repeatable)",
+        help="ISO 3166-2 subdivision like US-WA (repeatable); alone, it implies its --country",
     )
     explain.add_argument("--geoip-db", metavar="PATH", help="MaxMind database, or 'demo' [env PDP_GEOIP_DB]")
     explain.add_argument("--at", type=_timestamp, metavar="TIME", help="evaluate at this time (default now)")
@@ -580,7 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show a running sidecar's status",
         description="Print GetStatus: policy version and source, last fetch, stale flag, "
-        "last error, GeoIP database and cache. Exit 0 when serving, 2 otherwise.",
+        "last error, GeoIP database and cache. Exit 0 when the sidecar is serving; exit 2 when it is "
+        "not serving (no policy or GeoIP database loaded yet, or draining on SIGTERM) or cannot be reached.",
     )
     _add_client_arguments(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -590,13 +671,34 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="transparency report from decision audit logs",
         description="Aggregate audit logs per jurisdiction, rule and legal basis: denials, distinct meetings, "
-        "distinct pseudonymous participants, where they were located, first and last seen, shadow matches.",
+        "distinct pseudonymous participants, where they were located, first and last seen, shadow matches; "
+        "and check every record against its rule's jurisdiction. Times are RFC 3339 in UTC, to the second. "
+        "Exit 0; 1 when a record shows a rule applied to a participant located outside its jurisdiction "
+        "(the report is still written, and says so); 2 when a log, snapshot or option cannot be used.",
     )
     report.add_argument("log", nargs="+", help="audit log files (JSON lines; rotated files too)")
-    report.add_argument("--since", metavar="TIME", help="include records at or after this time (RFC 3339)")
-    report.add_argument("--until", metavar="TIME", help="include records before this time (RFC 3339)")
-    report.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
-    report.add_argument("--chart", metavar="PNG", help="also draw denials per day (needs the report extra)")
+    report.add_argument(
+        "--since", metavar="TIME", help="period start, included (RFC 3339 or a date; UTC unless an offset is given)"
+    )
+    report.add_argument(
+        "--until", metavar="TIME", help="period end, not included (default: just after the last record)"
+    )
+    report.add_argument(
+        "--format",
+        choices=("md", "csv", "json", "html"),
+        default="md",
+        help="md, csv, json, or html: one self-contained page with the chart, to publish (default md)",
+    )
+    report.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE (whole or not at all)")
+    report.add_argument("--chart", metavar="FILE", help="also draw the chart as PNG, or SVG for a .svg name")
+    report.add_argument(
+        "--rules",
+        action="append",
+        default=[],
+        metavar="SNAPSHOT",
+        help="snapshot file of a policy version in the logs (repeatable): adds validity windows, "
+        "and checks the logged jurisdictions against the published ones",
+    )
     report.set_defaults(handler=cmd_report)
 
     from pdp.loadtest.command import add_parser as add_loadtest

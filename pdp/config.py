@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from pdp.sources import check_scheme
+
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "add_serve_arguments", "parse_listen", "resolve"]
 
 
@@ -81,19 +83,55 @@ class Setting:
     def env(self) -> str:
         return self.env_name or "PDP_" + self.name.upper()
 
+    @property
+    def switch(self) -> bool:
+        """A boolean: a bare flag with a ``--no-`` form on the command line."""
+        return self.parse is _boolean
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer") from None
+
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise ValueError(f"{value} is not a positive integer")
     return value
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 3600:
-        raise ValueError(f"{value} is outside 0..3600 seconds")
-    return value
+def _float_range(low: float, high: float, unit: str = "") -> Callable[[str], float]:
+    """A parser of numbers from ``low`` to ``high`` inclusive (nan and infinities refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+        if not low <= value <= high:  # also false for nan
+            raise ValueError(f"{value} is outside {low}..{high}{unit}")
+        return value
+
+    return parse
+
+
+_seconds = _float_range(0, 3600, " seconds")
+_interval = _float_range(0.05, 86400, " seconds")
+_rate = _float_range(0, 1)
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not true or false (nor 1/0, yes/no, on/off)")
 
 
 def _log_level(text: str) -> str:
@@ -106,8 +144,8 @@ def _snapshot_url(text: str) -> str:
     if text and "://" not in text:
         # A bare path is the common case on the command line.
         return Path(text).resolve().as_uri()
-    if text and text.split("://", 1)[0] not in ("file", "http", "https", "redis", "rediss"):
-        raise ValueError(f"{text!r}: snapshot URLs are file://, http(s):// or redis://")
+    if text:
+        check_scheme(text)
     return text
 
 
@@ -115,28 +153,6 @@ def _log_format(text: str) -> str:
     if text.lower() not in ("json", "text"):
         raise ValueError(f"{text!r} is not json or text")
     return text.lower()
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise ValueError(f"{value} is outside 0..1")
-    return value
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{text!r} is not true or false")
-
-
-def _interval(text: str) -> float:
-    value = float(text)
-    if not 0.05 <= value <= 86400:
-        raise ValueError(f"{value} is outside 0.05..86400 seconds")
-    return value
 
 
 def _listen(text: str) -> str:
@@ -189,8 +205,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "state_dir",
-        "directory where the last activated snapshot is kept, to serve (marked stale) "
-        "when the store is unreachable at start",
+        "private directory (0700, created if missing; refused if others can write it) where the last "
+        "activated snapshot is kept: served (marked stale) when the store is unreachable at start, and "
+        "the replay floor after a restart",
         "DIR",
         str,
     ),
@@ -209,7 +226,13 @@ SETTINGS: tuple[Setting, ...] = (
         "FILE",
         str,
     ),
-    Setting("http_timeout", "timeout of one snapshot fetch (http and redis)", "SECONDS", _interval),
+    Setting(
+        "http_timeout",
+        "deadline of one whole snapshot fetch for http(s) (connect, TLS, headers, body, redirects); "
+        "for redis, of each command",
+        "SECONDS",
+        _interval,
+    ),
     Setting(
         "http_bearer_token_file",
         "file holding a bearer token for http(s) snapshot URLs (read at each fetch, so it can be rotated)",
@@ -252,6 +275,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         default = getattr(defaults, setting.name)
         shown = "required" if setting.required else f"default {default}" if default != "" else "unset"
+        if setting.switch:
+            parser.add_argument(
+                setting.flag,
+                dest=setting.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{setting.help} [env {setting.env}=true|false; {shown}]",
+            )
+            continue
         parser.add_argument(
             setting.flag,
             dest=setting.name,
@@ -276,8 +308,11 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         raw = environ.get(setting.env)
         if raw is not None and raw != "":
             values[setting.name] = _convert(setting, raw, f"environment variable {setting.env}")
-        if flags.get(setting.name) is not None:
-            values[setting.name] = _convert(setting, str(flags[setting.name]), setting.flag)
+        flag = flags.get(setting.name)
+        if isinstance(flag, bool):
+            values[setting.name] = flag
+        elif flag is not None:
+            values[setting.name] = _convert(setting, str(flag), setting.flag)
     return ServeConfig(**values)
 
 

@@ -1,15 +1,32 @@
-"""Files that are replaced while pdp runs: telling versions apart, writing them whole."""
+"""Files that are replaced while pdp runs: telling versions apart, writing them whole,
+and trusting them only when nobody but pdp's user could have written them."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["Identity", "atomic_write", "identity", "identity_of"]
+__all__ = [
+    "Identity",
+    "NotPrivateError",
+    "atomic_write",
+    "identity",
+    "identity_of",
+    "private_directory",
+    "read_private",
+    "remove_temporaries",
+]
 
 Identity = tuple[int, int, int, int]
+
+
+class NotPrivateError(Exception):
+    """A directory or file pdp trusts could have been written by another user; the
+    message names it, says why and how to fix it."""
 
 
 def identity_of(status: os.stat_result) -> Identity:
@@ -27,13 +44,20 @@ def identity(path: str | Path) -> Identity | None:
         return None
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves the old or the new file, never half of one.
+
+    The temporary file is created 0600 beside ``path``; one a kill left behind is
+    found by :func:`remove_temporaries`.
 
     :raises OSError: the folder cannot be created or written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path))
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
@@ -49,3 +73,71 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def remove_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left for ``path`` when it was
+    killed before its rename. Returns what was removed.
+
+    :raises OSError: the folder cannot be listed or a file removed.
+    """
+    removed = []
+    for candidate in path.parent.glob(f"{_temporary_prefix(path)}*"):
+        if stat.S_ISREG(candidate.lstat().st_mode):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
+
+
+def _not_private(path: Path, status: os.stat_result) -> str:
+    """Why ``status`` lets someone other than this process's user (or root) write ``path``, or ''."""
+    if status.st_uid not in (os.geteuid(), 0):
+        return f"owned by uid {status.st_uid}, not by pdp's user (uid {os.geteuid()}) or root"
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(status.st_mode):04o}); chmod go-w {path}"
+    return ""
+
+
+def private_directory(path: Path) -> None:
+    """Make sure ``path`` is a directory only pdp's user (or root) can write, as ssh
+    demands of ``~/.ssh``: created 0700 when missing, refused otherwise.
+
+    :raises NotPrivateError: it exists and others could write it.
+    :raises OSError: it cannot be created or examined, or is not a directory.
+    """
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
+    status = path.stat()
+    if not stat.S_ISDIR(status.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+    problem = _not_private(path, status)
+    if problem:
+        raise NotPrivateError(f"{path}: {problem}")
+
+
+def read_private(path: Path, limit: int) -> bytes | None:
+    """The bytes of ``path``, None when it does not exist; read through one descriptor
+    that was checked, so a file swapped in between cannot be read instead.
+
+    :raises NotPrivateError: a symbolic link, not a regular file, or writable by others.
+    :raises OSError: it cannot be read, or holds more than ``limit`` bytes.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if path.is_symlink():
+            raise NotPrivateError(f"{path}: a symbolic link, which pdp does not follow here") from None
+        raise error
+    with os.fdopen(descriptor, "rb") as handle:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise NotPrivateError(f"{path}: not a regular file")
+        problem = _not_private(path, status)
+        if problem:
+            raise NotPrivateError(f"{path}: {problem}")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path}: larger than {limit} bytes")
+    return data

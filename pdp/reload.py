@@ -5,40 +5,51 @@ Rules that keep a fleet safe (learnt from OPA's and Cerbos's issue trackers):
 
 - a source remembers what it fetched (ETag, file identity) only after the
   snapshot was activated, so a rejected one is fetched again;
-- a lower version is a replay and is refused; the same version with other
-  content is a conflict and is refused; the same content is a no-op;
-- the last good snapshot is persisted atomically and re-verified at start;
-  stale-but-valid beats empty;
+- a lower version is a replay and is refused; the same content is a no-op;
+- the same version with other content is a conflict and is refused, unless the
+  active snapshot's bytes are a prefix of the new one's: then the active one was
+  a truncated read (a writer that paused longer than a poll) and the complete
+  one replaces it. A truncated copy never replaces the complete one;
+- the last good snapshot is persisted atomically (a failed write is retried at
+  every poll) and, at start, re-verified and made the floor: the store must
+  offer it or a later version; stale-but-valid beats empty;
 - nothing here ever blocks or fails a request: requests read one reference.
 """
 
 from __future__ import annotations
 
-import json
+import enum
+import hashlib
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pdp import archive
-from pdp.files import atomic_write
+from pdp.files import NotPrivateError
 from pdp.files import identity as file_identity
 from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
 from pdp.logs import redact_url
 from pdp.pacing import in_background
+from pdp.persisted import Persisted, StateDir
 from pdp.policy import PolicyHolder, ReloadStatus
+from pdp.poller import Poller as _Poller
 from pdp.rules import Policy, SnapshotError, parse_policy
 from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
-from pdp.sources import Fetched, Source, SourceError
+from pdp.sources import Fetched, Source, SourceError, snapshot_format
 
-__all__ = ["GeoWatcher", "Reloader", "SnapshotRejectedError", "StartupError", "read_snapshot"]
+__all__ = [
+    "GeoWatcher",
+    "InitialOutcome",
+    "Reloader",
+    "SnapshotRejectedError",
+    "StartupError",
+    "Step",
+    "read_snapshot",
+]
 
 log = logging.getLogger("pdp.reload")
-
-PERSISTED = "snapshot"
-PERSISTED_META = "snapshot.meta.json"
 
 
 class SnapshotRejectedError(Exception):
@@ -46,7 +57,25 @@ class SnapshotRejectedError(Exception):
 
 
 class StartupError(Exception):
-    """Nothing valid to serve at start: the store's snapshot is invalid and none was persisted."""
+    """Nothing valid to serve at start (the store's snapshot is invalid and none was
+    persisted), or a ``--state-dir`` that others could write."""
+
+
+class Step(enum.Enum):
+    """What one :meth:`Reloader.step` did."""
+
+    ACTIVATED = "activated"
+    UNCHANGED = "unchanged"  # nothing new, the same content again, or the same rejected bytes
+    REJECTED = "rejected"
+    FETCH_FAILED = "fetch failed"
+
+
+class InitialOutcome(enum.Enum):
+    """What :meth:`Reloader.initial` left active when the server starts."""
+
+    STORE = "the store's snapshot"
+    PERSISTED = "the persisted snapshot, marked stale"  # store unreachable, or its snapshot refused
+    NOTHING = "no policy, NOT_SERVING until one can be fetched"
 
 
 def read_snapshot(
@@ -56,9 +85,12 @@ def read_snapshot(
     pace: Callable[[], None] | None = None,
     previous: Policy | None = None,
     sha256: str = "",
+    *,
+    fmt: str | None = None,
 ) -> Policy:
     """Verify (when keys are trusted) and compile snapshot bytes as stored.
-    ``sha256``, the digest of ``data`` if known, saves hashing it again.
+    ``sha256``, the digest of ``data`` if known, saves hashing it again; ``fmt``
+    (``"yaml"`` or ``"json"``) overrides the parser's guess from ``source`` and content.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
         version mismatch, or any rules-file problem (every one listed).
@@ -69,8 +101,8 @@ def read_snapshot(
         elif is_envelope(data):
             opened = open_envelope(data)  # no key to check against: payload only
         else:
-            return parse_policy(data, source, pace=pace, previous=previous, sha256=sha256)
-        policy = parse_policy(opened.payload, source, pace=pace, previous=previous)
+            return parse_policy(data, source, fmt, pace=pace, previous=previous, sha256=sha256)
+        policy = parse_policy(opened.payload, source, fmt, pace=pace, previous=previous)
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
     except SnapshotError as error:
@@ -82,43 +114,8 @@ def read_snapshot(
     return policy
 
 
-class _Poller:
-    """A daemon thread calling :meth:`run_once` after each :meth:`_wait` until stopped."""
-
-    name = "pdp-poller"
-
-    def __init__(self) -> None:
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run_once(self) -> str:
-        raise NotImplementedError
-
-    def _wait(self) -> None:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            self._wait()
-            if self._stopping.is_set():
-                break
-            try:
-                self.run_once()
-            except Exception:  # a bug in one step must not end the polling
-                log.exception("%s: step failed", self.name)
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-
 class Reloader(_Poller):
-    """Follows one source; :meth:`run_once` is one fetch-and-maybe-activate step."""
+    """Follows one source; :meth:`step` is one fetch-and-maybe-activate."""
 
     name = "pdp-reloader"
 
@@ -135,63 +132,80 @@ class Reloader(_Poller):
         self.holder = holder
         self.source = source
         self.keys = keys or TrustedKeys()
-        self.state_dir = Path(state_dir) if state_dir else None
+        self.state = StateDir(Path(state_dir)) if state_dir else None
         self.poll_seconds = poll_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self.status: ReloadStatus = holder.status
         self.status.source = redact_url(source.url)
         super().__init__()
+        self._format = snapshot_format(source.url)
         self._failures = 0
         self._rejected_sha = ""
+        self._active_bytes: tuple[int, str] = (0, "")  # length and SHA-256 of the active snapshot as fetched
+        self._unsaved: Persisted | None = None
+        self._save_error = ""
 
     # ------------------------------------------------------------------ steps
 
     def run_once(self) -> str:
         """Fetch once; activate if new and valid. Returns what happened, in words."""
+        return self.step()[1]
+
+    def step(self) -> tuple[Step, str]:
+        """Fetch once; activate if new and valid; retry a failed persist."""
         self.status.last_fetch_at = time.time()
+        self._save()
         try:
             fetched = self.source.fetch()
         except SourceError as error:
             self._failures += 1
             self.status.fetch_errors += 1
             self.status.stale = True
-            return self._result(f"error: {error}", error=str(error))
+            return self._result(Step.FETCH_FAILED, f"error: {error}", error=str(error))
         self._failures = 0
         self.status.stale = False
         if fetched is None:
-            return self._result("unchanged")
+            return self._result(Step.UNCHANGED, "unchanged")
         digest = fetched.sha256
         if digest == self._rejected_sha:
-            return self._result("unchanged (still rejected)")
+            return self._result(Step.UNCHANGED, "unchanged (still rejected)")
         started = time.perf_counter()
         try:
             with in_background() as pace:
                 policy = read_snapshot(
-                    fetched.data, self.keys, self.status.source, pace, previous=self.holder.policy, sha256=digest
+                    fetched.data,
+                    self.keys,
+                    self.status.source,
+                    pace,
+                    previous=self.holder.policy,
+                    sha256=digest,
+                    fmt=self._format,
                 )
             self.status.last_compile_ms = round((time.perf_counter() - started) * 1000, 1)
-            outcome = self._offer(policy, fetched)
+            return self._offer(policy, fetched)
         except SnapshotRejectedError as error:
             self._rejected_sha = digest
             self.status.rejections += 1
             log.warning("snapshot rejected, version %s stays active: %s", self._active_version(), error)
-            return self._result(f"rejected: {error}", error=str(error))
-        return self._result(outcome)
+            return self._result(Step.REJECTED, f"rejected: {error}", error=str(error))
 
-    def _offer(self, policy: Policy, fetched: Fetched) -> str:
+    def _offer(self, policy: Policy, fetched: Fetched) -> tuple[Step, str]:
         current = self.holder.policy
+        completes = False
         if current is not None:
             if policy.sha256 == current.sha256:
                 self.source.commit(fetched)
-                return f"unchanged content (version {policy.version})"
+                return self._result(Step.UNCHANGED, f"unchanged content (version {policy.version})")
             if policy.version < current.version:
                 raise SnapshotRejectedError(
                     f"version {policy.version} is lower than the active {current.version} (replay)"
                 )
-            if policy.version == current.version:
+            completes = policy.version == current.version
+            if completes and not self._completes_active(fetched.data):
                 raise SnapshotRejectedError(f"version {policy.version} is already active with other content (conflict)")
         self.holder.activate_policy(policy, self.status.source)
         self.source.commit(fetched)
+        self._active_bytes = (len(fetched.data), fetched.sha256)
         self._rejected_sha = ""
         self.status.activations += 1
         self.status.last_error = ""
@@ -202,14 +216,22 @@ class Reloader(_Poller):
             self.status.source,
             self.status.last_compile_ms,
         )
-        self._persist(fetched.data, policy)
-        return f"activated version {policy.version}"
+        if completes:
+            log.warning("version %d was a truncated read; the complete snapshot replaces it", policy.version)
+        self._persist(fetched, policy)
+        done = f" (it completes the truncated version {policy.version} that was active)" if completes else ""
+        return self._result(Step.ACTIVATED, f"activated version {policy.version}{done}")
 
-    def _result(self, text: str, *, error: str = "") -> str:
+    def _completes_active(self, data: bytes) -> bool:
+        """Whether the active snapshot's bytes are a strict prefix of ``data``."""
+        size, digest = self._active_bytes
+        return bool(digest) and len(data) > size and hashlib.sha256(data[:size]).hexdigest() == digest
+
+    def _result(self, step: Step, text: str, *, error: str = "") -> tuple[Step, str]:
         self.status.last_fetch_result = text
         if error:
             self.status.last_error = error
-        return text
+        return step, text
 
     def _active_version(self) -> str:
         policy = self.holder.policy
@@ -217,61 +239,96 @@ class Reloader(_Poller):
 
     # ------------------------------------------------------------------ start
 
-    def initial(self) -> None:
+    def initial(self) -> InitialOutcome:
         """First load at start-up, before serving.
 
-        Activates the store's snapshot; if the store is unreachable or its
-        snapshot invalid, the persisted one (re-verified, marked stale). With
-        neither, returns without activating (health stays NOT_SERVING) when the
-        store is unreachable, so the loop keeps trying.
+        The persisted snapshot (re-verified) is activated first and is the floor:
+        the store's replaces it only when it is a later version (or completes it,
+        see the module's rules). If the store is unreachable or its snapshot
+        refused, the persisted one serves, marked stale. With neither, nothing
+        is active (health stays NOT_SERVING) while the store is unreachable, and
+        the loop keeps trying.
 
-        :raises StartupError: the store's snapshot is invalid and nothing is persisted.
+        :raises StartupError: the store's snapshot is invalid and nothing is persisted,
+            or others could write the state directory or a file in it.
         """
-        result = self.run_once()
-        if result.startswith(("activated", "unchanged")):
-            return
-        persisted = self._load_persisted()
+        persisted = self._start_from_state_dir()
+        step, result = self.step()
+        if step in (Step.ACTIVATED, Step.UNCHANGED) and self.holder.policy is not None:
+            return InitialOutcome.STORE
         if persisted is not None:
-            self.holder.activate_policy(persisted, self.status.source)
             self.status.stale = True
             log.warning("serving the persisted snapshot, version %d, marked stale: %s", persisted.version, result)
-            return
-        if result.startswith("rejected"):
+            return InitialOutcome.PERSISTED
+        if step is Step.REJECTED:
             raise StartupError(self.status.last_error)
         log.warning("no policy yet (%s); not serving until one can be fetched", result)
+        return InitialOutcome.NOTHING
 
-    # ------------------------------------------------------------------ persistence
+    def _start_from_state_dir(self) -> Policy | None:
+        """Check and clean the state directory; activate the persisted snapshot, if any and valid.
 
-    def _persist(self, data: bytes, policy: Policy) -> None:
-        if self.state_dir is None:
-            return
-        meta = {"source": self.status.source, "version": policy.version, "sha256": policy.sha256}
+        :raises StartupError: others could write the directory or a file in it.
+        """
+        if self.state is None:
+            return None
         try:
-            atomic_write(self.state_dir / PERSISTED, data)
-            atomic_write(self.state_dir / PERSISTED_META, json.dumps(meta).encode())
-            # The audit log names this policy: keep it findable for replays (pdp snapshot impact).
-            archive.keep(self.state_dir, data, policy.version, policy.sha256)
+            self.state.prepare()
+            persisted = self.state.load()
+        except NotPrivateError as error:
+            raise StartupError(
+                f"{error} (pdp trusts the snapshot it keeps in --state-dir: only its own user may write there)"
+            ) from None
         except OSError as error:
-            # Serving the new policy matters more than remembering it.
-            self.status.last_error = f"cannot persist the snapshot in {self.state_dir}: {error.strerror or error}"
+            self.status.last_error = f"cannot use the state directory {self.state.path}: {error.strerror or error}"
             log.error("%s", self.status.last_error)
-
-    def _load_persisted(self) -> Policy | None:
-        if self.state_dir is None:
+            return None
+        if persisted is None:
+            return None
+        if persisted.source != self.status.source:
+            log.warning("persisted snapshot came from %s, not %s; not used", persisted.source, self.status.source)
             return None
         try:
-            meta = json.loads((self.state_dir / PERSISTED_META).read_bytes())
-            data = (self.state_dir / PERSISTED).read_bytes()
-        except (OSError, ValueError):
-            return None
-        if meta.get("source") != self.status.source:
-            log.warning("persisted snapshot came from %s, not %s; not used", meta.get("source"), self.status.source)
-            return None
-        try:
-            return read_snapshot(data, self.keys, str(self.state_dir / PERSISTED))
+            # Read as it was the first time: the same name and format, so the same parse.
+            policy = read_snapshot(persisted.data, self.keys, self.status.source, fmt=persisted.format)
         except SnapshotRejectedError as error:
             log.error("persisted snapshot fails verification, not used: %s", error)
             return None
+        self.holder.activate_policy(policy, self.status.source)
+        self._active_bytes = (len(persisted.data), persisted.sha256)
+        log.info("persisted snapshot version %d loaded: the store must offer it or a later one", policy.version)
+        return policy
+
+    # ------------------------------------------------------------------ persistence
+
+    def _persist(self, fetched: Fetched, policy: Policy) -> None:
+        if self.state is not None:
+            self._unsaved = Persisted(fetched.data, self.status.source, policy.version, fetched.sha256, self._format)
+            self._save()
+            try:  # the audit log names this policy: keep it findable for replays (pdp snapshot impact)
+                archive.keep(self.state.path, fetched.data, policy.version, policy.sha256, self._format)
+            except OSError as error:
+                log.warning("cannot archive snapshot version %d: %s", policy.version, error.strerror or error)
+
+    def _save(self) -> None:
+        """Write the newest activated snapshot if it is not on disk yet; a failure is
+        said in ``last_error`` and retried at the next step."""
+        if self.state is None or self._unsaved is None:
+            return
+        try:
+            self.state.save(self._unsaved)
+        except (OSError, NotPrivateError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            message = f"cannot persist the snapshot in {self.state.path}: {reason}; retried at the next poll"
+            if message != self._save_error:
+                log.error("%s", message)  # once per reason, not at every poll
+            # Serving the new policy matters more than remembering it.
+            self.status.last_error = self._save_error = message
+            return
+        self._unsaved = None
+        if self._save_error and self.status.last_error == self._save_error:
+            self.status.last_error = ""
+        self._save_error = ""
 
     # ------------------------------------------------------------------ loop
 

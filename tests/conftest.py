@@ -48,6 +48,15 @@ rules:
 """
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Publish ``data`` at ``path`` as editors, ``mv`` and ``pdp snapshot publish`` do:
+    a new file renamed in, which the file source reads at its next look (one written
+    in place is read once two looks in a row see it unchanged)."""
+    staged = path.with_name(f".{path.name}.staged")
+    staged.write_bytes(data)
+    staged.replace(path)
+
+
 def policy_from(text: str) -> Policy:
     """Compile a snapshot written inline in a test."""
     return parse_policy(textwrap.dedent(text).encode(), "test.yaml")

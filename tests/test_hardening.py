@@ -29,7 +29,7 @@ from pdp.server import MAX_TAGS, start_server
 from pdp.sources import SourceOptions, open_source
 from pdp.wire import varint
 
-from .conftest import CITY_DB, CN_MEMORIAL, COUNTRY_DB, policy_from
+from .conftest import CITY_DB, CN_MEMORIAL, COUNTRY_DB, policy_from, replace_file
 from .servers import HttpStore
 
 CN, HK = "175.16.199.1", "2001:2e0::1"
@@ -289,7 +289,7 @@ def test_malformed_snapshot_is_rejected_and_last_good_stays(
     path.write_bytes(GOOD)
     reloader = Reloader(holder, open_source(path.as_uri()))
     assert reloader.run_once() == "activated version 5"
-    path.write_bytes(data)
+    replace_file(path, data)
     tracemalloc.start()
     try:
         result = reloader.run_once()
@@ -312,8 +312,10 @@ def test_snapshot_over_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
     path.write_bytes(GOOD)
     reloader = Reloader(holder, open_source(path.as_uri()))
     reloader.run_once()
-    with path.open("wb") as handle:  # sparse: no disk or memory spent on the test itself
+    staged = tmp_path / "staged.yaml"
+    with staged.open("wb") as handle:  # sparse: no disk or memory spent on the test itself
         handle.truncate(MAX_SNAPSHOT_BYTES + 1)
+    staged.replace(path)
     result = reloader.run_once()
     assert result.startswith("error: ")
     assert "larger than" in result
@@ -567,7 +569,7 @@ def test_short_soak_reloads_under_load_without_failures_or_leaks(tmp_path: Path)
             if version == 12:  # warmed up: channels are open; the RPC pool may still add workers
                 fds, threads = descriptors(), outside_pool()
             document["version"] = version
-            rules.write_text(json_module.dumps(document))
+            replace_file(rules, json_module.dumps(document).encode())
             assert reloader.run_once() == f"activated version {version}"
             if version % 10 == 0:
                 staged = tmp_path / "staged.mmdb"

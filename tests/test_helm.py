@@ -184,7 +184,7 @@ def test_rendered_args_and_env_are_parsed_by_pdp_serve(scenario: str, meeting_no
     assert config.health_listen == f"{POD_IP}:8081"
     assert config.snapshot == environment["PDP_SNAPSHOT_URL"]
     assert config.geoip_db.startswith("/var/lib/pdp/geoip/")
-    assert config.state_dir == "/var/lib/pdp/state"
+    assert config.state_dir == "/var/lib/pdp/state/snapshot"  # pdp creates it 0700 in the emptyDir
     values = scenario_values(scenario)
     if values.get("snapshot", {}).get("signing", {}).get("enabled"):
         assert config.pubkey_files == ["/etc/pdp/keys/ops-2026.pub", "/etc/pdp/keys/ops-2027.pub"]
@@ -243,7 +243,7 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
     ("changes", "message"),
     [
         ({"snapshot__url": ""}, "set snapshot.url (file://, http(s):// or redis://) or snapshot.inlineRules"),
-        ({"snapshot__inlineRules": "version: 1\nrules: []\n"}, "set snapshot.url or snapshot.inlineRules, not both"),
+        ({"snapshot__inlineRules": {"version": 1, "rules": []}}, "set snapshot.url or snapshot.inlineRules, not both"),
         ({"snapshot__signing": {"enabled": True}}, "snapshot.signing.enabled needs snapshot.signing.existingSecret"),
         (
             {"snapshot__signing": {"enabled": True, "existingSecret": "keys"}},

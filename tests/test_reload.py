@@ -24,7 +24,7 @@ from pdp.server import start_server
 from pdp.signing import TrustedKeys, generate_keypair, load_private_key, sign
 from pdp.sources import SourceOptions, open_source
 
-from .conftest import BAD_DATA, CITY_DB, COUNTRY_DB
+from .conftest import BAD_DATA, CITY_DB, COUNTRY_DB, replace_file
 from .servers import HttpStore, RedisServer, start_redis
 
 CN = "175.16.199.1"
@@ -141,7 +141,7 @@ def test_rejections_keep_the_last_good_policy(
     path.write_bytes(snapshot(5))
     reloader = Reloader(holder, open_source(path.as_uri()))
     assert reloader.run_once() == "activated version 5"
-    path.write_bytes(make(None))
+    replace_file(path, make(None))
     result = reloader.run_once()
     assert result.startswith("rejected: ")
     assert reason in result
@@ -150,7 +150,7 @@ def test_rejections_keep_the_last_good_policy(
     assert holder.status.rejections == 1
     # The rejected bytes are fetched again but not parsed again, and do not log again.
     assert reloader.run_once() == "unchanged (still rejected)"
-    path.write_bytes(snapshot(6))
+    replace_file(path, snapshot(6))
     assert reloader.run_once() == "activated version 6"
     assert holder.status.last_error == ""
 
@@ -198,7 +198,7 @@ def test_signature_rejections(
         data = tamper(sign(snapshot(7), 7, key), version=8)
     else:
         data = sign(snapshot(7), 8, key)
-    path.write_bytes(data)
+    replace_file(path, data)
     result = reloader.run_once()
     assert result.startswith("rejected: ")
     assert reason in result
@@ -212,7 +212,7 @@ def test_key_rotation_accepts_either_trusted_key(tmp_path: Path, holder: PolicyH
     path = tmp_path / "rules.yaml"
     reloader = Reloader(holder, open_source(path.as_uri()), keys=trusted)
     for version, name in ((1, "old"), (2, "new")):
-        path.write_bytes(sign(snapshot(version), version, load_private_key(tmp_path / f"{name}.key")))
+        replace_file(path, sign(snapshot(version), version, load_private_key(tmp_path / f"{name}.key")))
         assert reloader.run_once() == f"activated version {version}"
 
 
@@ -315,7 +315,7 @@ def test_rejection_reason_is_visible_in_get_status(tmp_path: Path, holder: Polic
     path.write_bytes(snapshot(4))
     reloader = Reloader(holder, open_source(path.as_uri()))
     reloader.run_once()
-    path.write_bytes(snapshot(3))
+    replace_file(path, snapshot(3))
     reloader.run_once()
     running = start_server(ServeConfig(listen=f"unix:{tmp_path}/s.sock"), holder)
     try:
@@ -533,7 +533,7 @@ def test_no_torn_state_under_100_alternating_publications(tmp_path: Path) -> Non
     try:
         assert calling.wait(timeout=30)
         for version in range(1, 101):
-            path.write_bytes(flip(version))
+            replace_file(path, flip(version))
             assert reloader.run_once() == f"activated version {version}"
     finally:
         failures = finish()

@@ -281,7 +281,7 @@ def test_shadow_rules_are_reported_never_enforced() -> None:
     policy = policy_from("""
         version: 1
         rules:
-          - {id: s2, effect: deny, jurisdiction: [CN, CN-22], mode: shadow, legal_basis: draft}
+          - {id: s2, effect: deny, jurisdiction: [CN, CN-JL], mode: shadow, legal_basis: draft}
           - {id: s1, effect: allow, jurisdiction: [CN], mode: shadow, priority: 999}
           - {id: real, effect: deny, jurisdiction: [CN], legal_basis: order, meetings: {tags: [memorial]}}
         """)

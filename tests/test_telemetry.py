@@ -1,11 +1,9 @@
-"""Metrics, traces, the audit log, the transparency report and lifecycle logs."""
+"""Metrics, traces, the audit log and lifecycle logs (the transparency report: tests/test_report.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -27,7 +25,6 @@ from pdp.geo import GeoDatabase
 from pdp.logs import JsonFormatter, redact_url
 from pdp.model import Verdict
 from pdp.policy import PolicyHolder
-from pdp.report import build, read_records, render
 from pdp.server import RunningServer, start_server
 from pdp.telemetry import DURATION_BUCKETS, Telemetry, TelemetryError, _load, configure_from_environment
 
@@ -279,77 +276,6 @@ def test_audit_needs_a_real_key(tmp_path: Path) -> None:
         AuditLog(AuditConfig(str(tmp_path / "a.jsonl"), str(short)))
     with pytest.raises(AuditError, match=r"absent\.key"):
         AuditLog(AuditConfig(str(tmp_path / "a.jsonl"), str(tmp_path / "absent.key")))
-
-
-# --------------------------------------------------------------------------- transparency report
-
-
-def fixture_log(path: Path) -> Path:
-    def line(time: str, rule: str, meeting: str, who: str, country: str, mode: str = "enforce") -> str:
-        record = {
-            "decision_id": "x", "mode": mode, "verdict": "DENY", "rule_id": rule,
-            "legal_basis": {"cn": "Order 17/2020", "wa": "WA statute"}[rule],
-            "jurisdiction": {"cn": ["CN"], "wa": ["US-WA"]}[rule], "time": time, "action": "join",
-            "location": {"country": country, "subdivisions": ["US-WA"] if rule == "wa" else []},
-            "meeting_id": meeting, "participant": who, "user": "", "policy_version": 3, "geoip_build": 1,
-        }  # fmt: skip
-        return json.dumps(record)
-
-    lines = [
-        line("2026-06-01T10:00:00+00:00", "cn", "m1", "p1", "CN"),
-        line("2026-06-01T11:00:00+00:00", "cn", "m1", "p2", "CN"),
-        line("2026-06-02T09:00:00+00:00", "cn", "m2", "p1", "CN"),
-        line("2026-06-03T09:00:00+00:00", "cn", "m3", "p3", "CN", mode="shadow"),
-        line("2026-06-02T12:00:00+00:00", "wa", "m9", "p7", "US"),
-        line("2026-07-01T00:00:00+00:00", "cn", "m4", "p4", "CN"),
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def test_report_counts_exactly(tmp_path: Path) -> None:
-    log = fixture_log(tmp_path / "audit.jsonl")
-    rows = build(read_records([log]), since="2026-06-01T00:00:00Z", until="2026-07-01T00:00:00Z")
-    table = [row.as_dict() for row in rows]
-    assert table == [
-        {
-            "jurisdiction": "CN", "rule_id": "cn", "legal_basis": "Order 17/2020", "denials": 3,
-            "distinct_meetings": 2, "distinct_participants": 2, "located_in": ["CN"],
-            "first_seen": "2026-06-01T10:00:00+00:00", "last_seen": "2026-06-02T09:00:00+00:00",
-            "shadow_matches": 1,
-        },
-        {
-            "jurisdiction": "US-WA", "rule_id": "wa", "legal_basis": "WA statute", "denials": 1,
-            "distinct_meetings": 1, "distinct_participants": 1, "located_in": ["US", "US-WA"],
-            "first_seen": "2026-06-02T12:00:00+00:00", "last_seen": "2026-06-02T12:00:00+00:00",
-            "shadow_matches": 0,
-        },
-    ]  # fmt: skip
-    markdown = render(rows, "md")
-    assert markdown.splitlines()[2].startswith("| CN | cn | Order 17/2020 | 3 | 2 | 2 | CN |")
-    assert render(rows, "csv").splitlines()[1].startswith("CN,cn,Order 17/2020,3,2,2,CN,")
-
-
-def test_report_command_writes_a_png(tmp_path: Path) -> None:
-    log = fixture_log(tmp_path / "audit.jsonl")
-    png = tmp_path / "report.png"
-    result = subprocess.run(
-        [sys.executable, "-m", "pdp", "report", str(log), "--format", "json", "--chart", str(png)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert [row["denials"] for row in json.loads(result.stdout)] == [4, 1]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"time": "x"}\nnot json\n')
-    failed = subprocess.run(
-        [sys.executable, "-m", "pdp", "report", str(bad)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert failed.returncode == 2
-    assert "bad.jsonl:1: not an audit record" in failed.stderr
 
 
 # --------------------------------------------------------------------------- lifecycle logs

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pdp import archive
-from pdp.reload import PERSISTED, PERSISTED_META, SnapshotRejectedError, read_snapshot
+from pdp.persisted import SNAPSHOT, SNAPSHOT_META
+from pdp.reload import SnapshotRejectedError, read_snapshot
 from pdp.rules import MAX_SNAPSHOT_BYTES, Policy
 from pdp.signing import TrustedKeys, is_envelope
 
@@ -53,13 +54,13 @@ class SnapshotFinder:
         self.notes: list[str] = []
         self.where: dict[tuple[int, str], str] = {}
         self._found: dict[tuple[int, str], Policy | None] = {}
-        self._named: dict[tuple[int, str], list[Path]] = {}
+        self._named: dict[int, list[tuple[str | None, Path]]] = {}  # version -> (sha256 if named, file)
         for state_dir in state_dirs:
             for entry in archive.entries(state_dir):
-                self._named.setdefault((entry.version, entry.sha256), []).append(entry.path)
+                self._named.setdefault(entry.version, []).append((entry.sha256, entry.path))
             persisted = _persisted(state_dir)
-            if persisted is not None:
-                self._named.setdefault(persisted[0], []).append(persisted[1])
+            if persisted is not None:  # a state directory from before the archive: its last snapshot
+                self._named.setdefault(persisted[0], []).append((None, persisted[1]))
         self._loose = [path for given in snapshot_paths for path in _files(given)]
         self._loose_read = False
 
@@ -68,10 +69,11 @@ class SnapshotFinder:
         key = (version, sha256)
         if key not in self._found:
             policy = None
-            for path in self._named.get(key, []):
-                policy = self._read(path, key)
-                if policy is not None:
-                    break
+            for named, path in self._named.get(version, []):
+                if named in (None, sha256):
+                    policy = self._read(path, key, quiet=named is None)
+                    if policy is not None:
+                        break
             if policy is None and not self._loose_read:
                 self._read_loose()
                 policy = self._found.get(key)
@@ -83,7 +85,7 @@ class SnapshotFinder:
         found = [policy for policy in self._found.values() if policy is not None]
         return sorted(found, key=lambda policy: policy.version)
 
-    def _read(self, path: Path, wanted: tuple[int, str] | None) -> Policy | None:
+    def _read(self, path: Path, wanted: tuple[int, str] | None, *, quiet: bool = False) -> Policy | None:
         try:
             policy, unverified = read_policy(path, self.keys)
         except OSError as error:
@@ -94,6 +96,8 @@ class SnapshotFinder:
             return None
         key = (policy.version, policy.sha256)
         if wanted is not None and key != wanted:
+            if quiet:  # another policy of the same version: not the one looked for, and not wrong
+                return None
             named = f"version {wanted[0]} sha256 {wanted[1][:12]}"
             self.notes.append(f"{path}: named {named}, holds version {key[0]} sha256 {key[1][:12]}")
             return None
@@ -113,10 +117,11 @@ class SnapshotFinder:
                 self._found.setdefault((policy.version, policy.sha256), policy)
 
 
-def _persisted(state_dir: Path) -> tuple[tuple[int, str], Path] | None:
+def _persisted(state_dir: Path) -> tuple[int, Path] | None:
+    """The version of the snapshot a sidecar persisted last, and its file."""
     try:
-        meta = json.loads((state_dir / PERSISTED_META).read_bytes())
-        return (int(meta["version"]), str(meta["sha256"])), state_dir / PERSISTED
+        meta = json.loads((state_dir / SNAPSHOT_META).read_bytes())
+        return int(meta["version"]), state_dir / SNAPSHOT
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from pdp.rules import MAX_SNAPSHOT_BYTES
+__all__ = ["MAX_SNAPSHOT_BYTES", "Fetched", "Source", "SourceError", "SourceOptions"]
 
-__all__ = ["Fetched", "Source", "SourceError", "SourceOptions"]
+MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
+"""The most a store may hand over: the same bound as the rules parser's (a test keeps
+the two equal), defined here so that a source does not import the rules engine."""
 
 
 class SourceError(Exception):
