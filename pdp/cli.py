@@ -646,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.impact.command import add_parser as add_impact
 
     add_impact(snapshot)
+    from pdp.promote import add_parser as add_promote
+
+    add_promote(snapshot)
 
     keygen = commands.add_parser(
         "keygen",
