@@ -94,7 +94,8 @@ def test_an_empty_store_needs_an_explicit_version(tmp_path: Path) -> None:
                                                              "legal_basis": "HK order 2026/1"}]}))  # fmt: skip
     refused = pdp("snapshot", "promote", candidate, "--to", f"file://{store}")
     assert refused.returncode == 2
-    assert "cannot tell the active version" in refused.stderr and "pass --version N" in refused.stderr
+    assert "cannot tell the active version" in refused.stderr
+    assert "pass --version N" in refused.stderr
     assert not store.exists()
     result = pdp("snapshot", "promote", candidate, "--to", f"file://{store}", "--version", "1")
     assert result.returncode == 0, result.stderr
@@ -135,7 +136,8 @@ def test_promote_from_the_candidate_url_to_redis(redis_server: RedisServer, tmp_
     result = pdp("snapshot", "promote", candidate_url, "--to", active_url, "--key", private, "--pubkey", public)
     assert result.returncode == 0, result.stderr
     stored = redis.Redis(port=redis_server.port).get("pdp:snapshot")
-    assert stored is not None and is_envelope(stored)
+    assert stored is not None
+    assert is_envelope(stored)
     policy = read_snapshot(stored, TrustedKeys.from_files([str(public)]), active_url)
     assert policy.version == 8
     assert sorted(policy.by_id) == ["cn-memorial", "hk-memorial"]
