@@ -136,7 +136,7 @@ def test_promote_from_the_candidate_url_to_redis(redis_server: RedisServer, tmp_
     result = pdp("snapshot", "promote", candidate_url, "--to", active_url, "--key", private, "--pubkey", public)
     assert result.returncode == 0, result.stderr
     stored = redis.Redis(port=redis_server.port).get("pdp:snapshot")
-    assert stored is not None
+    assert isinstance(stored, bytes)
     assert is_envelope(stored)
     policy = read_snapshot(stored, TrustedKeys.from_files([str(public)]), active_url)
     assert policy.version == 8
