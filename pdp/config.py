@@ -60,6 +60,7 @@ class ServeConfig:
     audit_include_ip: bool = False
     audit_queue_size: int = 10_000
     audit_max_bytes: int = 100 * 1024 * 1024
+    candidate_snapshot: str = ""
 
     @property
     def pubkey_files(self) -> list[str]:
@@ -263,6 +264,14 @@ SETTINGS: tuple[Setting, ...] = (
         "audit_queue_size", "audit records waiting to be written; beyond, they are dropped and counted", "N", _positive
     ),
     Setting("audit_max_bytes", "audit log size that triggers rotation (5 old files are kept)", "BYTES", _positive),
+    Setting(
+        "candidate_snapshot",
+        "a second snapshot to follow (same sources, keys and checks) and evaluate next to the active one for "
+        "every decision, never changing an answer: its would-be flips in GetStatus, the pdp.candidate.flips "
+        "metric and the audit log's candidate_verdict",
+        "URL",
+        _snapshot_url,
+    ),
 )
 
 CONFIG_ENV = "PDP_CONFIG"
