@@ -24,10 +24,10 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 
 from pdp.model import Action, Decision, Location, Verdict
 from pdp.policy import Active
@@ -112,6 +112,8 @@ class AuditLog:
         self._open()
         self.dropped = 0
         self.written = 0
+        # More fields for each record, computed by the writer (pdp.candidate sets it).
+        self.annotate: Callable[[Location, int, MeetingFields, float], dict[str, Any]] | None = None
         self._thread = threading.Thread(target=self._write_loop, name="pdp-audit", daemon=True)
         self._thread.start()
 
@@ -186,6 +188,8 @@ class AuditLog:
             "allow_sample_rate": self.config.allow_sample_rate,
             "hmac_key_id": self._key_id,
         }
+        if self.annotate is not None:  # the candidate's verdict, with --candidate-snapshot
+            base.update(self.annotate(location, action, meeting, moment))
         if self.config.include_ip:
             base["ip"] = ip
         lines = []
