@@ -1,0 +1,99 @@
+"""What a candidate in shadow costs: Check with and without ``--candidate-snapshot``, side by side.
+
+    python -m benchmarks.candidate [--rate 1000] [--duration 5] [--repeat 5] [--out DIR]
+
+Two sidecars, both pinned to the server core and both loaded all along, serve
+the same 10,000-rule snapshot on the real GeoLite2-City (the ``demo`` extra);
+one also follows a candidate that differs in one rule, so that the shadow flips
+part of the traffic. ``pdp loadtest`` (pinned to the client core) sends open-loop
+Check at ``--rate`` to each in turn, repeat after repeat, so that drift of the
+shared machine hits both alike. Writes ``without.json`` and ``with.json`` (the
+``{"runs": [...]}`` form of ``pdp loadtest --repeat N --json``), then prints
+``python -m benchmarks.compare without.json with.json`` and the p50 ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks import inprocess
+from benchmarks.harness import CLIENT_CORE, ROOT, pdp_serve, pinned
+
+CANDIDATE_RULE = {
+    "id": "candidate-gb-memorial",
+    "effect": "deny",
+    "jurisdiction": ["GB"],
+    "meetings": {"tags": ["memorial"]},
+    "legal_basis": "benchmark candidate",
+}
+
+
+def snapshots(folder: Path) -> tuple[Path, Path]:
+    """The active snapshot (10,000 rules) and a candidate adding one GB rule."""
+    data = inprocess.make_rules(10_000)
+    active = folder / "active.json"
+    active.write_bytes(data)
+    document = json.loads(data)
+    document = {**document, "version": document["version"] + 1, "rules": [*document["rules"], CANDIDATE_RULE]}
+    candidate = folder / "candidate.json"
+    candidate.write_text(json.dumps(document))
+    return active, candidate
+
+
+def loadtest(address: str, participants: Path, rate: int, duration: float) -> dict[str, object]:
+    command = [sys.executable, "-m", "pdp", "loadtest", "--target", address, "--rate", str(rate),
+               "--duration", str(duration), "--participants", str(participants), "--json"]  # fmt: skip
+    argv = pinned(CLIENT_CORE, command)
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"pdp loadtest failed: {done.stderr[-2000:]}")
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=int, default=1000, help="Check calls per second (default 1000)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per repeat (default 5)")
+    parser.add_argument("--repeat", type=int, default=5, help="repeats per side (default 5)")
+    parser.add_argument("--out", type=Path, help="where to write without.json and with.json (default a temp dir)")
+    options = parser.parse_args(argv)
+    folder = options.out or Path(tempfile.mkdtemp(prefix="pdp-candidate-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    active, candidate = snapshots(folder)
+    participants = folder / "participants.txt"
+    participants.write_text("\n".join(inprocess.located_addresses(2_000)) + "\n")
+    servers = {
+        "without": pdp_serve(f"unix:{folder}/without.sock", active),
+        "with": pdp_serve(f"unix:{folder}/with.sock", active, "--candidate-snapshot", str(candidate)),
+    }
+    runs: dict[str, list[dict[str, object]]] = {name: [] for name in servers}
+    try:
+        for _ in range(options.repeat):
+            for name, server in servers.items():
+                runs[name].append(loadtest(server.address, participants, options.rate, options.duration))
+    finally:
+        for server in servers.values():
+            server.stop()
+    for name, results in runs.items():
+        (folder / f"{name}.json").write_text(json.dumps({"runs": results}, indent=2))
+    p50 = {name: statistics.median(float(r["latency_us"]["p50"]) for r in rs) for name, rs in runs.items()}  # type: ignore[index]
+    print(f"Check p50, median of {options.repeat} repeats at {options.rate}/s: without {p50['without']:.0f} µs, "
+          f"with a candidate {p50['with']:.0f} µs: {p50['with'] / p50['without']:.3f}×")  # fmt: skip
+    compared = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", str(folder / "without.json"), str(folder / "with.json")],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    print(compared.stdout, end="")
+    print(f"results in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
