@@ -29,13 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 
+from pdp.errors import PdpError
 from pdp.model import Action, Decision, Location, Verdict
-from pdp.policy import Active
+from pdp.state import Active
 
 __all__ = ["AuditConfig", "AuditError", "AuditLog", "key_id", "pseudonym"]
 
 
-class AuditError(Exception):
+class AuditError(PdpError):
     """The audit log cannot be set up (no key, unwritable path)."""
 
 
@@ -66,7 +67,11 @@ class MeetingFields(Protocol):
 
 
 class _Pending(NamedTuple):
-    """What the request path hands to the writer: references only, no formatting."""
+    """What the request path hands to the writer: references only, no formatting.
+
+    Read by field name only. A NamedTuple because it is built on the request
+    path, where a frozen dataclass costs twice as much to make.
+    """
 
     time: float
     decision: Decision
@@ -141,8 +146,11 @@ class AuditLog:
             return
         # A deque append is one atomic step: no lock, no wake-up of the writer.
         self._pending.append(
-            _Pending(time.time(), decision, location, active, action, meeting, ip, user_id, account_id, enforced)
-        )
+            _Pending(
+                time=time.time(), decision=decision, location=location, active=active, action=action,
+                meeting=meeting, ip=ip, user_id=user_id, account_id=account_id, enforced=enforced,
+            )
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ writer
 
@@ -171,31 +179,31 @@ class AuditLog:
         self._open()
 
     def _lines(self, item: _Pending) -> list[str]:
-        moment, decision, location, active, action, meeting, ip, user_id, account_id, enforced = item
+        decision, location, active = item.decision, item.location, item.active
         base = {
-            "time": dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(timespec="milliseconds"),
-            "action": "join" if action == Action.JOIN else "host",
+            "time": dt.datetime.fromtimestamp(item.time, dt.UTC).isoformat(timespec="milliseconds"),
+            "action": "join" if item.action == Action.JOIN else "host",
             "location": {"country": location.country, "subdivisions": list(location.subdivisions)},
-            "meeting_id": meeting.meeting_id,
-            "participant": pseudonym(self._key, str(account_id)),
-            "user": pseudonym(self._key, str(user_id)),
+            "meeting_id": item.meeting.meeting_id,
+            "participant": pseudonym(self._key, str(item.account_id)),
+            "user": pseudonym(self._key, str(item.user_id)),
             "policy_version": active.policy.version,
             "geoip_build": active.geo.build_epoch,
             # What a replay needs besides the above (pdp snapshot impact).
-            "tags": sorted(meeting.tags),
-            "host_account": pseudonym(self._key, meeting.host_account_id),
+            "tags": sorted(item.meeting.tags),
+            "host_account": pseudonym(self._key, item.meeting.host_account_id),
             "policy_sha256": active.policy.sha256,
             "allow_sample_rate": self.config.allow_sample_rate,
             "hmac_key_id": self._key_id,
         }
         if self.annotate is not None:  # the candidate's verdict, with --candidate-snapshot
-            base.update(self.annotate(location, action, meeting, moment))
+            base.update(self.annotate(location, item.action, item.meeting, item.time))
         if self.config.include_ip:
-            base["ip"] = ip
+            base["ip"] = item.ip
         lines = []
         by_id = active.policy.by_id
         entries: list[tuple[str, str, str, str]] = []
-        if enforced:
+        if item.enforced:
             entries.append(("enforce", decision.verdict.name, decision.rule_id, decision.legal_basis))
         for shadow_id in decision.shadow_rule_ids:
             shadow = by_id[shadow_id]

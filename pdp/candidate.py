@@ -32,7 +32,7 @@ from pdp.rules import Policy
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-    from pdp.policy import Active, PolicyHolder
+    from pdp.state import Active, PolicyHolder
 
 __all__ = ["CandidateShadow", "CandidateState", "FlipCount"]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import gc
 import json
 import logging
 import os
@@ -22,15 +21,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from pdp import __version__
-from pdp.config import ConfigError, add_serve_arguments, describe, resolve
+from pdp.config import add_serve_arguments, describe, resolve
+from pdp.errors import PdpError
 from pdp.geo import (
-    DEMO,
-    DEMO_NOTICE,
     GeoDatabase,
-    GeoIPError,
     InvalidAddressError,
-    demo_database_path,
-    read_pinned_sha256,
 )
 from pdp.iso3166 import jurisdiction_problem
 from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Verdict
@@ -44,7 +39,7 @@ log = logging.getLogger("pdp")
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_DENY = 0, 1, 2, 3
 
 
-class UsageError(Exception):
+class UsageError(PdpError):
     """A problem the user can fix; printed without a traceback, exit code 2."""
 
 
@@ -52,15 +47,10 @@ class UsageError(Exception):
 
 
 def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> GeoDatabase:
-    """Open a database by path, or the demo one for ``demo`` (with its notice);
-    with ``sha256_file``, only if its digest is the one pinned there."""
-    if not name:
-        raise UsageError("no GeoIP database: pass --geoip-db PATH or set PDP_GEOIP_DB (or use --geoip-db demo)")
-    sha256 = read_pinned_sha256(sha256_file) if sha256_file else ""
-    if name == DEMO:
-        log.warning(DEMO_NOTICE)
-    path = demo_database_path() if name == DEMO else name
-    return GeoDatabase(path, cache_size, sha256=sha256)
+    """:func:`pdp.app.open_geo`, imported when used: commands other than serve start quicker."""
+    from pdp import app
+
+    return app.open_geo(name, cache_size, sha256_file)
 
 
 def _format_build(epoch: int) -> str:
@@ -124,95 +114,28 @@ def _add_meeting_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_serve(options: argparse.Namespace) -> int:
     from pdp import logs
-    from pdp.audit import AuditConfig, AuditError, AuditLog
-    from pdp.policy import PolicyHolder
-    from pdp.reload import GeoWatcher, Reloader, StartupError
-    from pdp.server import start_server, wait_for_signal
-    from pdp.signing import SignatureError, TrustedKeys
-    from pdp.sources import SourceOptions, open_source
-    from pdp.telemetry import TelemetryError, configure_from_environment, wanted
+    from pdp.app import Sidecar
 
     config = resolve(vars(options))
     logs.setup(config.log_format, config.log_level)
     log.info("starting pdp %s with %s", __version__, json.dumps(describe(config)))
-    if not config.snapshot:
-        raise UsageError("no snapshot: pass --snapshot file:///path/rules.yaml or set PDP_SNAPSHOT_URL")
-    try:
-        keys = TrustedKeys.from_files(config.pubkey_files)
-    except SignatureError as error:
-        raise UsageError(f"--snapshot-pubkey: {error}") from None
-    geo = open_geo(config.geoip_db, config.cache_size, config.geoip_sha256_file)
-    source_options = SourceOptions(
-        timeout=config.http_timeout,
-        bearer_token_file=config.http_bearer_token_file,
-        ca_bundle=config.http_ca_bundle,
-    )
-    try:
-        source = open_source(config.snapshot, source_options)
-    except ValueError as error:
-        raise UsageError(f"--snapshot: {error}") from None
-    holder = PolicyHolder()
-    holder.activate_geo(geo)
-    reloader = Reloader(holder, source, keys=keys, state_dir=config.state_dir or None, poll_seconds=config.poll_seconds)
-    try:
-        reloader.initial()
-    except StartupError as error:
-        source.close()
-        raise UsageError(f"refusing to start: {error}") from None
-    watcher = GeoWatcher(
-        holder,
-        geo.path,
-        cache_size=config.cache_size,
-        poll_seconds=config.geoip_poll_seconds,
-        sha256_file=config.geoip_sha256_file,
-    )
-    audit = None
-    try:
-        telemetry, exporters = configure_from_environment(holder) if wanted(os.environ) else (None, [])
-        if config.audit_log:
-            if not config.audit_hmac_key_file:
-                raise UsageError(
-                    "--audit-log needs --audit-hmac-key-file (PDP_AUDIT_HMAC_KEY_FILE): ids are pseudonymised"
-                )
-            audit = AuditLog(
-                AuditConfig(
-                    config.audit_log,
-                    config.audit_hmac_key_file,
-                    config.audit_allow_sample_rate,
-                    config.audit_include_ip,
-                    config.audit_queue_size,
-                    config.audit_max_bytes,
-                )
-            )
-        running = start_server(config, holder, telemetry=telemetry, audit=audit)
-    except (OSError, TelemetryError, AuditError) as error:
-        source.close()
-        raise UsageError(str(error)) from None
-    for exporter in exporters:
+    sidecar = Sidecar(config)
+    sidecar.start()
+    for exporter in sidecar.exporters:
         log.info("telemetry %s", exporter)
-    reloader.start()
-    watcher.start()
-    # Everything loaded so far lives as long as the process: keep the collector off it.
-    gc.collect()
-    gc.freeze()
-    policy = holder.policy
+    policy, geo = sidecar.holder.policy, sidecar.geo
+    assert geo is not None
     state = f"policy version {policy.version} ({len(policy.rules)} rules)" if policy else "no policy yet, NOT_SERVING"
+    candidate = sidecar.candidate.holder.policy if sidecar.candidate is not None else None
+    if candidate is not None:
+        state += f", candidate version {candidate.version} in shadow"
     print(
-        f"pdp {__version__} listening on {running.address}: {state}, "
+        f"pdp {__version__} listening on {sidecar.address}: {state}, "
         f"{geo.database_type} built {_format_build(geo.build_epoch)}",
         flush=True,
     )
-    print(f"try: pdp check --target {running.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
-    try:
-        wait_for_signal(running)
-    finally:
-        reloader.stop()
-        watcher.stop()
-        if audit is not None:
-            audit.close()
-            log.info("audit log closed: %d records written, %d dropped", audit.written, audit.dropped)
-        if telemetry is not None:
-            telemetry.shutdown()
+    print(f"try: pdp check --target {sidecar.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
+    sidecar.run_until_signal()
     log.info("shutdown complete")
     return EXIT_OK
 
@@ -715,10 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     try:
         result: int = options.handler(options)
-    except SnapshotError as error:
-        print(f"pdp: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except (UsageError, ConfigError, GeoIPError, ValueError) as error:
+    except PdpError as error:  # anything else is a bug, and keeps its traceback
         print(f"pdp: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:

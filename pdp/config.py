@@ -18,12 +18,13 @@ from typing import Any
 
 import yaml
 
+from pdp.errors import PdpError
 from pdp.sources import check_scheme
 
 __all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "add_serve_arguments", "parse_listen", "resolve"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PdpError, ValueError):
     """A setting has a bad value; the message names where it came from."""
 
 

@@ -29,6 +29,7 @@ import maxminddb
 import maxminddb_rust
 from maxminddb.errors import InvalidDatabaseError
 
+from pdp.errors import PdpError
 from pdp.files import identity as file_identity
 from pdp.model import UNKNOWN_LOCATION, Location
 
@@ -59,11 +60,11 @@ _COUNTRY = ("country", "iso_code")
 _SUBDIVISIONS = (("subdivisions", 0, "iso_code"), ("subdivisions", 1, "iso_code"))
 
 
-class GeoIPError(Exception):
+class GeoIPError(PdpError):
     """A GeoIP database is missing, unreadable, corrupt or of the wrong type."""
 
 
-class InvalidAddressError(ValueError):
+class InvalidAddressError(PdpError, ValueError):
     """An address is not a plain IPv4 or IPv6 address. ``position`` is its index
     in a batch (see :meth:`GeoDatabase.locate_many`)."""
 

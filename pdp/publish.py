@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from pdp.errors import PdpError
 from pdp.files import atomic_write
 from pdp.sources.file_source import file_path
 from pdp.sources.redis_source import redis_target
@@ -17,7 +18,7 @@ from pdp.sources.redis_source import redis_target
 __all__ = ["PublishError", "publish"]
 
 
-class PublishError(Exception):
+class PublishError(PdpError):
     """The store could not be written."""
 
 

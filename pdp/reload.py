@@ -27,17 +27,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pdp import archive
+from pdp.errors import PdpError
 from pdp.files import NotPrivateError
 from pdp.files import identity as file_identity
 from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
 from pdp.logs import redact_url
 from pdp.pacing import in_background
 from pdp.persisted import Persisted, StateDir
-from pdp.policy import PolicyHolder, ReloadStatus
 from pdp.poller import Poller as _Poller
 from pdp.rules import Policy, SnapshotError, parse_policy
 from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
 from pdp.sources import Fetched, Source, SourceError, snapshot_format
+from pdp.state import PolicyHolder, ReloadStatus
 
 __all__ = [
     "GeoWatcher",
@@ -52,11 +53,11 @@ __all__ = [
 log = logging.getLogger("pdp.reload")
 
 
-class SnapshotRejectedError(Exception):
+class SnapshotRejectedError(PdpError):
     """A fetched snapshot was refused; the message says why."""
 
 
-class StartupError(Exception):
+class StartupError(PdpError):
     """Nothing valid to serve at start (the store's snapshot is invalid and none was
     persisted), or a ``--state-dir`` that others could write."""
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pdp.errors import PdpError
+
 # cryptography is imported where keys are used: a sidecar that trusts no key,
 # and so verifies nothing, never loads it.
 if TYPE_CHECKING:
@@ -42,7 +44,7 @@ FORMAT = 1
 _MARKER = b'"pdp_signed_snapshot"'
 
 
-class SignatureError(ValueError):
+class SignatureError(PdpError, ValueError):
     """A snapshot's signature is missing, malformed, unknown or wrong."""
 
 

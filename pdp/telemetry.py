@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +29,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from pdp import __version__
+from pdp.errors import PdpError
 from pdp.model import Decision, Location
-from pdp.policy import Active, PolicyHolder
+from pdp.state import Active, PolicyHolder
 
 __all__ = ["DURATION_BUCKETS", "Telemetry", "TelemetryError", "configure_from_environment", "wanted"]
 
@@ -41,7 +42,7 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 
 
-class TelemetryError(Exception):
+class TelemetryError(PdpError):
     """An exporter was asked for but is not installed, or is misconfigured."""
 
 
@@ -94,21 +95,36 @@ class Telemetry:
     # ------------------------------------------------------------------ hot path
 
     def observe(
-        self, rpc: str, seconds: float, verdict: str, decisions: Iterable[tuple[Decision, Location]], active: Active
+        self,
+        rpc: str,
+        seconds: float,
+        verdict: str,
+        decisions: Sequence[Decision],
+        locations: Sequence[Location],
+        active: Active,
     ) -> None:
-        """Record one RPC: its duration and every decision it made."""
-        self._durations.append((self._duration_attributes[(rpc, verdict)], seconds))
+        """Record one call: its duration and every decision it made (``decisions[n]``
+        at ``locations[n]``)."""
+        self._durations.append((self._attributes(rpc, verdict), seconds))
         by_id = active.policy.by_id
         with self._lock:
             counts = self._counts
-            for decision, location in decisions:
+            for decision, location in zip(decisions, locations, strict=True):
                 country = location.country or "unknown"
                 counts[(decision.verdict.name, decision.rule_id, "enforce", country)] += 1
                 for shadow_id in decision.shadow_rule_ids:
                     counts[(by_id[shadow_id].effect.name, shadow_id, "shadow", country)] += 1
 
     def observe_error(self, rpc: str, seconds: float) -> None:
-        self._durations.append((self._duration_attributes[(rpc, "ERROR")], seconds))
+        self._durations.append((self._attributes(rpc, "ERROR"), seconds))
+
+    def _attributes(self, rpc: str, verdict: str) -> dict[str, str]:
+        """The duration's attributes, made once per (rpc, verdict): an adapter
+        names its own ``rpc`` (see pdp.decisions.Endpoint)."""
+        attributes = self._duration_attributes.get((rpc, verdict))
+        if attributes is None:
+            attributes = self._duration_attributes.setdefault((rpc, verdict), {"rpc": rpc, "verdict": verdict})
+        return attributes
 
     def _record_durations(self) -> None:
         """Hand the queued durations to the SDK's histogram.

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from pdp._proto import admission_pb2 as pb
 from pdp.model import Decision, Location
-from pdp.policy import Active
+from pdp.state import Active
 
 __all__ = ["check_response", "encode_batch", "encode_check", "encode_result", "varint"]
 

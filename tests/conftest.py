@@ -12,9 +12,9 @@ import pytest
 from pdp.client import Client
 from pdp.config import ServeConfig
 from pdp.geo import GeoDatabase
-from pdp.policy import PolicyHolder
 from pdp.rules import Policy, parse_policy
 from pdp.server import RunningServer, start_server
+from pdp.state import PolicyHolder
 
 from .servers import http_store, redis_server  # noqa: F401  # fixtures shared by every test module
 

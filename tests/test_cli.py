@@ -381,3 +381,40 @@ def test_recheck_example_runs_against_a_real_sidecar(served: tuple[subprocess.Po
     assert "remove u-1 from m-1: cn-memorial" in result.stdout
     assert "u-2" not in result.stdout  # US: outside the jurisdiction
     assert "u-3" not in result.stdout  # HK: outside the jurisdiction
+
+
+def test_every_error_a_user_can_cause_is_a_pdp_error() -> None:
+    """cli.main turns PdpError into a message and exit 2, and nothing else: a
+    ValueError from a bug keeps its traceback instead of passing as bad input."""
+    from pdp.app import SetupError
+    from pdp.audit import AuditError
+    from pdp.cli import UsageError
+    from pdp.config import ConfigError
+    from pdp.decisions import NotReadyError, RequestError
+    from pdp.errors import PdpError
+    from pdp.geo import GeoIPError, InvalidAddressError
+    from pdp.publish import PublishError
+    from pdp.reload import SnapshotRejectedError, StartupError
+    from pdp.report import ReportError
+    from pdp.rules import SnapshotError
+    from pdp.signing import SignatureError
+    from pdp.sources.base import SourceError
+    from pdp.telemetry import TelemetryError
+
+    errors = [SetupError, AuditError, UsageError, ConfigError, NotReadyError, RequestError, GeoIPError,
+              InvalidAddressError, PublishError, SnapshotRejectedError, StartupError, ReportError, SnapshotError,
+              SignatureError, SourceError, TelemetryError]  # fmt: skip
+    assert [error.__name__ for error in errors if not issubclass(error, PdpError)] == []
+
+
+def test_a_bug_is_not_reported_as_bad_input(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A ValueError that is not a PdpError is a bug: it propagates (a traceback,
+    exit 1) instead of becoming "pdp: ..." and exit 2 like a user's mistake."""
+    from pdp import cli
+
+    def buggy(options: object) -> int:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_keygen", buggy)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["keygen", "--out", str(tmp_path / "k")])

@@ -24,6 +24,9 @@ def test_every_module_is_in_the_module_map() -> None:
     for module in sorted((ROOT / "pdp").glob("*.py")):
         if module.name not in ("__init__.py", "__main__.py"):
             assert f"`pdp/{module.name}`" in README, module.name
+    for module in sorted((ROOT / "pdp" / "rules").glob("*.py")):
+        if module.name != "__init__.py":
+            assert f"`pdp/rules/{module.name}`" in README, module.name
     for module in sorted((ROOT / "pdp" / "sources").glob("*.py")):
         if module.name != "__init__.py":
             assert f"`{module.name}`" in README, module.name

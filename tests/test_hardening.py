@@ -21,12 +21,13 @@ import pytest
 from pdp._proto import admission_pb2 as pb
 from pdp.client import Client
 from pdp.config import ServeConfig
+from pdp.decisions import MAX_TAGS
 from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
 from pdp.model import Verdict
-from pdp.policy import PolicyHolder
 from pdp.reload import GeoWatcher, Reloader
-from pdp.server import MAX_TAGS, start_server
+from pdp.server import start_server
 from pdp.sources import SourceOptions, open_source
+from pdp.state import PolicyHolder
 from pdp.wire import varint
 
 from .conftest import CITY_DB, CN_MEMORIAL, COUNTRY_DB, policy_from, replace_file

@@ -24,10 +24,10 @@ import redis
 
 from pdp.geo import GeoDatabase
 from pdp.model import Action, Meeting, Verdict
-from pdp.policy import Active, PolicyHolder
 from pdp.reload import Reloader
 from pdp.signing import generate_keypair, load_private_key, sign
 from pdp.sources import SourceError, SourceOptions, open_source
+from pdp.state import Active, PolicyHolder
 
 from .conftest import CITY_DB
 from .servers import HttpStore, RedisServer, start_http_store

@@ -19,8 +19,8 @@ import pytest
 
 from pdp.config import ServeConfig
 from pdp.geo import GeoDatabase
-from pdp.policy import PolicyHolder
 from pdp.server import start_server
+from pdp.state import PolicyHolder
 
 from .conftest import CITY_DB, CN_MEMORIAL, ServerFactory, policy_from
 

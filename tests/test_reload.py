@@ -17,12 +17,12 @@ import pytest
 from pdp.config import ServeConfig
 from pdp.geo import GeoDatabase
 from pdp.model import Verdict
-from pdp.policy import Active, PolicyHolder
 from pdp.publish import publish
 from pdp.reload import GeoWatcher, Reloader, StartupError
 from pdp.server import start_server
 from pdp.signing import TrustedKeys, generate_keypair, load_private_key, sign
 from pdp.sources import SourceOptions, open_source
+from pdp.state import Active, PolicyHolder
 
 from .conftest import BAD_DATA, CITY_DB, COUNTRY_DB, replace_file
 from .servers import HttpStore, RedisServer, start_redis

@@ -211,7 +211,7 @@ def test_recompiling_against_the_active_policy_equals_a_fresh_compile(
 def _index_shape(policy: Policy) -> dict[str, list[list[list[str]]]]:
     """Every candidate list of the decision index, by code, as rule ids."""
     shape = {}
-    for code, buckets in policy._index.items():
+    for code, buckets in policy.index.items():
         lists: list[list[list[str]]] = []
         for bucket in buckets:
             if bucket is None:
@@ -234,7 +234,8 @@ def test_the_stepwise_json_reader_agrees_with_json_loads(
     the previous snapshot's text shares, either returns exactly what json.loads
     returns or declines (and the full parser reports): never a different
     document, even for text that was cut or corrupted."""
-    from pdp.rules import _DuplicateKeyError, _json_object, _JsonRules, _split_json
+    from pdp.rules.document import DuplicateKeyError, json_object
+    from pdp.rules.jsondiff import JsonRules, split_json
 
     if share:  # the next snapshot shares its first or its last rules with the previous one, as usual
         kept = data.draw(st.integers(0, len(before["rules"])))
@@ -243,9 +244,9 @@ def test_the_stepwise_json_reader_agrees_with_json_loads(
         else:
             document = dict(document, rules=document["rules"][:kept] + before["rules"][kept:])
     base_text = json.dumps(before, indent=data.draw(st.sampled_from([None, 1])))
-    base_rules = _split_json(base_text, None, lambda: None)
+    base_rules = split_json(base_text, None, lambda: None)
     assert base_rules is not None
-    base = base_rules["rules"].source()
+    base = base_rules["rules"].memory()
     text = json.dumps(document, indent=indent)
     cut = data.draw(st.integers(0, len(text)))
     corrupt: bool = data.draw(st.booleans())
@@ -253,25 +254,25 @@ def test_the_stepwise_json_reader_agrees_with_json_loads(
         splice = data.draw(st.sampled_from(["", ",", "}", "]", '"', "{", " ", "x", '"id": 1,']))
         text = text[:cut] + splice + text[cut + 1 :]
     try:
-        expected = json.loads(text, object_pairs_hook=_json_object)
+        expected = json.loads(text, object_pairs_hook=json_object)
     except Exception:  # every way json.loads can refuse this text
         expected = None
-    split = _split_json(text, base, lambda: None)
+    split = split_json(text, base, lambda: None)
     if split is None:
         assert corrupt  # a well-formed snapshot always takes the stepwise path
         return  # declined: the full parser decides (and rejects when it should)
     rules = split.get("rules")
     if expected is None:
         # Only a key repeated inside a rule is left to be found when that rule is compiled.
-        assert isinstance(rules, _JsonRules)
-        with pytest.raises(_DuplicateKeyError):
+        assert isinstance(rules, JsonRules)
+        with pytest.raises(DuplicateKeyError):
             _parse_each(rules)
         return
-    if isinstance(rules, _JsonRules):
+    if isinstance(rules, JsonRules):
         changed = set(rules.changed)
         resolved = [rules.parse(n) if n in changed else json.loads(base.rule_text(n)) for n in range(rules.count)]
         assert resolved == expected["rules"]
-        own = rules.source()
+        own = rules.memory()
         assert [json.loads(own.rule_text(n)) for n in range(rules.count)] == expected["rules"]
         split["rules"] = resolved
     assert split == expected

@@ -24,8 +24,8 @@ from pdp.config import ServeConfig, describe
 from pdp.geo import GeoDatabase
 from pdp.logs import JsonFormatter, redact_url
 from pdp.model import Verdict
-from pdp.policy import PolicyHolder
 from pdp.server import RunningServer, start_server
+from pdp.state import PolicyHolder
 from pdp.telemetry import DURATION_BUCKETS, Telemetry, TelemetryError, _load, configure_from_environment
 
 from .conftest import CITY_DB, policy_from

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pdp._proto import admission_pb2 as pb
 from pdp.geo import GeoDatabase
 from pdp.model import Decision, Location, Verdict
-from pdp.policy import Active, PolicyHolder
+from pdp.state import Active, PolicyHolder
 from pdp.wire import check_response, encode_batch, encode_check, encode_result
 
 from .conftest import CITY_DB, policy_from

@@ -100,6 +100,11 @@ function decisionLines(result) {
   return lines;
 }
 
+// RFC 3339 in UTC to the second, as `pdp check --json` gives the build next to its epoch.
+function buildTime(epoch) {
+  return new Date(Number(epoch) * 1000).toISOString().replace(/\.\d{3}Z$/, 'Z');
+}
+
 // The document `pdp check --json` prints.
 function decisionJson(result) {
   return {
@@ -114,6 +119,7 @@ function decisionJson(result) {
     },
     policy_version: Number(result.policy_version),
     geoip_build: Number(result.geoip_build),
+    geoip_build_time: buildTime(result.geoip_build),
     shadow_rule_ids: result.shadow_rule_ids,
   };
 }

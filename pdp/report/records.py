@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdp.errors import PdpError
+
 __all__ = ["Record", "ReportError", "load", "moment", "read_records", "rfc3339"]
 
 _VERDICTS = frozenset({"ALLOW", "DENY"})
 _MODES = frozenset({"enforce", "shadow"})
 
 
-class ReportError(Exception):
+class ReportError(PdpError):
     """An audit log, a snapshot or an option cannot be used (the message names which and where)."""
 
 

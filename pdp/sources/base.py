@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from pdp.errors import PdpError
+
 __all__ = ["MAX_SNAPSHOT_BYTES", "Fetched", "Source", "SourceError", "SourceOptions"]
 
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
@@ -12,7 +14,7 @@ MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
 the two equal), defined here so that a source does not import the rules engine."""
 
 
-class SourceError(Exception):
+class SourceError(PdpError):
     """The store could not be read (unreachable, error status, missing key, timeout)."""
 
 

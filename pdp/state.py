@@ -63,10 +63,6 @@ class PolicyHolder:
         self._listeners: dict[int, Callable[[Active], None]] = {}
         self._next_listener = 0
 
-    @property
-    def last_error(self) -> str:
-        return self.status.last_error
-
     def activate(self, policy: Policy, geo: GeoDatabase, source: str) -> Active:
         """Make ``policy`` and ``geo`` the active pair."""
         with self._write_lock:

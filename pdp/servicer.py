@@ -1,0 +1,219 @@
+"""AdmissionService over gRPC: the protocol adapter of :mod:`pdp.decisions`.
+
+Protobuf stops here: Check and CheckBatch hand the request's fields to the
+shared :class:`~pdp.decisions.DecisionPath` and answer with the bytes
+:mod:`pdp.wire` encodes (once per decision and location, then cached); the
+path's errors become gRPC status codes. WatchPolicy and GetStatus read the
+holder. The transport (binding, TLS, health, signals) is :mod:`pdp.server`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from pdp import __version__
+from pdp._proto import admission_pb2 as pb
+from pdp.decisions import DecisionPath, Endpoint, NotReadyError, RequestError
+from pdp.errors import PdpError
+from pdp.state import Active
+from pdp.wire import encode_batch, encode_check, encode_result
+
+if TYPE_CHECKING:
+    from pdp.candidate import CandidateState
+
+__all__ = ["CHECK", "CHECK_BATCH", "SERVICE_NAME", "AdmissionServicer", "admission_handlers"]
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdmissionService"].full_name
+CHECK = Endpoint("grpc", SERVICE_NAME, "Check")
+CHECK_BATCH = Endpoint("grpc", SERVICE_NAME, "CheckBatch")
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")  # for type checkers that miss NoReturn
+
+
+def _refuse(context: grpc.ServicerContext, error: PdpError) -> NoReturn:
+    """The decision path's errors as gRPC statuses."""
+    if isinstance(error, NotReadyError):
+        _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
+    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+
+class AdmissionServicer:
+    """Answers Check and CheckBatch through the decision path, WatchPolicy and
+    GetStatus from its holder."""
+
+    def __init__(self, path: DecisionPath, batch_limit: int, max_watchers: int) -> None:
+        self._path = path
+        self._holder = path.holder
+        self._batch_limit = batch_limit
+        # A sync server gives each open stream a thread of its own; capping the
+        # watchers keeps threads free for Check.
+        self._watch_slots = threading.BoundedSemaphore(max_watchers)
+        self._max_watchers = max_watchers
+
+    def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> bytes:
+        """Returns the serialized CheckResponse (see pdp.wire)."""
+        participant = request.participant
+        try:
+            return self._path.check(
+                participant.ip, participant.user_id, participant.account_id, request.meeting, request.action,
+                endpoint=CHECK, present=encode_check,
+            )  # fmt: skip
+        except (RequestError, NotReadyError) as error:
+            _refuse(context, error)
+
+    def CheckBatch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext) -> bytes:
+        """Returns the serialized CheckBatchResponse (see pdp.wire)."""
+        try:
+            batch = self._path.check_batch(
+                request.participants, request.meeting, request.action,
+                limit=self._batch_limit, endpoint=CHECK_BATCH, present=encode_result,
+            )  # fmt: skip
+        except (RequestError, NotReadyError) as error:
+            _refuse(context, error)
+        return encode_batch(batch.results, batch.active)
+
+    def WatchPolicy(
+        self, request: pb.WatchPolicyRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchPolicyResponse]:
+        if not self._watch_slots.acquire(blocking=False):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"already {self._max_watchers} WatchPolicy streams open; share one per meeting node",
+            )
+        events: queue.SimpleQueue[Active | None] = queue.SimpleQueue()
+        unsubscribe = self._holder.subscribe(events.put)
+        context.add_callback(lambda: events.put(None))  # wakes the loop when the call ends
+        try:
+            active = self._holder.active
+            while context.is_active():
+                if active is not None:
+                    yield _policy_event(active)
+                active = events.get()
+                if active is None:
+                    break
+        finally:
+            unsubscribe()
+            self._watch_slots.release()
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+        active = self._holder.active
+        status = self._holder.status
+        response = pb.GetStatusResponse(
+            serving=active is not None,
+            policy_source=status.source,
+            stale=status.stale,
+            last_error=status.last_error,
+            server_version=__version__,
+            last_fetch_result=status.last_fetch_result,
+            activations=status.activations,
+            rejections=status.rejections,
+            geoip_reloads=status.geoip_reloads,
+            geoip_rejections=status.geoip_rejections,
+        )
+        if status.last_fetch_at:
+            response.last_fetch_at.FromDatetime(datetime.fromtimestamp(status.last_fetch_at, UTC))
+        if active is not None:
+            geo = active.geo
+            response.policy_version = active.policy.version
+            response.rule_count = len(active.policy.rules)
+            response.policy_source = active.source
+            response.policy_sha256 = active.policy.sha256
+            response.policy_activated_at.FromDatetime(datetime.fromtimestamp(active.activated_at, UTC))
+            response.geoip_path = geo.path
+            response.geoip_type = geo.database_type
+            response.geoip_build = geo.build_epoch
+            response.geoip_lookup_errors = geo.lookup_errors
+            response.cache_size = geo.cache_entries
+            response.cache_capacity = geo.cache_size
+            response.cache_hits = geo.hits
+            response.cache_misses = geo.misses
+        if self._path.candidate is not None:
+            _candidate_status(response.candidate, self._path.candidate.state())
+        return response
+
+
+def _candidate_status(message: pb.CandidateStatus, state: CandidateState) -> None:
+    message.source = state.source
+    message.policy_version = state.version
+    message.policy_sha256 = state.sha256
+    if state.loaded_at:
+        message.loaded_at.FromDatetime(datetime.fromtimestamp(state.loaded_at, UTC))
+    message.last_error = state.last_error
+    message.decisions, message.flips, message.dropped = state.decisions, state.flips, state.dropped
+    for count in state.by_rule:
+        message.flips_by_rule.add(
+            rule_id=count.rule_id, jurisdiction=count.jurisdiction, legal_basis=count.legal_basis,
+            verdict=int(count.verdict), candidate_verdict=int(count.candidate_verdict), count=count.count,
+        )  # fmt: skip
+
+
+def _policy_event(active: Active) -> pb.WatchPolicyResponse:
+    event = pb.WatchPolicyResponse(policy_version=active.policy.version, geoip_build=active.geo.build_epoch)
+    event.activated_at.FromDatetime(datetime.fromtimestamp(active.activated_at, UTC))
+    return event
+
+
+def _passthrough(data: bytes) -> bytes:
+    return data
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Stands for request bytes that are not the expected message."""
+
+    type_name: str
+    reason: str
+
+
+def _decoder(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: gRPC would answer INTERNAL."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as error:
+            return _Undecodable(message.DESCRIPTOR.name, str(error) or "malformed protobuf")
+
+    return decode
+
+
+def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        if type(request) is _Undecodable:
+            _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request: not a valid {request.type_name} ({request.reason})",
+            )
+        return method(request, context)
+
+    return handler
+
+
+def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
+    """AdmissionService's methods; Check and CheckBatch return bytes already encoded."""
+    unary = grpc.unary_unary_rpc_method_handler
+    guard = _refusing_undecodable
+    methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Check": unary(guard(servicer.Check), _decoder(pb.CheckRequest), _passthrough),
+        "CheckBatch": unary(guard(servicer.CheckBatch), _decoder(pb.CheckBatchRequest), _passthrough),
+        "GetStatus": unary(
+            guard(servicer.GetStatus), _decoder(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
+        ),
+        "WatchPolicy": grpc.unary_stream_rpc_method_handler(
+            guard(servicer.WatchPolicy), _decoder(pb.WatchPolicyRequest), pb.WatchPolicyResponse.SerializeToString
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
