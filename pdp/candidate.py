@@ -181,7 +181,7 @@ class CandidateShadow:
         """The candidate and its counts, every decision made before the call included."""
         self.drain()
         with self._lock:
-            policy, counts = self._policy, dict(self._counts)
+            policy, counts = self._current(), dict(self._counts)
             decisions, loaded_at = self._decisions, self._loaded_at
         status = self.holder.status
         ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0][0], item[0][1]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -132,7 +133,12 @@ class Sidecar:
 
 @contextmanager
 def run_sidecar(
-    folder: Path, rules: str = ACTIVE, *, sample_rate: float = 1.0, extra: tuple[str, ...] = ()
+    folder: Path,
+    rules: str = ACTIVE,
+    *,
+    sample_rate: float = 1.0,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> Iterator[Sidecar]:
     """``pdp serve`` with an audit log in ``folder``; stopped (and its log complete) on exit."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,7 +152,9 @@ def run_sidecar(
         "--audit-log", str(folder / "audit.jsonl"), "--audit-hmac-key-file", str(key_file),
         "--audit-allow-sample-rate", str(sample_rate), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
     assert process.stdout is not None
     banner = process.stdout.readline()  # printed once the server listens, policy loaded
     if "listening on" not in banner:
