@@ -51,8 +51,8 @@ def loadtest(address: str, participants: Path, rate: int, duration: float) -> di
                "--duration", str(duration), "--participants", str(participants), "--json"]  # fmt: skip
     argv = pinned(CLIENT_CORE, command)
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"pdp loadtest failed: {done.stderr[-2000:]}")
+    if done.returncode not in (0, 1):  # 1: some calls failed, which the result counts
+        raise RuntimeError(f"pdp loadtest failed ({done.returncode}): {done.stderr[-2000:]}{done.stdout[-2000:]}")
     result: dict[str, object] = json.loads(done.stdout)
     return result
 

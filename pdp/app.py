@@ -146,7 +146,7 @@ class Sidecar:
             raise SetupError(f"--candidate-snapshot: {error}") from None
         holder = PolicyHolder()
         self._candidate_reloader = Reloader(holder, source, keys=keys, poll_seconds=self.config.poll_seconds)
-        self._candidate_reloader.name = "pdp-candidate-reloader"
+        self._candidate_reloader.name, self._candidate_reloader.what = "pdp-candidate-reloader", "candidate"
         try:
             self._candidate_reloader.initial()
         except StartupError as error:

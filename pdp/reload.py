@@ -119,6 +119,7 @@ class Reloader(_Poller):
     """Follows one source; :meth:`step` is one fetch-and-maybe-activate."""
 
     name = "pdp-reloader"
+    what = "policy"  # in the logs: "candidate" for pdp serve --candidate-snapshot
 
     def __init__(
         self,
@@ -187,7 +188,7 @@ class Reloader(_Poller):
         except SnapshotRejectedError as error:
             self._rejected_sha = digest
             self.status.rejections += 1
-            log.warning("snapshot rejected, version %s stays active: %s", self._active_version(), error)
+            log.warning("%s snapshot rejected, version %s stays: %s", self.what, self._active_version(), error)
             return self._result(Step.REJECTED, f"rejected: {error}", error=str(error))
 
     def _offer(self, policy: Policy, fetched: Fetched) -> tuple[Step, str]:
@@ -211,7 +212,8 @@ class Reloader(_Poller):
         self.status.activations += 1
         self.status.last_error = ""
         log.info(
-            "activated policy version %d (%d rules) from %s, compiled in %.0f ms",
+            "activated %s version %d (%d rules) from %s, compiled in %.0f ms",
+            self.what,
             policy.version,
             len(policy.rules),
             self.status.source,
@@ -263,7 +265,7 @@ class Reloader(_Poller):
             return InitialOutcome.PERSISTED
         if step is Step.REJECTED:
             raise StartupError(self.status.last_error)
-        log.warning("no policy yet (%s); not serving until one can be fetched", result)
+        log.warning("no %s yet (%s); not serving it until one can be fetched", self.what, result)
         return InitialOutcome.NOTHING
 
     def _start_from_state_dir(self) -> Policy | None:

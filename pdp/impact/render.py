@@ -21,6 +21,9 @@ _GROUP_COLUMNS = (
 )  # fmt: skip
 
 
+_ROWS = 15  # rows of a Markdown table; CSV and JSON have them all
+
+
 class RenderError(Exception):
     """A format cannot be produced (matplotlib missing for the chart)."""
 
@@ -113,7 +116,9 @@ def _flip_tables(doc: dict[str, Any]) -> list[str]:
         rows = [[*r["key"], r["flips"], _number(r["decisions"]), r["distinct_participants"]] for r in flips[name]]
         if rows:
             lines += [f"### {title}", ""]
-            lines += _table([*header, "flips (records)", "decisions (scaled)", "distinct participants"], rows)
+            lines += _table([*header, "flips (records)", "decisions (scaled)", "distinct participants"], rows[:_ROWS])
+        if len(rows) > _ROWS:
+            lines += [f"... and {len(rows) - _ROWS} more (every row: --format csv or json)", ""]
     return lines
 
 
