@@ -24,6 +24,7 @@ __all__ = ["ARCHIVE_DIR", "KEEP", "Archived", "entries", "keep"]
 ARCHIVE_DIR = "snapshots"
 KEEP = 32  # about a month of daily publications; a 10,000-rule snapshot is 1.5 MB
 _NAME = re.compile(r"v(\d{1,19})-([0-9a-f]{64})(?:\.(yaml|json))?")
+_TEMPORARY = re.compile(r"\.v\d{1,19}-[0-9a-f]{64}(?:\.yaml|\.json)?\..+")  # what a kill mid-write leaves
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,9 @@ def keep(state_dir: Path, data: bytes, version: int, sha256: str, fmt: str | Non
     """
     folder = state_dir / ARCHIVE_DIR
     folder.mkdir(mode=0o700, exist_ok=True)
+    for left in folder.iterdir():
+        if _TEMPORARY.fullmatch(left.name) and left.is_file() and not left.is_symlink():
+            left.unlink(missing_ok=True)
     path = folder / (f"v{version}-{sha256}" + (f".{fmt}" if fmt else ""))
     if not path.exists():
         atomic_write(path, data)

@@ -374,8 +374,13 @@ def test_bad_inputs_exit_2_naming_what_is_wrong(served: Sidecar, tmp_path: Path)
 
 
 def test_the_archive_keeps_the_newest_versions(tmp_path: Path) -> None:
+    folder = tmp_path / archive.ARCHIVE_DIR
+    folder.mkdir()
+    left = folder / f".v3-{3:064x}.yaml.k2j4l1"  # what a kill between write and rename leaves
+    left.write_text("half a snap")
     for version in range(1, 7):
         archive.keep(tmp_path, f"version: {version}\nrules: []\n".encode(), version, f"{version:064x}", limit=3)
     assert sorted(entry.version for entry in archive.entries(tmp_path)) == [4, 5, 6]
+    assert sorted(path.name for path in folder.iterdir()) == [f"v{v}-{v:064x}" for v in (4, 5, 6)]
     shutil.rmtree(tmp_path / archive.ARCHIVE_DIR)
     assert archive.entries(tmp_path) == []
