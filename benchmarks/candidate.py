@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from benchmarks import inprocess
-from benchmarks.harness import CLIENT_CORE, ROOT, pdp_serve, pinned
+from benchmarks.harness import CLIENT_CORE, ROOT, Server, pdp_serve, pinned
 
 CANDIDATE_RULE = {
     "id": "candidate-gb-memorial",
@@ -46,15 +48,31 @@ def snapshots(folder: Path) -> tuple[Path, Path]:
     return active, candidate
 
 
-def loadtest(address: str, participants: Path, rate: int, duration: float) -> dict[str, object]:
-    command = [sys.executable, "-m", "pdp", "loadtest", "--target", address, "--rate", str(rate),
+def loadtest(server: Server, participants: Path, rate: int, duration: float) -> dict[str, Any]:
+    """One ``pdp loadtest`` run against ``server``, with the server's CPU per call
+    (every thread, the shadow's included: what a candidate costs in all)."""
+    command = [sys.executable, "-m", "pdp", "loadtest", "--target", server.address, "--rate", str(rate),
                "--duration", str(duration), "--participants", str(participants), "--json"]  # fmt: skip
-    argv = pinned(CLIENT_CORE, command)
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False, timeout=600)
+    cpu = server.cpu_seconds()
+    done = subprocess.run(pinned(CLIENT_CORE, command), capture_output=True, text=True, cwd=ROOT, check=False)
     if done.returncode not in (0, 1):  # 1: some calls failed, which the result counts
         raise RuntimeError(f"pdp loadtest failed ({done.returncode}): {done.stderr[-2000:]}{done.stdout[-2000:]}")
-    result: dict[str, object] = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(done.stdout)
+    result["server_cpu_us_per_call"] = round((server.cpu_seconds() - cpu) / result["calls"] * 1e6, 1)
     return result
+
+
+def summary(runs: dict[str, list[dict[str, Any]]], rate: int, load: tuple[float, float]) -> list[str]:
+    p50 = {name: statistics.median(r["latency_us"]["p50"] for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r["server_cpu_us_per_call"] for r in rs) for name, rs in runs.items()}
+    repeats = len(runs["without"])
+    return [
+        f"Check p50, median of {repeats} repeats at {rate}/s: without {p50['without']:.0f} µs, "
+        f"with a candidate {p50['with']:.0f} µs: {p50['with'] / p50['without']:.3f}×",
+        f"server CPU per call (every thread): without {cpu['without']:.0f} µs, with {cpu['with']:.0f} µs: "
+        f"{cpu['with'] / cpu['without']:.3f}×",
+        f"load average {load[0]:.1f} before, {load[1]:.1f} after",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,19 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         "without": pdp_serve(f"unix:{folder}/without.sock", active),
         "with": pdp_serve(f"unix:{folder}/with.sock", active, "--candidate-snapshot", str(candidate)),
     }
-    runs: dict[str, list[dict[str, object]]] = {name: [] for name in servers}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    load_before = os.getloadavg()[0]
     try:
         for _ in range(options.repeat):
             for name, server in servers.items():
-                runs[name].append(loadtest(server.address, participants, options.rate, options.duration))
+                runs[name].append(loadtest(server, participants, options.rate, options.duration))
     finally:
         for server in servers.values():
             server.stop()
     for name, results in runs.items():
         (folder / f"{name}.json").write_text(json.dumps({"runs": results}, indent=2))
-    p50 = {name: statistics.median(float(r["latency_us"]["p50"]) for r in rs) for name, rs in runs.items()}  # type: ignore[index]
-    print(f"Check p50, median of {options.repeat} repeats at {options.rate}/s: without {p50['without']:.0f} µs, "
-          f"with a candidate {p50['with']:.0f} µs: {p50['with'] / p50['without']:.3f}×")  # fmt: skip
+    print("\n".join(summary(runs, options.rate, (load_before, os.getloadavg()[0]))))
     compared = subprocess.run(
         [sys.executable, "-m", "benchmarks.compare", str(folder / "without.json"), str(folder / "with.json")],
         cwd=ROOT, capture_output=True, text=True, check=False,
