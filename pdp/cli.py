@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import re
+import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -26,12 +28,14 @@ from pdp.errors import PdpError
 from pdp.geo import (
     GeoDatabase,
     InvalidAddressError,
+    Located,
 )
 from pdp.iso3166 import jurisdiction_problem
 from pdp.model import UNKNOWN_LOCATION, Action, Decision, Location, Meeting, Verdict
 from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
 
 if TYPE_CHECKING:
+    from pdp.app import Sidecar
     from pdp.client import Client
 
 log = logging.getLogger("pdp")
@@ -46,11 +50,25 @@ class UsageError(PdpError):
 # --------------------------------------------------------------------------- shared helpers
 
 
-def open_geo(name: str, cache_size: int = 100_000, sha256_file: str = "") -> GeoDatabase:
+def open_geo(
+    name: str, cache_size: int = 100_000, sha256_file: str = "", nat64_prefixes: Sequence[str] = ()
+) -> GeoDatabase:
     """:func:`pdp.app.open_geo`, imported when used: commands other than serve start quicker."""
     from pdp import app
+    from pdp.addresses import InvalidPrefixError
 
-    return app.open_geo(name, cache_size, sha256_file)
+    try:
+        return app.open_geo(name, cache_size, sha256_file, nat64_prefixes)
+    except InvalidPrefixError as error:
+        raise UsageError(f"--nat64-prefix: {error}") from None
+
+
+def _open_geo_for(options: argparse.Namespace) -> GeoDatabase:
+    """The database `explain` and `geo lookup` use, with the server's NAT64 prefixes."""
+    prefixes = options.nat64_prefix or os.environ.get("PDP_NAT64_PREFIX", "").split(",")
+    return open_geo(
+        options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""), 1, nat64_prefixes=[p for p in prefixes if p]
+    )
 
 
 def _format_build(epoch: int) -> str:
@@ -101,6 +119,16 @@ def _verdict_exit(verdict: Verdict) -> int:
     return EXIT_DENY if verdict == Verdict.DENY else EXIT_OK
 
 
+def _add_nat64_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nat64-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="the network's NAT64 prefix, as given to pdp serve (repeatable) [env PDP_NAT64_PREFIX]",
+    )
+
+
 def _add_meeting_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meeting", required=True, metavar="ID", help="meeting id")
     parser.add_argument("--tag", action="append", default=[], metavar="TAG", help="meeting tag (repeatable)")
@@ -123,21 +151,46 @@ def cmd_serve(options: argparse.Namespace) -> int:
     sidecar.start()
     for exporter in sidecar.exporters:
         log.info("telemetry %s", exporter)
-    policy, geo = sidecar.holder.policy, sidecar.geo
-    assert geo is not None
-    state = f"policy version {policy.version} ({len(policy.rules)} rules)" if policy else "no policy yet, NOT_SERVING"
-    candidate = sidecar.candidate.holder.policy if sidecar.candidate is not None else None
-    if candidate is not None:
-        state += f", candidate version {candidate.version} in shadow"
-    print(
-        f"pdp {__version__} listening on {sidecar.address}: {state}, "
-        f"{geo.database_type} built {_format_build(geo.build_epoch)}",
-        flush=True,
-    )
-    print(f"try: pdp check --target {sidecar.address} --ip 175.16.199.1 --meeting m-1 --tag memorial", flush=True)
-    sidecar.run_until_signal()
+    sidecar.run_until_signal(ready=lambda: print("\n".join(_serving_lines(sidecar)), flush=True))
     log.info("shutdown complete")
     return EXIT_OK
+
+
+def _serving_lines(sidecar: Sidecar) -> list[str]:
+    """What `pdp serve` prints once it listens: the first line says whether it
+    serves; only a serving sidecar suggests a check, in a form that runs when pasted."""
+    policy, geo, status = sidecar.holder.policy, sidecar.geo, sidecar.holder.status
+    assert geo is not None  # started
+    database = f"{geo.database_type} built {_format_build(geo.build_epoch)}"
+    if policy is None:
+        return [
+            f"pdp {__version__} NOT SERVING on {sidecar.address}: no policy: {status.last_error or 'none fetched yet'}",
+            f"  it retries every {sidecar.config.poll_seconds:g} s and serves once {status.source} holds a valid "
+            f"snapshot; until then Check answers UNAVAILABLE and health NOT_SERVING ({database})",
+        ]
+    stale = " (stale: the store is unreachable or its snapshot was refused)" if status.stale else ""
+    candidate = sidecar.candidate.holder.policy if sidecar.candidate is not None else None
+    shadow = f", candidate version {candidate.version} in shadow" if candidate is not None else ""
+    return [
+        f"pdp {__version__} listening on {sidecar.address}: policy version {policy.version} "
+        f"({len(policy.rules)} rules){stale}{shadow}, {database}",
+        f"try: {pdp_command()} check --target {shlex.quote(sidecar.address)} --ip 175.16.199.1 --meeting m-1 "
+        "--tag memorial",
+    ]
+
+
+def pdp_command() -> str:
+    """This pdp as a shell command that runs when pasted: ``pdp`` when that name
+    on PATH is this very program, else its absolute path (``.venv/bin/pdp``
+    is not on a new user's PATH), or ``python -m pdp`` when started that way."""
+    started_as = sys.argv[0]
+    if Path(started_as).name == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m pdp"
+    path = Path((shutil.which(started_as) if os.sep not in started_as else None) or started_as).absolute()
+    on_path = shutil.which("pdp")
+    if on_path is not None and path.exists() and path.samefile(on_path):
+        return "pdp"
+    return shlex.quote(str(path))
 
 
 def cmd_check(options: argparse.Namespace) -> int:
@@ -159,7 +212,7 @@ def cmd_check(options: argparse.Namespace) -> int:
 
 def cmd_explain(options: argparse.Namespace) -> int:
     policy = load_policy(options.rules)
-    location, build = _explain_location(options)
+    location, build, located = _explain_location(options)
     now = options.at.timestamp() if options.at else time.time()
     meeting = Meeting(options.meeting, options.host_account, frozenset(options.tag))
     action = Action[options.action.upper()]
@@ -167,10 +220,14 @@ def cmd_explain(options: argparse.Namespace) -> int:
     traces = policy.explain(location, action, meeting, now)
     if options.json:
         payload = _decision_json(decision, location, policy.version, build)
+        if located is not None:
+            payload["located"] = {"ip": options.ip, "address": located.address, "via": located.via}
         payload["rules"] = [{"id": t.rule.id, "outcome": t.outcome} for t in traces]
         print(json.dumps(payload, indent=2))
     else:
         print("\n".join(_decision_lines(decision, location, policy.version, build)))
+        if located is not None and located.via:
+            print(f"  located as   {located.address} (inside {options.ip}: {located.via})")
         if traces:
             print(f"\nrules whose jurisdiction covers {', '.join(location.codes)}:")
             for trace in traces:
@@ -182,19 +239,21 @@ def cmd_explain(options: argparse.Namespace) -> int:
     return _verdict_exit(decision.verdict)
 
 
-def _explain_location(options: argparse.Namespace) -> tuple[Location, int]:
-    """The participant's location from --ip (and its database build) or from --country/--subdivision.
+def _explain_location(options: argparse.Namespace) -> tuple[Location, int, Located | None]:
+    """The participant's location from --ip (with its database build and which address was
+    located) or from --country/--subdivision.
 
     :raises UsageError: an option names a place GeoIP data could never return.
     """
     if options.ip:
         if options.subdivision:
             raise UsageError("--subdivision goes with --country, not --ip (the database locates the address)")
-        geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
+        geo = _open_geo_for(options)
         try:
-            return geo.locate(options.ip), geo.build_epoch
+            located = geo.trace(options.ip)
         except InvalidAddressError as error:
             raise UsageError(f"--ip: {error}") from None
+        return located.location, geo.build_epoch, located
     country = _country_option(options.country) if options.country else ""
     subdivisions = tuple(dict.fromkeys(_subdivision_option(code, country) for code in options.subdivision))
     if not country and subdivisions:
@@ -203,7 +262,7 @@ def _explain_location(options: argparse.Namespace) -> tuple[Location, int]:
         if code[:2] != country:
             given = "--country" if options.country else f"--subdivision {subdivisions[0]}"
             raise UsageError(f"--subdivision: {code!r} is in {code[:2]}, not in {country} (from {given})")
-    return (Location(country, subdivisions) if country else UNKNOWN_LOCATION), 0
+    return (Location(country, subdivisions) if country else UNKNOWN_LOCATION), 0, None
 
 
 def _country_option(text: str) -> str:
@@ -228,38 +287,38 @@ def _subdivision_option(text: str, country: str) -> str:
 
 
 def cmd_geo_lookup(options: argparse.Namespace) -> int:
-    geo = open_geo(options.geoip_db or os.environ.get("PDP_GEOIP_DB", ""))
+    geo = _open_geo_for(options)
     rows = []
     failed = False
     for address in options.ip:
         try:
-            location = geo.lookup_uncached(address)
+            located = geo.trace(address)
         except InvalidAddressError as error:
             print(f"pdp: {address}: {error}", file=sys.stderr)
             failed = True
             continue
-        rows.append((address, location))
+        rows.append((address, located))
     if options.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "ip": address,
-                        "found": loc.found,
-                        "country": loc.country,
-                        "subdivisions": list(loc.subdivisions),
-                        **_build_fields(geo.build_epoch),
-                    }
-                    for address, loc in rows
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps([_lookup_json(address, located, geo.build_epoch) for address, located in rows], indent=2))
     else:
         print(f"# {geo.database_type} built {_format_build(geo.build_epoch)} ({geo.path})")
-        for address, location in rows:
-            print(f"{address:<40} {_location_text(location)}")
+        for address, located in rows:
+            via = f"  located as {located.address}: {located.via}" if located.via else ""
+            print(f"{address:<40} {_location_text(located.location)}{via}")
     return EXIT_USAGE if failed else EXIT_OK
+
+
+def _lookup_json(address: str, located: Located, build: int) -> dict[str, Any]:
+    location = located.location
+    return {
+        "ip": address,
+        "found": location.found,
+        "country": location.country,
+        "subdivisions": list(location.subdivisions),
+        "located": located.address,
+        "via": located.via,
+        **_build_fields(build),
+    }
 
 
 def cmd_snapshot_validate(options: argparse.Namespace) -> int:
@@ -521,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ISO 3166-2 subdivision like US-WA (repeatable); alone, it implies its --country",
     )
     explain.add_argument("--geoip-db", metavar="PATH", help="MaxMind database, or 'demo' [env PDP_GEOIP_DB]")
+    _add_nat64_argument(explain)
     explain.add_argument("--at", type=_timestamp, metavar="TIME", help="evaluate at this time (default now)")
     _add_meeting_arguments(explain)
     explain.set_defaults(handler=cmd_explain)
@@ -532,10 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
         "lookup",
         help="show where addresses are located",
         description="Locate addresses exactly as the server does (country, not registered "
-        "country; ISO 3166-2 subdivisions).",
+        "country; ISO 3166-2 subdivisions). An IPv6 address carrying an IPv4 one (NAT64, SIIT, "
+        "6to4, Teredo, or a --nat64-prefix) is located by that IPv4 address, and the line says so.",
     )
     lookup.add_argument("ip", nargs="+", help="IPv4 or IPv6 addresses")
     lookup.add_argument("--geoip-db", metavar="PATH", help="MaxMind database, or 'demo' [env PDP_GEOIP_DB]")
+    _add_nat64_argument(lookup)
     lookup.add_argument("--json", action="store_true", help="print JSON instead of text")
     lookup.set_defaults(handler=cmd_geo_lookup)
 

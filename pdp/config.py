@@ -61,11 +61,16 @@ class ServeConfig:
     audit_include_ip: bool = False
     audit_queue_size: int = 10_000
     audit_max_bytes: int = 100 * 1024 * 1024
+    nat64_prefix: str = ""
     candidate_snapshot: str = ""
 
     @property
     def pubkey_files(self) -> list[str]:
         return [part.strip() for part in self.snapshot_pubkey.split(",") if part.strip()]
+
+    @property
+    def nat64_prefixes(self) -> list[str]:
+        return [part for part in self.nat64_prefix.split(",") if part]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,7 @@ class Setting:
     parse: Callable[[str], Any]
     env_name: str = ""  # when the contract's variable differs from PDP_<NAME>
     required: bool = False
+    repeatable: bool = False  # the flag may be given again; the variable and config key take a comma list
 
     @property
     def flag(self) -> str:
@@ -155,6 +161,12 @@ def _log_format(text: str) -> str:
     if text.lower() not in ("json", "text"):
         raise ValueError(f"{text!r} is not json or text")
     return text.lower()
+
+
+def _nat64_prefixes(text: str) -> str:
+    from pdp.addresses import parse_nat64_prefix
+
+    return ",".join(str(parse_nat64_prefix(part).network) for part in text.split(",") if part.strip())
 
 
 def _listen(text: str) -> str:
@@ -266,6 +278,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("audit_max_bytes", "audit log size that triggers rotation (5 old files are kept)", "BYTES", _positive),
     Setting(
+        "nat64_prefix",
+        "NAT64 prefix of this network (RFC 6052: /32, /40, /48, /56, /64 or /96), repeatable or comma-separated; "
+        "addresses in it are located by the IPv4 address they carry, as are the well-known NAT64, SIIT, 6to4 "
+        "and Teredo forms",
+        "PREFIX",
+        _nat64_prefixes,
+        repeatable=True,
+    ),
+    Setting(
         "candidate_snapshot",
         "a second snapshot to follow (same sources, keys and checks) and evaluate next to the active one for "
         "every decision, never changing an answer: its would-be flips in GetStatus, the pdp.candidate.flips "
@@ -299,6 +320,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             dest=setting.name,
             metavar=setting.metavar,
             default=None,
+            action="append" if setting.repeatable else "store",
             help=f"{setting.help} [env {setting.env}; {shown}]",
         )
 
@@ -322,7 +344,8 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         if isinstance(flag, bool):
             values[setting.name] = flag
         elif flag is not None:
-            values[setting.name] = _convert(setting, str(flag), setting.flag)
+            text = ",".join(flag) if isinstance(flag, list) else str(flag)
+            values[setting.name] = _convert(setting, text, setting.flag)
     return ServeConfig(**values)
 
 

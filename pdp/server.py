@@ -13,14 +13,17 @@ grpc.aio with the same handler.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
 import socket
 import stat
+import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
     from pdp.candidate import CandidateShadow
     from pdp.telemetry import Telemetry
 
-__all__ = ["SERVICE_NAME", "RunningServer", "grpc_options", "start_server", "wait_for_signal"]
+__all__ = ["SERVICE_NAME", "RunningServer", "StopSignals", "grpc_options", "start_server"]
 
 
 # --------------------------------------------------------------------------- running
@@ -55,6 +58,10 @@ class RunningServer:
     grace_seconds: float
     health_server: grpc.Server | None = None
     health_address: str = ""
+    # gRPC never shuts down the pools it is given: stop() does, so that a
+    # stopped server leaves no thread behind.
+    pools: list[futures.ThreadPoolExecutor] = field(default_factory=list)
+    unsubscribe: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -63,10 +70,13 @@ class RunningServer:
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, let in-flight calls finish, then stop."""
+        self.unsubscribe()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.grace_seconds if grace is None else grace).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        for pool in self.pools:
+            pool.shutdown(wait=True)  # every call has ended: the workers exit at once
 
 
 def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -91,10 +101,8 @@ def start_server(
 
     :raises OSError: the address cannot be bound (in use, bad path, no permission).
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp-rpc"),
-        options=grpc_options(config),
-    )
+    pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp-rpc")
+    server = grpc.server(pool, options=grpc_options(config))
     handlers, names = _services(config, DecisionPath(holder, telemetry, audit, candidate))
     server.add_generic_rpc_handlers(handlers)
     health_servicer = health.HealthServicer()
@@ -103,12 +111,12 @@ def start_server(
     reflection.enable_server_reflection(names, server)
     address = _bind(server, config.listen, config)
     server.start()
-    running = RunningServer(server, health_servicer, address, config.grace_seconds)
+    running = RunningServer(server, health_servicer, address, config.grace_seconds, pools=[pool])
     if config.health_listen:
         # Only Health here: this address may be the pod IP, reachable by the kubelet and others.
-        probe_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health"), options=grpc_options(config)
-        )
+        probe_pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="pdp-health")
+        probe_server = grpc.server(probe_pool, options=grpc_options(config))
+        running.pools.append(probe_pool)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe_server)
         try:
             running.health_address = _bind(probe_server, config.health_listen, health_only=True)
@@ -119,7 +127,7 @@ def start_server(
         running.health_server = probe_server
     # Health follows the holder: NOT_SERVING until a policy and a database are active.
     running.set_serving(holder.active is not None)
-    holder.subscribe(lambda _active: running.set_serving(True))
+    running.unsubscribe = holder.subscribe(lambda _active: running.set_serving(True))
     return running
 
 
@@ -144,11 +152,11 @@ def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *
         # The socket is born group-only (0660): no moment where others may connect.
         previous = os.umask(0o117)
         try:
-            bound = server.add_insecure_port(target)
+            bound = _add_port(server, target, None)
         finally:
             os.umask(previous)
         if not bound:
-            raise OSError(f"cannot listen on {listen}")
+            raise OSError(f"cannot listen on {listen}: {_why_not_bound(socket.AF_UNIX, host)}")
         return target
     credentials = _server_credentials(config) if config is not None else None
     insecure_allowed = health_only or (config is not None and config.allow_insecure_remote)
@@ -157,13 +165,44 @@ def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *
             f"refusing to serve {listen} without TLS: it is reachable from other hosts; pass --tls-cert and "
             "--tls-key (and --tls-client-ca for mutual TLS), or --allow-insecure-remote"
         )
-    try:
-        bound = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
-    except RuntimeError as error:
-        raise OSError(f"cannot listen on {listen}: {error}") from None
+    bound = _add_port(server, listen, credentials)
     if not bound:
-        raise OSError(f"cannot listen on {listen} (address in use or not local)")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        raise OSError(f"cannot listen on {listen}: {_why_not_bound(family, (host.strip('[]'), port))}")
     return f"{host}:{bound}"
+
+
+def _add_port(server: grpc.Server, target: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The port gRPC bound ``target`` to, 0 when it could not.
+
+    gRPC's C core writes its own line about a failed bind straight to the
+    process's stderr (``E... add_port.cc:83] Failed to add port...``), before
+    pdp can say the same in its words; stderr is pointed at /dev/null for the
+    duration of the call, which only ever runs while the server starts.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with Path(os.devnull).open("wb") as null:
+            os.dup2(null.fileno(), 2)
+        try:
+            return server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            return 0
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _why_not_bound(family: socket.AddressFamily, address: str | tuple[str, int]) -> str:
+    """Why the address cannot be bound, found by trying it with a plain socket."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        return f"{reason} (another process listens there)" if error.errno == errno.EADDRINUSE else reason
+    return "gRPC could not bind it (set GRPC_VERBOSITY=debug to see why)"
 
 
 def _is_loopback(host: str) -> bool:
@@ -215,16 +254,21 @@ def _clear_stale_socket(path: Path) -> None:
     raise OSError(f"{path}: another server is listening on this socket")
 
 
-def wait_for_signal() -> str:
-    """Block until SIGTERM or SIGINT; returns the signal's name. Main thread only."""
-    stop = threading.Event()
-    received: list[str] = []
+class StopSignals:
+    """SIGTERM and SIGINT, caught from construction on (main thread only), so
+    that one sent the moment a server says it is ready is not lost."""
 
-    def handle(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
+    def __init__(self) -> None:
+        self._received: list[str] = []
+        self._stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handle)
-    stop.wait()
-    return received[0]
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._received.append(signal.Signals(signum).name)
+        self._stop.set()
+
+    def wait(self) -> str:
+        """Block until one arrives; returns its name."""
+        self._stop.wait()
+        return self._received[0]

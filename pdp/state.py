@@ -86,6 +86,11 @@ class PolicyHolder:
             return self._publish()
 
     @property
+    def geo(self) -> GeoDatabase | None:
+        """The newest database, served or (without a policy yet) waiting."""
+        return self._geo
+
+    @property
     def policy(self) -> Policy | None:
         """The newest policy, served or (without a database yet) waiting."""
         return self._policy[0] if self._policy else None

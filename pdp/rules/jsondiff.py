@@ -131,9 +131,8 @@ def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callab
     Against ``base``, the previous snapshot: the rules inside the text both
     share from the start are the same rules, and so is every rule from the
     first one found, at its old position, inside the text both share up to the
-    end. Only the rules between are read, and those identical to the rule at
-    the same position are not parsed. The work on the shared parts is slicing
-    and copying in C: it does not grow with the number of rules in Python.
+    end. Only the rules between are read, and those identical to the rule at the
+    same position are not parsed. Slicing and copying in C do the shared parts.
 
     :raises ValueError, StopIteration: the array is malformed.
     """

@@ -111,6 +111,33 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+Memory for the pdp container, in MiB, from peaks measured by benchmarks/rules_memory.py
+(helm/pdp/README.md, "Sizing memory"): 48 + 30 per 10,000 rules + 53 per 100,000 cache
+entries + the database twice (the serving copy and its replacement), each term rounded up.
+*/}}
+{{- define "pdp.memoryMiB" -}}
+{{- $rules := div (add (mul (int .Values.sizing.rules) 30) 9999) 10000 -}}
+{{- $cache := div (add (mul (int .Values.cacheSize) 53) 99999) 100000 -}}
+{{- add 48 $rules $cache (mul 2 (int .Values.sizing.geoipMiB)) -}}
+{{- end -}}
+
+{{/* resources, with a memory limit (and request) sized from .Values.sizing where not given. */}}
+{{- define "pdp.resources" -}}
+{{- $resources := deepCopy .Values.resources -}}
+{{- $limits := get $resources "limits" | default dict -}}
+{{- $requests := get $resources "requests" | default dict -}}
+{{- if not (hasKey $limits "memory") -}}
+{{- $_ := set $limits "memory" (printf "%sMi" (include "pdp.memoryMiB" .)) -}}
+{{- end -}}
+{{- if not (hasKey $requests "memory") -}}
+{{- $_ := set $requests "memory" (get $limits "memory") -}}
+{{- end -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- $_ := set $resources "requests" $requests -}}
+{{- toYaml $resources -}}
+{{- end -}}
+
 {{- define "pdp.snapshotUrl" -}}
 {{- if .Values.snapshot.inlineRules -}}file:///etc/pdp/rules/rules.yaml{{- else -}}{{ .Values.snapshot.url }}{{- end -}}
 {{- end -}}
@@ -193,7 +220,7 @@ chart writes, inside its pod's `containers:` list:
     periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
     failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
   resources:
-    {{- toYaml .Values.resources | nindent 4 }}
+    {{- include "pdp.resources" . | nindent 4 }}
   securityContext:
     {{- toYaml .Values.securityContext | nindent 4 }}
   volumeMounts:
