@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +76,58 @@ def summary(runs: dict[str, list[dict[str, Any]]], rate: int, load: tuple[float,
     ]
 
 
+def in_process(active: Path, candidate: Path, addresses: list[str], rounds: int = 7) -> list[str]:
+    """The request path alone, without gRPC: DecisionPath.check with and without a
+    candidate, alternating rounds; and what the shadow thread pays per decision."""
+    from pdp.candidate import CandidateShadow
+    from pdp.decisions import DecisionPath, Outcome
+    from pdp.geo import GeoDatabase, demo_database_path
+    from pdp.model import Meeting
+    from pdp.rules import load_policy
+    from pdp.servicer import CHECK
+    from pdp.state import PolicyHolder
+
+    holder, shadow_holder = PolicyHolder(), PolicyHolder()
+    holder.activate(load_policy(active), GeoDatabase(demo_database_path()), "bench")
+    shadow_holder.activate_policy(load_policy(candidate), "bench")
+    shadow = CandidateShadow(shadow_holder, queue_size=10**7)
+    shadow.close()  # its thread stopped: the rounds measure the request path alone, drain() the rest
+    paths = {"without": DecisionPath(holder), "with": DecisionPath(holder, candidate=shadow)}
+    meeting = Meeting("m-1", "account-1", frozenset({"memorial"}))
+    per_call: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            started = time.perf_counter()
+            for ip in addresses:
+                path.check(ip, "u", "a", meeting, 1, endpoint=CHECK, present=Outcome)
+            per_call[name].append((time.perf_counter() - started) / len(addresses) * 1e6)
+    started = time.perf_counter()
+    shadow.drain()
+    worker = (time.perf_counter() - started) / (len(addresses) * rounds) * 1e6
+    without, with_ = statistics.median(per_call["without"]), statistics.median(per_call["with"])
+    return [
+        f"in process, request path per Check: without {without:.2f} µs, with a candidate {with_:.2f} µs "
+        f"(+{with_ - without:.2f} µs); the shadow thread then decides each again in {worker:.2f} µs"
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=int, default=1000, help="Check calls per second (default 1000)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per repeat (default 5)")
     parser.add_argument("--repeat", type=int, default=5, help="repeats per side (default 5)")
+    parser.add_argument("--in-process-only", action="store_true", help="only the request path, without gRPC")
     parser.add_argument("--out", type=Path, help="where to write without.json and with.json (default a temp dir)")
     options = parser.parse_args(argv)
     folder = options.out or Path(tempfile.mkdtemp(prefix="pdp-candidate-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     active, candidate = snapshots(folder)
     participants = folder / "participants.txt"
-    participants.write_text("\n".join(inprocess.located_addresses(2_000)) + "\n")
+    addresses = inprocess.located_addresses(2_000)
+    participants.write_text("\n".join(addresses) + "\n")
+    print("\n".join(in_process(active, candidate, addresses * 10)))
+    if options.in_process_only:
+        return 0
     servers = {
         "without": pdp_serve(f"unix:{folder}/without.sock", active),
         "with": pdp_serve(f"unix:{folder}/with.sock", active, "--candidate-snapshot", str(candidate)),
