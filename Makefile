@@ -19,6 +19,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python scripts/proto_overlap.py  # xds-protos overwrites other packages' files (grpc/grpc#42830)
 	@# pdp's runtime dependencies as wheels: tests/test_wheel.py installs the image's way from them, offline.
 	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse .
 	rm -f $(VENV)/wheelhouse/pdp-*.whl

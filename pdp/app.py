@@ -129,6 +129,7 @@ class Sidecar:
             timeout=config.http_timeout,
             bearer_token_file=config.http_bearer_token_file,
             ca_bundle=config.http_ca_bundle,
+            keys=keys,  # redis deltas are verified as they are read
         )
         try:
             self._source = open_source(config.snapshot, options)

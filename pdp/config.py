@@ -18,6 +18,14 @@ from typing import Any
 
 import yaml
 
+from pdp.envoy.mapping import (
+    ATTRIBUTES,
+    check_sources,
+    parse_attribute_names,
+    parse_header_names,
+    parse_hops,
+    parse_source,
+)
 from pdp.errors import PdpError
 from pdp.sources import check_scheme
 
@@ -63,6 +71,21 @@ class ServeConfig:
     audit_max_bytes: int = 100 * 1024 * 1024
     nat64_prefix: str = ""
     candidate_snapshot: str = ""
+    ext_authz_meeting_id: str = "context:meeting_id"
+    ext_authz_tags: str = "context:tags"
+    ext_authz_host_account_id: str = "context:host_account_id"
+    ext_authz_action: str = "context:action"
+    ext_authz_user_id: str = ""
+    ext_authz_account_id: str = ""
+    ext_authz_required: str = "meeting_id"
+    ext_authz_trusted_headers: str = ""
+    ext_authz_xff_trusted_hops: int = 0
+    ext_authz_jwt_payload_key: str = "jwt_payload"
+
+    @property
+    def ext_authz_sources(self) -> dict[str, str]:
+        """Envoy ext_authz: attribute -> source (empty: not mapped)."""
+        return {name: getattr(self, f"ext_authz_{name}") for name in ATTRIBUTES}
 
     @property
     def pubkey_files(self) -> list[str]:
@@ -178,6 +201,20 @@ def _optional_listen(text: str) -> str:
     return _listen(text) if text else ""
 
 
+def _optional_source(text: str) -> str:
+    return parse_source(text) if text else ""
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+_ENVOY = "Envoy ext_authz: "
+_SOURCES = "context:KEY, claim:PATH, path:REGEX or header:NAME (see README, Envoy and Istio)"
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(
         "listen", "address to serve on: HOST:PORT (port 0 picks a free one) or unix:/path/to.sock", "ADDR", _listen
@@ -190,8 +227,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "snapshot",
-        "rules snapshot to follow: file:///path/rules.yaml (or a plain path), http(s)://host/path, or "
-        "redis://host:port/db?key=K&channel=C",
+        "rules snapshot to follow: file:///path/rules.yaml (or a plain path), http(s)://host/path, "
+        "redis://host:port/db?key=K&channel=C (deltas from the stream K:deltas) or "
+        "redis+sentinel://host:port,host:port/SERVICE?key=K",
         "URL",
         _snapshot_url,
         "PDP_SNAPSHOT_URL",
@@ -277,6 +315,50 @@ SETTINGS: tuple[Setting, ...] = (
         "audit_queue_size", "audit records waiting to be written; beyond, they are dropped and counted", "N", _positive
     ),
     Setting("audit_max_bytes", "audit log size that triggers rotation (5 old files are kept)", "BYTES", _positive),
+    Setting("ext_authz_meeting_id", f"{_ENVOY}where the meeting id comes from: {_SOURCES}", "SOURCE", parse_source),
+    Setting(
+        "ext_authz_tags",
+        f"{_ENVOY}where the meeting's tags come from (one comma-separated text, or a list claim)",
+        "SOURCE",
+        _optional_source,
+    ),
+    Setting("ext_authz_host_account_id", f"{_ENVOY}where the host account comes from", "SOURCE", _optional_source),
+    Setting(
+        "ext_authz_action",
+        f"{_ENVOY}where the action comes from: join or host, absent means join",
+        "SOURCE",
+        _optional_source,
+    ),
+    Setting("ext_authz_user_id", f"{_ENVOY}where the participant's user id comes from", "SOURCE", _optional_source),
+    Setting(
+        "ext_authz_account_id", f"{_ENVOY}where the participant's account id comes from", "SOURCE", _optional_source
+    ),
+    Setting(
+        "ext_authz_required",
+        f"{_ENVOY}attributes whose absence is a deny with HTTP 400, comma-separated (meeting_id always is)",
+        "NAMES",
+        parse_attribute_names,
+    ),
+    Setting(
+        "ext_authz_trusted_headers",
+        f"{_ENVOY}request headers a proxy you run sets or overwrites on every request, comma-separated: "
+        "only these may be header:NAME sources (a client writes every other header)",
+        "NAMES",
+        parse_header_names,
+    ),
+    Setting(
+        "ext_authz_xff_trusted_hops",
+        f"{_ENVOY}proxies in front of Envoy that each append to x-forwarded-for; the participant is the Nth "
+        "address from the right. 0: Envoy's L4 peer, x-forwarded-for ignored",
+        "N",
+        parse_hops,
+    ),
+    Setting(
+        "ext_authz_jwt_payload_key",
+        f"{_ENVOY}the payload_in_metadata name of Envoy's jwt_authn providers, where claim:PATH is read",
+        "NAME",
+        _nonempty,
+    ),
     Setting(
         "nat64_prefix",
         "NAT64 prefix of this network (RFC 6052: /32, /40, /48, /56, /64 or /96), repeatable or comma-separated; "
@@ -346,7 +428,17 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         elif flag is not None:
             text = ",".join(flag) if isinstance(flag, list) else str(flag)
             values[setting.name] = _convert(setting, text, setting.flag)
-    return ServeConfig(**values)
+    config = ServeConfig(**values)
+    _check_ext_authz(config)
+    return config
+
+
+def _check_ext_authz(config: ServeConfig) -> None:
+    """:raises ConfigError: a header source not declared trusted, or a required attribute without a source."""
+    try:
+        check_sources(config.ext_authz_sources, config.ext_authz_trusted_headers, config.ext_authz_required)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _convert(setting: Setting, raw: str, origin: str) -> Any:

@@ -8,7 +8,8 @@ same way. The candidate's rules are published unchanged under the next version
 one as a replay), validated again as published, signed with ``--key``, to every
 ``--to`` URL that ``pdp snapshot publish`` supports. Only the version changes:
 the text of a YAML snapshot is kept (comments too), a JSON one is rewritten with
-the new version; what is published is compiled and compared with the candidate
+the new version, and a Redis store gets canonical JSON with a delta, as
+``pdp snapshot publish`` writes it; what is published is compiled and compared with the candidate
 rule by rule before anything is written.
 """
 
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from pdp.rules import Policy
     from pdp.signing import TrustedKeys
 
@@ -76,6 +79,7 @@ def cmd_snapshot_promote(options: argparse.Namespace) -> int:
 def _promote(options: argparse.Namespace) -> list[str]:
     from pdp.diff import diff_policies
     from pdp.publish import PublishError, publish
+    from pdp.signing import sign
 
     keys = _keys(options.pubkey)
     payload, candidate, signed = _read(options.candidate, keys)
@@ -87,8 +91,7 @@ def _promote(options: argparse.Namespace) -> list[str]:
     if signed and not options.key:
         raise PromoteError(f"{options.candidate} is signed: pass --key, the promoted version must be signed again")
     data = _with_version(payload, options.candidate, version, candidate)
-    if options.key:
-        data = _sign(data, version, options.key)
+    key = _private_key(options.key) if options.key else None
     lines = []
     if active is not None:
         diff = diff_policies(active, candidate)
@@ -97,8 +100,11 @@ def _promote(options: argparse.Namespace) -> list[str]:
             f"removes {len(diff.removed)} and changes {len(diff.changed)} rules"
         )
     for url in options.to:
+        body = _stored_form(data, url, options.candidate)
+        if key is not None:
+            body = sign(body, version, key)
         try:
-            outcome = publish(data, url, version, notify=not options.no_notify)
+            outcome = publish(body, url, version, notify=not options.no_notify, key=key)
         except (PublishError, ValueError) as error:
             raise PromoteError(f"{url}: {error}") from None
         state = "signed" if options.key else "unsigned"
@@ -200,10 +206,20 @@ def _with_version(payload: bytes, name: str, version: int, candidate: Policy) ->
     return data
 
 
-def _sign(data: bytes, version: int, key_file: str) -> bytes:
-    from pdp.signing import SignatureError, load_private_key, sign
+def _stored_form(data: bytes, url: str, name: str) -> bytes:
+    """What goes to ``url``: Redis stores get canonical JSON, as ``pdp snapshot publish``
+    writes them (deltas are computed on it); files get the candidate's own text."""
+    from pdp.canonical import canonical_snapshot
+
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+        return canonical_snapshot(data, name)
+    return data
+
+
+def _private_key(key_file: str) -> Ed25519PrivateKey:
+    from pdp.signing import SignatureError, load_private_key
 
     try:
-        return sign(data, version, load_private_key(key_file))
+        return load_private_key(key_file)
     except SignatureError as error:
         raise PromoteError(f"--key: {error}") from None

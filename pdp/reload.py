@@ -36,7 +36,7 @@ from pdp.pacing import in_background
 from pdp.persisted import Persisted, StateDir
 from pdp.poller import Poller as _Poller
 from pdp.rules import Policy, SnapshotError, parse_policy
-from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
+from pdp.signing import Opened, SignatureError, TrustedKeys, is_envelope, open_envelope
 from pdp.sources import Fetched, Source, SourceError, snapshot_format
 from pdp.state import PolicyHolder, ReloadStatus
 
@@ -88,22 +88,28 @@ def read_snapshot(
     sha256: str = "",
     *,
     fmt: str | None = None,
+    opened: Opened | None = None,
 ) -> Policy:
     """Verify (when keys are trusted) and compile snapshot bytes as stored.
     ``sha256``, the digest of ``data`` if known, saves hashing it again; ``fmt``
-    (``"yaml"`` or ``"json"``) overrides the parser's guess from ``source`` and content.
+    (``"yaml"`` or ``"json"``) overrides the parser's guess from ``source`` and content;
+    ``opened``, the contents of the envelope ``data`` is as its source opened them (a
+    snapshot rebuilt from deltas, its payload's digest computed), saves parsing and
+    hashing it again: only the signature over that digest is checked.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
         version mismatch, or any rules-file problem (every one listed).
     """
     try:
-        if keys:
+        if opened is None and keys:
             opened = keys.open(data)
-        elif is_envelope(data):
+        elif opened is None and is_envelope(data):
             opened = open_envelope(data)  # no key to check against: payload only
-        else:
+        elif opened is None:
             return parse_policy(data, source, fmt, pace=pace, previous=previous, sha256=sha256)
-        policy = parse_policy(opened.payload, source, fmt, pace=pace, previous=previous)
+        elif keys:  # a source's word is not enough: its signature over the payload's digest is checked here too
+            keys.check(opened.key_id, opened.version, opened.sha256, opened.signature)
+        policy = parse_policy(opened.payload, source, fmt, pace=pace, previous=previous, sha256=opened.sha256)
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
     except SnapshotError as error:
@@ -171,6 +177,10 @@ class Reloader(_Poller):
         digest = fetched.sha256
         if digest == self._rejected_sha:
             return self._result(Step.UNCHANGED, "unchanged (still rejected)")
+        if fetched.fallback:  # deltas were announced but could not be used: this is the full snapshot
+            self.status.delta_fallbacks += 1
+            self.status.last_delta_fallback = fetched.fallback
+            log.warning("deltas not used, the full snapshot was fetched: %s", fetched.fallback)
         started = time.perf_counter()
         try:
             with in_background() as pace:
@@ -182,6 +192,7 @@ class Reloader(_Poller):
                     previous=self.holder.policy,
                     sha256=digest,
                     fmt=self._format,
+                    opened=fetched.opened,
                 )
             self.status.last_compile_ms = round((time.perf_counter() - started) * 1000, 1)
             return self._offer(policy, fetched)
@@ -223,6 +234,9 @@ class Reloader(_Poller):
             log.warning("version %d was a truncated read; the complete snapshot replaces it", policy.version)
         self._persist(fetched, policy)
         done = f" (it completes the truncated version {policy.version} that was active)" if completes else ""
+        if fetched.deltas:
+            self.status.delta_activations += 1
+            done += f" (from {fetched.deltas} delta{'s' if fetched.deltas > 1 else ''})"
         return self._result(Step.ACTIVATED, f"activated version {policy.version}{done}")
 
     def _completes_active(self, data: bytes) -> bool:

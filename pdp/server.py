@@ -3,7 +3,8 @@ standard health and reflection, the separate health port, graceful stop and
 signals.
 
 The services it carries are protocol adapters over one shared decision path
-(:mod:`pdp.decisions`): AdmissionService (:mod:`pdp.servicer`). A new gRPC
+(:mod:`pdp.decisions`): AdmissionService (:mod:`pdp.servicer`) and Envoy's
+Authorization (:mod:`pdp.envoy.servicer`). A new gRPC
 adapter registers its handlers in :func:`_services`.
 
 Sync gRPC with a thread pool, chosen by measurement (README, "Why sync gRPC"):
@@ -34,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from pdp.config import ServeConfig, parse_listen
 from pdp.decisions import DecisionPath
+from pdp.envoy import servicer as envoy
 from pdp.servicer import SERVICE_NAME, AdmissionServicer, admission_handlers
 from pdp.state import PolicyHolder
 
@@ -135,7 +137,8 @@ def _services(config: ServeConfig, path: DecisionPath) -> tuple[list[grpc.Generi
     """The protocol adapters served on every listener, and their service names
     (for reflection); each calls the one decision path."""
     admission = AdmissionServicer(path, config.batch_limit, max(1, config.workers // 2))
-    return [admission_handlers(admission)], [SERVICE_NAME]
+    authorization = envoy.AuthorizationServicer(path, envoy.mapper_from(config))
+    return [admission_handlers(admission), envoy.handler(authorization)], [SERVICE_NAME, envoy.SERVICE_NAME]
 
 
 def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *, health_only: bool = False) -> str:

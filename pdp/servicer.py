@@ -29,7 +29,8 @@ from pdp.wire import encode_batch, encode_check, encode_result
 if TYPE_CHECKING:
     from pdp.candidate import CandidateState
 
-__all__ = ["CHECK", "CHECK_BATCH", "SERVICE_NAME", "AdmissionServicer", "admission_handlers"]
+__all__ = ["CHECK", "CHECK_BATCH", "SERVICE_NAME", "AdmissionServicer", "admission_handlers", "encoded_unary"]
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdmissionService"].full_name
 CHECK = Endpoint("grpc", SERVICE_NAME, "Check")
@@ -121,6 +122,9 @@ class AdmissionServicer:
             rejections=status.rejections,
             geoip_reloads=status.geoip_reloads,
             geoip_rejections=status.geoip_rejections,
+            delta_activations=status.delta_activations,
+            delta_fallbacks=status.delta_fallbacks,
+            last_delta_fallback=status.last_delta_fallback,
         )
         if status.last_fetch_at:
             response.last_fetch_at.FromDatetime(datetime.fromtimestamp(status.last_fetch_at, UTC))
@@ -200,6 +204,14 @@ def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) ->
         return method(request, context)
 
     return handler
+
+
+def encoded_unary(
+    method: Callable[[Any, grpc.ServicerContext], bytes], request_type: Any
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary method answering bytes it encoded itself, for any adapter on this transport
+    (Envoy's Authorization too): an undecodable request is INVALID_ARGUMENT, never INTERNAL."""
+    return grpc.unary_unary_rpc_method_handler(_refusing_undecodable(method), _decoder(request_type), _passthrough)
 
 
 def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:

@@ -14,6 +14,7 @@ import yaml
 
 from pdp.cli import build_parser
 from pdp.config import SETTINGS, resolve
+from pdp.envoy.mapping import parse_source
 
 from .conftest import ROOT
 
@@ -198,6 +199,17 @@ def test_rendered_args_and_env_are_parsed_by_pdp_serve(scenario: str, meeting_no
     assert config.geoip_sha256_file == (f"/var/lib/pdp/geoip/{pinned}" if pinned else "")
     if values.get("audit", {}).get("log"):
         assert (config.audit_log, config.audit_hmac_key_file) == ("stdout", "/etc/pdp/audit/hmac-key")
+    chart_defaults = yaml.safe_load((CHART / "values.yaml").read_text())["extAuthz"]
+    ext_authz = {**chart_defaults, **values.get("extAuthz", {})}
+    assert config.ext_authz_sources == {
+        name: parse_source(ext_authz[key]) if ext_authz[key] else ""
+        for name, key in (("meeting_id", "meetingId"), ("tags", "tags"), ("host_account_id", "hostAccountId"),
+                          ("action", "action"), ("user_id", "userId"), ("account_id", "accountId"))
+    }  # fmt: skip
+    assert config.ext_authz_required.split(",") == ext_authz["required"]
+    assert config.ext_authz_trusted_headers == ",".join(ext_authz["trustedHeaders"]).lower()
+    assert config.ext_authz_xff_trusted_hops == ext_authz["xffTrustedHops"]
+    assert config.ext_authz_jwt_payload_key == ext_authz["jwtPayloadKey"]
 
 
 # --------------------------------------------------------------------------- bad values
@@ -231,6 +243,11 @@ def with_values(**changes: Any) -> dict[str, Any]:
         ({"colour": "blue"}, "colour"),
         ({"geoip__file": "GeoLite2-City.tar.gz"}, "file"),
         ({"geoip__sha256File": "../etc/digest"}, "sha256File"),
+        ({"extAuthz__meetingId": "query:room"}, "meetingId"),
+        ({"extAuthz__meetingId": ""}, "meetingId"),
+        ({"extAuthz__xffTrustedHops": -1}, "xffTrustedHops"),
+        ({"extAuthz__required": ["room"]}, "required"),
+        ({"extAuthz__trustedHeaders": ["x meeting"]}, "trustedHeaders"),
     ],
 )
 def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
@@ -258,6 +275,10 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
         (
             {"geoip__source": "geoipupdate", "geoip__sha256File": "City.mmdb.sha256"},
             "geoip.sha256File cannot be used with geoip.source=geoipupdate",
+        ),
+        (
+            {"extAuthz__tags": "header:X-Meeting-Tags", "extAuthz__trustedHeaders": ["x-other"]},
+            "extAuthz.tags reads header:X-Meeting-Tags, which a client may write",
         ),
     ],
 )

@@ -147,7 +147,10 @@ def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callab
     suffix_from = shift = 0
     if old_count:
         prefix = _common_prefix(old_text, text)
-        suffix_from = len(old_text) - _common_suffix(old_text, text, min(len(old_text), len(text)) - prefix)
+        # Shared ends are sought up to the rules array's end, as if what follows it kept its length (the
+        # version, last in pdp.canonical's text); a wrong guess only shortens them: they are compared exactly.
+        end, new_end = base.rules_end, max(prefix, len(text) - (len(old_text) - base.rules_end))
+        suffix_from = end - _common_suffix(old_text[:end], text[:new_end], min(end, new_end) - prefix)
         shift = len(text) - len(old_text)
         # Old rules wholly inside the shared beginning lie at the same offsets now.
         head = bisect.bisect_right(old_ends, prefix)

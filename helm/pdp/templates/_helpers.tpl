@@ -97,6 +97,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $v.audit.log (ne $v.audit.log "stdout") (not $v.stateDir.enabled) -}}
 {{- fail "pdp: an audit.log file needs stateDir.enabled (the root filesystem is read-only); or use audit.log=stdout" -}}
 {{- end -}}
+{{- $trusted := list -}}
+{{- range $v.extAuthz.trustedHeaders -}}{{- $trusted = append $trusted (lower .) -}}{{- end -}}
+{{- range $name := list "meetingId" "tags" "hostAccountId" "action" "userId" "accountId" -}}
+{{- $source := index $v.extAuthz $name -}}
+{{- if and (hasPrefix "header:" $source) (not (has (lower (trimPrefix "header:" $source)) $trusted)) -}}
+{{- fail (printf "pdp: extAuthz.%s reads %s, which a client may write: list the header in extAuthz.trustedHeaders only if a proxy you run sets it on every request" $name $source) -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.telemetry.serviceMonitor.enabled (ne $v.telemetry.metricsExporter "prometheus") -}}
 {{- fail "pdp: telemetry.serviceMonitor.enabled needs telemetry.metricsExporter=prometheus" -}}
 {{- end -}}
