@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pdp.audit import AuditConfig, AuditError, AuditLog
+from pdp.candidate import CandidateShadow
 from pdp.config import ServeConfig
 from pdp.decisions import DecisionPath
 from pdp.errors import PdpError
@@ -90,6 +91,8 @@ class Sidecar:
         self._watcher: GeoWatcher | None = None
         self._telemetry: Telemetry | None = None
         self._audit: AuditLog | None = None
+        self.candidate: CandidateShadow | None = None  # with --candidate-snapshot
+        self._candidate_reloader: Reloader | None = None
 
     @property
     def geo(self) -> GeoDatabase | None:
@@ -115,7 +118,7 @@ class Sidecar:
         except BaseException:
             self.stop(grace=0)
             raise
-        for poller in (self._reloader, self._watcher):
+        for poller in (self._reloader, self._watcher, self._candidate_reloader):
             if poller is not None:
                 poller.start()
 
@@ -155,6 +158,27 @@ class Sidecar:
             sha256_file=config.geoip_sha256_file,
             nat64_prefixes=config.nat64_prefixes,
         )
+        if config.candidate_snapshot:
+            self._follow_candidate(keys, options)
+
+    def _follow_candidate(self, keys: TrustedKeys, options: SourceOptions) -> None:
+        """A second snapshot, followed and checked like the first on a holder that
+        never serves; one that cannot be loaded is said and followed, never fatal.
+
+        :raises SetupError: its URL is malformed.
+        """
+        try:
+            source = open_source(self.config.candidate_snapshot, options)
+        except ValueError as error:
+            raise SetupError(f"--candidate-snapshot: {error}") from None
+        holder = PolicyHolder()
+        self._candidate_reloader = Reloader(holder, source, keys=keys, poll_seconds=self.config.poll_seconds)
+        self._candidate_reloader.name, self._candidate_reloader.what = "pdp-candidate-reloader", "candidate"
+        try:
+            self._candidate_reloader.initial()
+        except StartupError as error:
+            log.warning("candidate snapshot not loaded (followed still, never served): %s", error)
+        self.candidate = CandidateShadow(holder)
 
     def _serve(self) -> None:
         """Telemetry, the audit log and the servers."""
@@ -177,12 +201,19 @@ class Sidecar:
                         config.audit_max_bytes,
                     )
                 )
-            self.running = start_server(config, self.holder, telemetry=self._telemetry, audit=self._audit)
+            if self.candidate is not None:
+                if self._audit is not None:
+                    self._audit.annotate = self.candidate.annotate
+                if self._telemetry is not None:
+                    self.candidate.instrument(self._telemetry.meter_provider.get_meter("pdp.candidate"))
+            self.running = start_server(
+                config, self.holder, telemetry=self._telemetry, audit=self._audit, candidate=self.candidate
+            )
             if config.http_listen:
                 from pdp.authzen import start_http  # uvicorn is imported only when it serves
 
                 # The same decision and observation path as gRPC's: one holder, telemetry and audit log.
-                self.http = start_http(config, DecisionPath(self.holder, self._telemetry, self._audit))
+                self.http = start_http(config, DecisionPath(self.holder, self._telemetry, self._audit, self.candidate))
         except OSError as error:
             where = f"{error.filename}: " if error.filename else ""
             raise SetupError(f"{where}{error.strerror or error}") from None
@@ -231,6 +262,11 @@ class Sidecar:
         if self._watcher is not None:
             self._watcher.stop()
         self._reloader = self._watcher = self._source = None
+        if self._candidate_reloader is not None:
+            self._candidate_reloader.stop()
+            self._candidate_reloader = None
+        if self.candidate is not None:
+            self.candidate.close()  # before the audit log, which asks it for verdicts
         if self._audit is not None:
             self._audit.close()
             log.info("audit log closed: %d records written, %d dropped", self._audit.written, self._audit.dropped)

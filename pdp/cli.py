@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pdp.diff_command import add_parser as add_diff
 
     add_diff(snapshot)
+    from pdp.impact.command import add_parser as add_impact
+
+    add_impact(snapshot)
+    from pdp.promote import add_parser as add_promote
+
+    add_promote(snapshot)
 
     keygen = commands.add_parser(
         "keygen",

@@ -70,6 +70,7 @@ class ServeConfig:
     audit_queue_size: int = 10_000
     audit_max_bytes: int = 100 * 1024 * 1024
     nat64_prefix: str = ""
+    candidate_snapshot: str = ""
     ext_authz_meeting_id: str = "context:meeting_id"
     ext_authz_tags: str = "context:tags"
     ext_authz_host_account_id: str = "context:host_account_id"
@@ -374,6 +375,14 @@ SETTINGS: tuple[Setting, ...] = (
         "(same TLS settings as --listen; off when unset)",
         "ADDR",
         _optional_listen,
+    ),
+    Setting(
+        "candidate_snapshot",
+        "a second snapshot to follow (same sources, keys and checks) and evaluate next to the active one for "
+        "every decision, never changing an answer: its would-be flips in GetStatus, the pdp.candidate.flips "
+        "metric and the audit log's candidate_verdict",
+        "URL",
+        _snapshot_url,
     ),
 )
 

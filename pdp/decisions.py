@@ -51,6 +51,7 @@ from pdp.state import Active, PolicyHolder
 
 if TYPE_CHECKING:
     from pdp.audit import AuditLog
+    from pdp.candidate import CandidateShadow
     from pdp.telemetry import Telemetry
 
 __all__ = [
@@ -139,16 +140,23 @@ class Batch(Generic[T]):
 class DecisionPath:
     """Decides from the holder's active state and observes every call once.
 
-    Telemetry, tracing and the audit log are optional; without them a call is
-    the bare decision path.
+    Telemetry, tracing, the audit log and a candidate in shadow are optional;
+    without them a call is the bare decision path.
     """
 
-    def __init__(self, holder: PolicyHolder, telemetry: Telemetry | None = None, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        telemetry: Telemetry | None = None,
+        audit: AuditLog | None = None,
+        candidate: CandidateShadow | None = None,
+    ) -> None:
         self.holder = holder
         self._telemetry = telemetry
         self._tracer = telemetry.tracer if telemetry is not None else None
         self._audit = audit
-        self._observed = telemetry is not None or audit is not None
+        self.candidate = candidate  # evaluates every decision again, off the request path
+        self._observed = telemetry is not None or audit is not None or candidate is not None
 
     # ------------------------------------------------------------------ one participant
 
@@ -190,7 +198,7 @@ class DecisionPath:
                 )
         who = (Participant(ip, user_id, account_id),) if self._audit is not None else ()
         self._record(endpoint, started, verdict, Batch([result], [decision], [outcome.location], outcome.active),
-                     action, meeting.meeting_id, who)  # fmt: skip
+                     action, meeting, who)  # fmt: skip
         return result
 
     def _decide(
@@ -249,7 +257,7 @@ class DecisionPath:
                 span.set_attributes(
                     _span_attributes(endpoint, batch.active, verdict, {"pdp.participants": len(batch.decisions)})
                 )
-        self._record(endpoint, started, verdict, batch, action, meeting.meeting_id, participants)
+        self._record(endpoint, started, verdict, batch, action, meeting, participants)
         return batch
 
     def _decide_batch(
@@ -301,11 +309,12 @@ class DecisionPath:
         verdict: str,
         batch: Batch[T],
         action: int,
-        meeting_id: str,
+        meeting: MeetingFields,
         who: Sequence[ParticipantFields],
     ) -> None:
         """The one observation of a call that decided: its duration and
-        decisions to telemetry, each decision (of ``who[n]``) to the audit log."""
+        decisions to telemetry, each decision (of ``who[n]``) to the audit log,
+        all of them to the candidate in shadow."""
         active = batch.active
         if self._telemetry is not None:
             seconds = time.perf_counter() - started
@@ -313,7 +322,9 @@ class DecisionPath:
         if self._audit is not None:
             record = self._audit.record
             for decision, location, person in zip(batch.decisions, batch.locations, who, strict=True):
-                record(decision, location, active, action, meeting_id, person.ip, person.user_id, person.account_id)
+                record(decision, location, active, action, meeting, person.ip, person.user_id, person.account_id)
+        if self.candidate is not None:
+            self.candidate.offer(batch.decisions, batch.locations, active, action, meeting)
 
     def _observe_error(self, endpoint: Endpoint, started: float) -> None:
         if self._telemetry is not None:

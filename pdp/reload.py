@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pdp import archive
 from pdp.errors import PdpError
 from pdp.files import NotPrivateError
 from pdp.geo import FileChangedError, GeoDatabase, GeoIPError, format_build, read_pinned_sha256
@@ -124,6 +125,7 @@ class Reloader(_Poller):
     """Follows one source; :meth:`step` is one fetch-and-maybe-activate."""
 
     name = "pdp-reloader"
+    what = "policy"  # in the logs: "candidate" for pdp serve --candidate-snapshot
 
     def __init__(
         self,
@@ -197,7 +199,7 @@ class Reloader(_Poller):
         except SnapshotRejectedError as error:
             self._rejected_sha = digest
             self.status.rejections += 1
-            log.warning("snapshot rejected, version %s stays active: %s", self._active_version(), error)
+            log.warning("%s snapshot rejected, version %s stays: %s", self.what, self._active_version(), error)
             return self._result(Step.REJECTED, f"rejected: {error}", error=str(error))
 
     def _offer(self, policy: Policy, fetched: Fetched) -> tuple[Step, str]:
@@ -221,7 +223,8 @@ class Reloader(_Poller):
         self.status.activations += 1
         self.status.last_error = ""
         log.info(
-            "activated policy version %d (%d rules) from %s, compiled in %.0f ms",
+            "activated %s version %d (%d rules) from %s, compiled in %.0f ms",
+            self.what,
             policy.version,
             len(policy.rules),
             self.status.source,
@@ -276,7 +279,7 @@ class Reloader(_Poller):
             return InitialOutcome.PERSISTED
         if step is Step.REJECTED:
             raise StartupError(self.status.last_error)
-        log.warning("no policy yet (%s); not serving until one can be fetched", result)
+        log.warning("no %s yet (%s); not serving it until one can be fetched", self.what, result)
         return InitialOutcome.NOTHING
 
     def _start_from_state_dir(self) -> Policy | None:
@@ -319,6 +322,10 @@ class Reloader(_Poller):
         if self.state is not None:
             self._unsaved = Persisted(fetched.data, self.status.source, policy.version, fetched.sha256, self._format)
             self._save()
+            try:  # the audit log names this policy: keep it findable for replays (pdp snapshot impact)
+                archive.keep(self.state.path, fetched.data, policy.version, policy.sha256, self._format)
+            except OSError as error:
+                log.warning("cannot archive snapshot version %d: %s", policy.version, error.strerror or error)
 
     def _save(self) -> None:
         """Write the newest activated snapshot if it is not on disk yet; a failure is

@@ -40,6 +40,7 @@ from pdp.state import PolicyHolder
 
 if TYPE_CHECKING:
     from pdp.audit import AuditLog
+    from pdp.candidate import CandidateShadow
     from pdp.telemetry import Telemetry
 
 __all__ = ["SERVICE_NAME", "RunningServer", "StopSignals", "grpc_options", "start_server"]
@@ -95,6 +96,7 @@ def start_server(
     *,
     telemetry: Telemetry | None = None,
     audit: AuditLog | None = None,
+    candidate: CandidateShadow | None = None,
 ) -> RunningServer:
     """Build and start the server on ``config.listen``; health starts NOT_SERVING.
 
@@ -102,7 +104,7 @@ def start_server(
     """
     pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pdp-rpc")
     server = grpc.server(pool, options=grpc_options(config))
-    handlers, names = _services(config, DecisionPath(holder, telemetry, audit))
+    handlers, names = _services(config, DecisionPath(holder, telemetry, audit, candidate))
     server.add_generic_rpc_handlers(handlers)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
+from typing import Any
 
 import grpc
 
@@ -19,7 +21,7 @@ from pdp.commands.common import (
     _rpc_error_text,
     _verdict_exit,
 )
-from pdp.model import Action, Decision
+from pdp.model import Action, Decision, Verdict
 
 
 def cmd_check(options: argparse.Namespace) -> int:
@@ -58,9 +60,32 @@ def cmd_status(options: argparse.Namespace) -> int:
     else:
         document["geoip_build"] = _format_build(status.geoip_build) if status.geoip_build else "none"
         del document["geoip_build_time"]
+        candidate = document.pop("candidate", None)
         width = max(len(key) for key in document)
         for key, value in document.items():
             print(f"{key:<{width}}  {value}")
+        if candidate is not None:
+            print("\n".join(_candidate_lines(status.candidate)))
     if not status.serving:
         print(f"pdp: {options.target} is not serving (exit 2)", file=sys.stderr)
     return EXIT_OK if status.serving else EXIT_USAGE
+
+
+def _candidate_lines(candidate: Any) -> list[str]:
+    """GetStatus's candidate, for people: what it is, then its would-be flips by rule."""
+    if not candidate.policy_version:
+        why = candidate.last_error or "not fetched yet"
+        return [f"candidate            none loaded from {candidate.source}: {why}"]
+    loaded = dt.datetime.fromtimestamp(candidate.loaded_at.seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    lines = [
+        f"candidate            version {candidate.policy_version} from {candidate.source}, in shadow since {loaded}",
+        f"  decisions          {candidate.decisions} evaluated, {candidate.flips} would flip, "
+        f"{candidate.dropped} not evaluated (queue full)",
+    ]
+    if candidate.last_error:
+        lines.append(f"  last error         {candidate.last_error}")
+    names = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY"}
+    for row in candidate.flips_by_rule:
+        change = f"{names[Verdict(row.verdict)]} -> {names[Verdict(row.candidate_verdict)]}"
+        lines.append(f"  {row.rule_id or '(default)':<24} {row.jurisdiction:<8} {change:<14} {row.count:>8}")
+    return lines

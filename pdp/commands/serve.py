@@ -59,9 +59,11 @@ def _serving_lines(sidecar: Sidecar) -> list[str]:
             *authzen,
         ]
     stale = " (stale: the store is unreachable or its snapshot was refused)" if status.stale else ""
+    candidate = sidecar.candidate.holder.policy if sidecar.candidate is not None else None
+    shadow = f", candidate version {candidate.version} in shadow" if candidate is not None else ""
     return [
         f"pdp {__version__} listening on {sidecar.address}: policy version {policy.version} "
-        f"({len(policy.rules)} rules){stale}, {database}",
+        f"({len(policy.rules)} rules){stale}{shadow}, {database}",
         f"try: {pdp_command()} check --target {shlex.quote(sidecar.address)} --ip 175.16.199.1 --meeting m-1 "
         "--tag memorial",
         *authzen,
