@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LISTEN ?= 127.0.0.1:50051
+# AuthZEN over HTTP (README, "AuthZEN") next to gRPC.
+HTTP_LISTEN ?= 127.0.0.1:8080
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' pdp/__init__.py)
 IMAGE ?= pdp:$(VERSION)
 OCI_BUILDER ?=  # docker (when its daemon answers), else podman, else buildah; or a path
@@ -19,13 +21,14 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python scripts/proto_overlap.py  # xds-protos overwrites other packages' files (grpc/grpc#42830)
 	@# pdp's runtime dependencies as wheels: tests/test_wheel.py installs the image's way from them, offline.
 	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse .
 	rm -f $(VENV)/wheelhouse/pdp-*.whl
 	touch $@
 
 run: $(STAMP)  ## start the sidecar on the example rules and the demo GeoIP database
-	$(BIN)/pdp serve --listen $(LISTEN) --snapshot file://$(CURDIR)/examples/rules.yaml --geoip-db demo --log-format text
+	$(BIN)/pdp serve --listen $(LISTEN) --http-listen $(HTTP_LISTEN) --snapshot file://$(CURDIR)/examples/rules.yaml --geoip-db demo --log-format text
 
 test: $(STAMP)  ## lint, type-check and run the whole test suite
 	$(MAKE) --no-print-directory lint

@@ -14,7 +14,10 @@ Writes benchmarks/results/<date>.json, <date>.md (summary with targets) and
    CPU-second, next to nginx with the geoip2 module doing the same country deny;
 4. reload under load: p99 while a 10,000-rule snapshot is activated every second;
 5. telemetry overhead: Check p50 with Prometheus metrics, with the audit log, off;
-6. peak RSS with GeoLite2-City, 10,000 rules and 100,000 cache entries.
+6. peak RSS with GeoLite2-City, 10,000 rules and 100,000 cache entries;
+7. Envoy plain, with geoip+RBAC and with ext_authz to pdp (benchmarks/envoy_peer.py);
+8. the fleet: 50 pdp serve and 1,000 followers of one Redis through a one-rule change
+   (benchmarks/fleet.py).
 
 The server runs on core 0, each load generator on core 1.
 """
@@ -34,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import inprocess, nginx_peer
+from benchmarks import envoy_peer, fleet, inprocess, nginx_peer
 from benchmarks.harness import Server, floor_serve, machine_facts, pdp_serve, run_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -168,6 +171,11 @@ def section_batch_and_peer(run: Run) -> None:
     run.results["nginx_geoip2"] = peer
 
 
+def section_envoy(run: Run) -> None:
+    run.say("Envoy: plain, geoip+RBAC and ext_authz to pdp")
+    run.results["envoy"] = envoy_peer.run_section(run.addresses, run.quick, run.say)
+
+
 def section_reload(run: Run) -> None:
     run.say("reload under load: a 10,000-rule activation every second")
     activation_ms = inprocess.activation_ms(10_000, 3 if run.quick else 7)
@@ -206,6 +214,13 @@ def section_reload(run: Run) -> None:
         "p99_ratio": round(reload_latency["p99"] / steady_latency["p99"], 3),
         "errors": {"steady": _errors(steady), "reloading": _errors(reloading)},
     }
+
+
+def section_fleet(run: Run) -> None:
+    """Sidecars following one Redis through a one-rule change (benchmarks/fleet.py)."""
+    serve, followers = (10, 200) if run.quick else (50, 1000)
+    run.say(f"fleet: {serve} pdp serve, {followers} followers, one change of 10,000 rules")
+    run.results["fleet"] = fleet.run(serve, followers, per_process=100, rules=10_000, repeats=3 if run.quick else 5)
 
 
 def _versions(path: Path, first_version: int, count: int) -> list[Path]:
@@ -406,7 +421,7 @@ def section_soak(run: Run) -> None:
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for every target of the suite."""
-    rows: list[tuple[str, str, bool]] = []
+    rows: list[tuple[str, str, bool]] = fleet.targets(results["fleet"]) if "fleet" in results else []
     inproc = {row["rules"]: row for row in results["inprocess"]["rows"]}[10_000]
     rows.append(("in-process warm ≤ 3 µs (10,000 rules)", f"{inproc['warm_us']:.2f} µs", inproc["warm_us"] <= 3))
     rows.append(("in-process cold ≤ 10 µs (10,000 rules)", f"{inproc['cold_us']:.2f} µs", inproc["cold_us"] <= 10))
@@ -439,6 +454,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     telemetry = results["telemetry"]["ratio_p50"]
     rows.append(("p50 with Prometheus ≤ 1.10× off", f"{telemetry['prometheus']:.3f}×", telemetry["prometheus"] <= 1.10))
     rows.append(("p50 with audit log ≤ 1.05× off", f"{telemetry['audit']:.3f}×", telemetry["audit"] <= 1.05))
+    if "summary" in results.get("envoy", {}):
+        rows += envoy_peer.targets(results["envoy"])
     return rows
 
 
@@ -530,9 +547,13 @@ def markdown(results: dict[str, Any]) -> str:
             "(most in the first half, in the second); "
             f"latency {soak['latency_us']}.",
         ]
+    if "summary" in results.get("envoy", {}):
+        lines += envoy_peer.markdown(results["envoy"])
     memory = results["memory"]
     lines += ["", f"Peak RSS: {memory['peak_rss_mb']:.0f} MB with {memory['rules']:,} rules and "
               f"{memory['cache_entries']:,} cache entries (GeoLite2-City mapped)."]  # fmt: skip
+    if "fleet" in results:
+        lines += ["", "## Fleet", "", fleet.markdown(results["fleet"])]
     return "\n".join(lines) + "\n"
 
 
@@ -578,8 +599,8 @@ def main() -> int:
     run = Run(options.quick)
     run.results["repeats"], run.results["seconds"] = run.repeats, run.seconds
     sections: list[Callable[[Run], None]] = [
-        section_inprocess, section_transport, section_batch_and_peer, section_reload, section_telemetry,
-        section_memory, section_soak,
+        section_inprocess, section_transport, section_batch_and_peer, section_envoy, section_reload,
+        section_telemetry, section_memory, section_soak, section_fleet,
     ]  # fmt: skip
     started = time.monotonic()
     for section in sections:

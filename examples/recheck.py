@@ -1,6 +1,11 @@
 """Re-check live participants whenever the sidecar activates a new policy.
 
-    python examples/recheck.py --target unix:/run/pdp/pdp.sock --meetings meetings.json
+Run it from the repository, with the virtualenv's Python (``make run`` in
+another terminal starts a sidecar on 127.0.0.1:50051):
+
+    .venv/bin/python examples/recheck.py --meetings examples/meetings.json
+    .venv/bin/python examples/recheck.py --meetings examples/meetings.json --once
+    .venv/bin/python examples/recheck.py --target unix:/run/pdp/pdp.sock --meetings meetings.json
 
 meetings.json describes what a meeting node has admitted:
 
@@ -10,7 +15,8 @@ meetings.json describes what a meeting node has admitted:
 On every WatchPolicy event (the first arrives at once) each meeting is re-checked
 with one CheckBatch; participants now denied are printed with the rule, reason
 and legal basis (a real node would remove them). The stream is reopened if the
-sidecar restarts. Stop with Ctrl-C.
+sidecar restarts. ``--once`` stops after the first event's re-check (to try it,
+or from a script); otherwise it runs until Ctrl-C, which ends it quietly.
 """
 
 from __future__ import annotations
@@ -43,18 +49,25 @@ def recheck(client: Client, meetings: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="127.0.0.1:50051")
+    parser.add_argument("--target", default="127.0.0.1:50051", help="sidecar address (default 127.0.0.1:50051)")
     parser.add_argument("--meetings", type=Path, required=True, help="JSON file of live meetings")
     parser.add_argument("--once", action="store_true", help="stop after the first event (for trying it)")
     options = parser.parse_args()
     meetings = json.loads(options.meetings.read_text())
-    with Client(options.target, timeout=5) as client:
+    try:
+        return follow(options.target, meetings, once=options.once)
+    except KeyboardInterrupt:  # Ctrl-C is how a run without --once ends
+        return 130
+
+
+def follow(target: str, meetings: dict[str, Any], *, once: bool) -> int:
+    with Client(target, timeout=5) as client:
         while True:
             try:
                 for event in client.watch_policy():
                     print(f"policy version {event.policy_version} active: re-checking {len(meetings)} meetings")
                     recheck(client, meetings)
-                    if options.once:
+                    if once:
                         return 0
             except grpc.RpcError as error:
                 print(f"sidecar unavailable ({error.code().name if isinstance(error, grpc.Call) else error}); retrying")

@@ -1,10 +1,14 @@
 """The decision audit log: one JSON line per DENY and per shadow match.
 
-ALLOWs are sampled (default: none). Participant and user ids are pseudonymised
-with HMAC-SHA256 under a key kept outside the log; raw IPs are written only
-when explicitly asked for. Records leave the request path through a bounded
-queue: when it is full they are dropped and counted, never waited for. A
-writer thread formats and writes them, rotating the file by size.
+ALLOWs are sampled (default: none). Participant, user and host account ids are
+pseudonymised with HMAC-SHA256 under a key kept outside the log; raw IPs are
+written only when explicitly asked for. Each record carries what replaying it
+against another snapshot needs (``pdp snapshot impact``): the location codes,
+the meeting's id, tags and host, the action, the time, the policy's version and
+digest, and the ALLOW sampling rate in force, so that counts can be scaled.
+Records leave the request path through a bounded queue: when it is full they
+are dropped and counted, never waited for. A writer thread formats and writes
+them, rotating the file by size.
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple, Protocol
 
 from pdp.errors import PdpError
 from pdp.model import Action, Decision, Location, Verdict
 from pdp.state import Active
 
-__all__ = ["AuditConfig", "AuditError", "AuditLog", "pseudonym"]
+__all__ = ["AuditConfig", "AuditError", "AuditLog", "key_id", "pseudonym"]
 
 
 class AuditError(PdpError):
@@ -40,6 +45,25 @@ def pseudonym(key: bytes, value: str) -> str:
     if not value:
         return ""
     return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def key_id(key: bytes) -> str:
+    """Names the pseudonymisation key without revealing it, so a reader of the
+    log can tell whether the key it holds is the one the log was written with."""
+    return hmac.new(key, b"pdp audit key id", hashlib.sha256).hexdigest()[:16]
+
+
+class MeetingFields(Protocol):
+    """The meeting as the request carried it (``pb.Meeting`` and ``pdp.model.Meeting`` are both one)."""
+
+    @property
+    def meeting_id(self) -> str: ...
+
+    @property
+    def host_account_id(self) -> str: ...
+
+    @property
+    def tags(self) -> Collection[str]: ...
 
 
 class _Pending(NamedTuple):
@@ -54,7 +78,7 @@ class _Pending(NamedTuple):
     location: Location
     active: Active
     action: int
-    meeting_id: str
+    meeting: MeetingFields
     ip: str
     user_id: str
     account_id: str
@@ -83,6 +107,7 @@ class AuditLog:
             raise AuditError(f"audit HMAC key file {config.hmac_key_file}: {error.strerror or error}") from None
         if len(self._key) < 16:
             raise AuditError(f"audit HMAC key file {config.hmac_key_file}: use at least 16 bytes of key")
+        self._key_id = key_id(self._key)
         self._pending: deque[_Pending] = deque()
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
@@ -92,6 +117,8 @@ class AuditLog:
         self._open()
         self.dropped = 0
         self.written = 0
+        # More fields for each record, computed by the writer (pdp.candidate sets it).
+        self.annotate: Callable[[Location, int, MeetingFields, float], dict[str, Any]] | None = None
         self._thread = threading.Thread(target=self._write_loop, name="pdp-audit", daemon=True)
         self._thread.start()
 
@@ -103,7 +130,7 @@ class AuditLog:
         location: Location,
         active: Active,
         action: int,
-        meeting_id: str,
+        meeting: MeetingFields,
         ip: str,
         user_id: str,
         account_id: str,
@@ -121,7 +148,7 @@ class AuditLog:
         self._pending.append(
             _Pending(
                 time=time.time(), decision=decision, location=location, active=active, action=action,
-                meeting_id=meeting_id, ip=ip, user_id=user_id, account_id=account_id, enforced=enforced,
+                meeting=meeting, ip=ip, user_id=user_id, account_id=account_id, enforced=enforced,
             )
         )  # fmt: skip
 
@@ -157,12 +184,20 @@ class AuditLog:
             "time": dt.datetime.fromtimestamp(item.time, dt.UTC).isoformat(timespec="milliseconds"),
             "action": "join" if item.action == Action.JOIN else "host",
             "location": {"country": location.country, "subdivisions": list(location.subdivisions)},
-            "meeting_id": item.meeting_id,
+            "meeting_id": item.meeting.meeting_id,
             "participant": pseudonym(self._key, str(item.account_id)),
             "user": pseudonym(self._key, str(item.user_id)),
             "policy_version": active.policy.version,
             "geoip_build": active.geo.build_epoch,
+            # What a replay needs besides the above (pdp snapshot impact).
+            "tags": sorted(item.meeting.tags),
+            "host_account": pseudonym(self._key, item.meeting.host_account_id),
+            "policy_sha256": active.policy.sha256,
+            "allow_sample_rate": self.config.allow_sample_rate,
+            "hmac_key_id": self._key_id,
         }
+        if self.annotate is not None:  # the candidate's verdict, with --candidate-snapshot
+            base.update(self.annotate(location, item.action, item.meeting, item.time))
         if self.config.include_ip:
             base["ip"] = item.ip
         lines = []

@@ -18,6 +18,14 @@ from typing import Any
 
 import yaml
 
+from pdp.envoy.mapping import (
+    ATTRIBUTES,
+    check_sources,
+    parse_attribute_names,
+    parse_header_names,
+    parse_hops,
+    parse_source,
+)
 from pdp.errors import PdpError
 from pdp.sources import check_scheme
 
@@ -62,10 +70,32 @@ class ServeConfig:
     audit_include_ip: bool = False
     audit_queue_size: int = 10_000
     audit_max_bytes: int = 100 * 1024 * 1024
+    nat64_prefix: str = ""
+    candidate_snapshot: str = ""
+    ext_authz_meeting_id: str = "context:meeting_id"
+    ext_authz_tags: str = "context:tags"
+    ext_authz_host_account_id: str = "context:host_account_id"
+    ext_authz_action: str = "context:action"
+    ext_authz_user_id: str = ""
+    ext_authz_account_id: str = ""
+    ext_authz_required: str = "meeting_id"
+    ext_authz_trusted_headers: str = ""
+    ext_authz_xff_trusted_hops: int = 0
+    ext_authz_jwt_payload_key: str = "jwt_payload"
+    http_listen: str = ""
+
+    @property
+    def ext_authz_sources(self) -> dict[str, str]:
+        """Envoy ext_authz: attribute -> source (empty: not mapped)."""
+        return {name: getattr(self, f"ext_authz_{name}") for name in ATTRIBUTES}
 
     @property
     def pubkey_files(self) -> list[str]:
         return [part.strip() for part in self.snapshot_pubkey.split(",") if part.strip()]
+
+    @property
+    def nat64_prefixes(self) -> list[str]:
+        return [part for part in self.nat64_prefix.split(",") if part]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +106,7 @@ class Setting:
     parse: Callable[[str], Any]
     env_name: str = ""  # when the contract's variable differs from PDP_<NAME>
     required: bool = False
+    repeatable: bool = False  # the flag may be given again; the variable and config key take a comma list
 
     @property
     def flag(self) -> str:
@@ -157,6 +188,12 @@ def _log_format(text: str) -> str:
     return text.lower()
 
 
+def _nat64_prefixes(text: str) -> str:
+    from pdp.addresses import parse_nat64_prefix
+
+    return ",".join(str(parse_nat64_prefix(part).network) for part in text.split(",") if part.strip())
+
+
 def _listen(text: str) -> str:
     parse_listen(text)
     return text
@@ -164,6 +201,20 @@ def _listen(text: str) -> str:
 
 def _optional_listen(text: str) -> str:
     return _listen(text) if text else ""
+
+
+def _optional_source(text: str) -> str:
+    return parse_source(text) if text else ""
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+_ENVOY = "Envoy ext_authz: "
+_SOURCES = "context:KEY, claim:PATH, path:REGEX or header:NAME (see README, Envoy and Istio)"
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -182,8 +233,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "snapshot",
-        "rules snapshot to follow: file:///path/rules.yaml (or a plain path), http(s)://host/path, or "
-        "redis://host:port/db?key=K&channel=C",
+        "rules snapshot to follow: file:///path/rules.yaml (or a plain path), http(s)://host/path, "
+        "redis://host:port/db?key=K&channel=C (deltas from the stream K:deltas) or "
+        "redis+sentinel://host:port,host:port/SERVICE?key=K",
         "URL",
         _snapshot_url,
         "PDP_SNAPSHOT_URL",
@@ -281,6 +333,74 @@ SETTINGS: tuple[Setting, ...] = (
         "audit_queue_size", "audit records waiting to be written; beyond, they are dropped and counted", "N", _positive
     ),
     Setting("audit_max_bytes", "audit log size that triggers rotation (5 old files are kept)", "BYTES", _positive),
+    Setting("ext_authz_meeting_id", f"{_ENVOY}where the meeting id comes from: {_SOURCES}", "SOURCE", parse_source),
+    Setting(
+        "ext_authz_tags",
+        f"{_ENVOY}where the meeting's tags come from (one comma-separated text, or a list claim)",
+        "SOURCE",
+        _optional_source,
+    ),
+    Setting("ext_authz_host_account_id", f"{_ENVOY}where the host account comes from", "SOURCE", _optional_source),
+    Setting(
+        "ext_authz_action",
+        f"{_ENVOY}where the action comes from: join or host, absent means join",
+        "SOURCE",
+        _optional_source,
+    ),
+    Setting("ext_authz_user_id", f"{_ENVOY}where the participant's user id comes from", "SOURCE", _optional_source),
+    Setting(
+        "ext_authz_account_id", f"{_ENVOY}where the participant's account id comes from", "SOURCE", _optional_source
+    ),
+    Setting(
+        "ext_authz_required",
+        f"{_ENVOY}attributes whose absence is a deny with HTTP 400, comma-separated (meeting_id always is)",
+        "NAMES",
+        parse_attribute_names,
+    ),
+    Setting(
+        "ext_authz_trusted_headers",
+        f"{_ENVOY}request headers a proxy you run sets or overwrites on every request, comma-separated: "
+        "only these may be header:NAME sources (a client writes every other header)",
+        "NAMES",
+        parse_header_names,
+    ),
+    Setting(
+        "ext_authz_xff_trusted_hops",
+        f"{_ENVOY}proxies in front of Envoy that each append to x-forwarded-for; the participant is the Nth "
+        "address from the right. 0: Envoy's L4 peer, x-forwarded-for ignored",
+        "N",
+        parse_hops,
+    ),
+    Setting(
+        "ext_authz_jwt_payload_key",
+        f"{_ENVOY}the payload_in_metadata name of Envoy's jwt_authn providers, where claim:PATH is read",
+        "NAME",
+        _nonempty,
+    ),
+    Setting(
+        "nat64_prefix",
+        "NAT64 prefix of this network (RFC 6052: /32, /40, /48, /56, /64 or /96), repeatable or comma-separated; "
+        "addresses in it are located by the IPv4 address they carry, as are the well-known NAT64, SIIT, 6to4 "
+        "and Teredo forms",
+        "PREFIX",
+        _nat64_prefixes,
+        repeatable=True,
+    ),
+    Setting(
+        "http_listen",
+        "also serve the OpenID AuthZEN Authorization API 1.0 over HTTP on HOST:PORT or unix:/path "
+        "(same TLS settings as --listen; off when unset)",
+        "ADDR",
+        _optional_listen,
+    ),
+    Setting(
+        "candidate_snapshot",
+        "a second snapshot to follow (same sources, keys and checks) and evaluate next to the active one for "
+        "every decision, never changing an answer: its would-be flips in GetStatus, the pdp.candidate.flips "
+        "metric and the audit log's candidate_verdict",
+        "URL",
+        _snapshot_url,
+    ),
 )
 
 CONFIG_ENV = "PDP_CONFIG"
@@ -307,6 +427,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             dest=setting.name,
             metavar=setting.metavar,
             default=None,
+            action="append" if setting.repeatable else "store",
             help=f"{setting.help} [env {setting.env}; {shown}]",
         )
 
@@ -330,8 +451,19 @@ def resolve(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) 
         if isinstance(flag, bool):
             values[setting.name] = flag
         elif flag is not None:
-            values[setting.name] = _convert(setting, str(flag), setting.flag)
-    return ServeConfig(**values)
+            text = ",".join(flag) if isinstance(flag, list) else str(flag)
+            values[setting.name] = _convert(setting, text, setting.flag)
+    config = ServeConfig(**values)
+    _check_ext_authz(config)
+    return config
+
+
+def _check_ext_authz(config: ServeConfig) -> None:
+    """:raises ConfigError: a header source not declared trusted, or a required attribute without a source."""
+    try:
+        check_sources(config.ext_authz_sources, config.ext_authz_trusted_headers, config.ext_authz_required)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _convert(setting: Setting, raw: str, origin: str) -> Any:

@@ -18,66 +18,56 @@ whole answer, and a batch calls it once per distinct location: participants
 at one place in one meeting share one decision and one encoded result. No
 value is allocated per call beyond what the decision itself needs.
 
-Request bounds are one function each (:func:`require`, :func:`check_action`,
-:func:`check_length`, :func:`check_tag_count`, :func:`check_tag_lengths`,
-:func:`check_batch_size`); adapters that must refuse a request before it
-reaches the path use the same functions.
+The request bounds the path applies are :mod:`pdp.bounds`, one function
+each; an adapter that checks a field of its own before calling the path uses
+the same functions. ``MeetingFields``, ``ParticipantFields`` and
+``RequestError`` come from there and are part of this module's face.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from opentelemetry.trace import Span, SpanKind
 
+from pdp.bounds import (
+    MAX_ID_LENGTH,
+    MeetingFields,
+    ParticipantFields,
+    RequestError,
+    check_batch_size,
+    check_participant,
+    checked_meeting,
+)
 from pdp.errors import PdpError
 from pdp.geo import InvalidAddressError
-from pdp.model import (
-    MAX_ID_LENGTH,
-    MAX_TAG_LENGTH,
-    MAX_TAGS,
-    Action,
-    Decision,
-    Location,
-    Meeting,
-    Verdict,
-    verdict_label,
-)
+from pdp.model import Decision, Location, Verdict, verdict_label
 from pdp.state import Active, PolicyHolder
 
 if TYPE_CHECKING:
     from pdp.audit import AuditLog
+    from pdp.candidate import CandidateShadow
     from pdp.telemetry import Telemetry
 
 __all__ = [
-    "MAX_ID_LENGTH",
-    "MAX_TAGS",
-    "MAX_TAG_LENGTH",
     "Batch",
     "DecisionPath",
     "Endpoint",
     "MeetingFields",
     "NotReadyError",
     "Outcome",
+    "Participant",
     "ParticipantFields",
     "RequestError",
-    "check_action",
-    "check_batch_size",
-    "check_length",
-    "check_tag_count",
-    "check_tag_lengths",
-    "require",
 ]
-
 
 T = TypeVar("T")
 Presenter = Callable[[Decision, Location, Active], T]
-_VALID_ACTIONS = frozenset((int(Action.JOIN), int(Action.HOST)))
 _VERDICT_NAMES = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY"}
 
 
@@ -88,44 +78,7 @@ class NotReadyError(PdpError):
         super().__init__("no policy and GeoIP database loaded yet; retry shortly")
 
 
-class RequestError(PdpError):
-    """A request field is missing or out of bounds; ``field`` is its path,
-    like ``meeting.meeting_id`` or ``participants[3].ip``."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-
-
 # --------------------------------------------------------------------------- what adapters pass
-
-
-class ParticipantFields(Protocol):
-    """A participant as a request carries it (``pb.Participant`` is one)."""
-
-    @property
-    def ip(self) -> str: ...
-
-    @property
-    def user_id(self) -> str: ...
-
-    @property
-    def account_id(self) -> str: ...
-
-
-class MeetingFields(Protocol):
-    """A meeting as a request carries it (``pb.Meeting`` and
-    :class:`pdp.model.Meeting` are both one)."""
-
-    @property
-    def meeting_id(self) -> str: ...
-
-    @property
-    def host_account_id(self) -> str: ...
-
-    @property
-    def tags(self) -> Collection[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,102 +134,29 @@ class Batch(Generic[T]):
     active: Active
 
 
-# --------------------------------------------------------------------------- request bounds
-
-
-def require(value: str, field: str) -> None:
-    """:raises RequestError: ``value`` is empty."""
-    if not value:
-        raise RequestError(field, "required")
-
-
-def check_action(action: int) -> None:
-    """:raises RequestError: ``action`` is neither JOIN nor HOST."""
-    if action not in _VALID_ACTIONS:
-        raise RequestError("action", f"{action} is not ACTION_JOIN (1) or ACTION_HOST (2)")
-
-
-def check_length(value: str, field: str) -> None:
-    """:raises RequestError: ``value`` is longer than :data:`MAX_ID_LENGTH`."""
-    if len(value) > MAX_ID_LENGTH:
-        raise RequestError(field, f"longer than {MAX_ID_LENGTH} characters")
-
-
-def check_tag_count(tags: Collection[str], field: str = "meeting.tags") -> None:
-    """:raises RequestError: more than :data:`MAX_TAGS` tags."""
-    if len(tags) > MAX_TAGS:
-        raise RequestError(field, f"{len(tags)} given, at most {MAX_TAGS} accepted")
-
-
-def check_tag_lengths(tags: Collection[str], field: str = "meeting.tags") -> None:
-    """:raises RequestError: a tag is longer than :data:`MAX_TAG_LENGTH`."""
-    if any(len(tag) > MAX_TAG_LENGTH for tag in tags):
-        raise RequestError(field, f"a tag longer than {MAX_TAG_LENGTH} characters")
-
-
-def check_batch_size(count: int, limit: int, field: str = "participants") -> None:
-    """:raises RequestError: not between 1 and ``limit`` participants."""
-    if not 1 <= count <= limit:
-        raise RequestError(field, f"{count} given, between 1 and {limit} accepted")
-
-
-def _meeting(meeting: MeetingFields, action: int) -> Meeting:
-    """The checked meeting as a model value.
-
-    :raises RequestError: the first bound the meeting or the action breaks.
-    """
-    meeting_id, host_account_id, tags = meeting.meeting_id, meeting.host_account_id, meeting.tags
-    # One expression for the common case; the bound functions name a problem.
-    if not (
-        meeting_id
-        and action in _VALID_ACTIONS
-        and len(meeting_id) <= MAX_ID_LENGTH
-        and len(host_account_id) <= MAX_ID_LENGTH
-        and len(tags) <= MAX_TAGS
-        and (not tags or max(map(len, tags)) <= MAX_TAG_LENGTH)
-    ):
-        _refuse_meeting(meeting_id, host_account_id, tags, action)
-    if isinstance(meeting, Meeting):
-        return meeting
-    return Meeting(meeting_id, host_account_id, frozenset(tags))
-
-
-def _refuse_meeting(meeting_id: str, host_account_id: str, tags: Collection[str], action: int) -> None:
-    require(meeting_id, "meeting.meeting_id")
-    check_action(action)
-    check_length(meeting_id, "meeting.meeting_id")
-    check_length(host_account_id, "meeting.host_account_id")
-    check_tag_count(tags)
-    check_tag_lengths(tags)
-
-
-def _check_participant(user_id: str, account_id: str, field: str) -> None:
-    check_length(user_id, f"{field}.user_id")
-    check_length(account_id, f"{field}.account_id")
-
-
 # --------------------------------------------------------------------------- the path
 
 
 class DecisionPath:
     """Decides from the holder's active state and observes every call once.
 
-    Telemetry, tracing and the audit log are optional; without them a call is
-    the bare decision path.
+    Telemetry, tracing, the audit log and a candidate in shadow are optional;
+    without them a call is the bare decision path.
     """
 
-    def __init__(self, holder: PolicyHolder, telemetry: Telemetry | None = None, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        telemetry: Telemetry | None = None,
+        audit: AuditLog | None = None,
+        candidate: CandidateShadow | None = None,
+    ) -> None:
         self.holder = holder
         self._telemetry = telemetry
         self._tracer = telemetry.tracer if telemetry is not None else None
         self._audit = audit
-        self._observed = telemetry is not None or audit is not None
-
-    def _active(self) -> Active:
-        active = self.holder.active
-        if active is None:
-            raise NotReadyError
-        return active
+        self.candidate = candidate  # evaluates every decision again, off the request path
+        self._observed = telemetry is not None or audit is not None or candidate is not None
 
     # ------------------------------------------------------------------ one participant
 
@@ -290,42 +170,54 @@ class DecisionPath:
         *,
         endpoint: Endpoint,
         present: Presenter[T],
+        active: Active | None = None,
     ) -> T:
         """Decide for one participant; returns ``present(decision, location, active)``.
+
+        ``active``: the state to decide with, for an adapter that answers
+        several calls as one at one policy version (it reads ``holder.active``
+        once); by default the holder's current one.
 
         :raises NotReadyError: no policy and database active yet.
         :raises RequestError: a field is missing or out of bounds, or ``ip`` is not an address.
         """
         if not self._observed:
-            return self._decide(ip, user_id, account_id, meeting, action, present)
+            return self._decide(ip, user_id, account_id, meeting, action, present, active)
         with self._span(endpoint) as span:
             started = time.perf_counter()
             try:
-                outcome = self._decide(ip, user_id, account_id, meeting, action, Outcome)
+                outcome = self._decide(ip, user_id, account_id, meeting, action, Outcome, active)
                 result = present(outcome.decision, outcome.location, outcome.active)
             except Exception:
                 self._observe_error(endpoint, started)
                 raise
-            decision, location, active = outcome.decision, outcome.location, outcome.active
-            verdict = _VERDICT_NAMES[decision.verdict]
+            decision, verdict = outcome.decision, _VERDICT_NAMES[outcome.decision.verdict]
             if span is not None:
                 span.set_attributes(
-                    {**_span_attributes(endpoint, active), "pdp.verdict": verdict, "pdp.rule_id": decision.rule_id}
+                    _span_attributes(endpoint, outcome.active, verdict, {"pdp.rule_id": decision.rule_id})
                 )
-        if self._telemetry is not None:
-            seconds = time.perf_counter() - started
-            self._telemetry.observe(endpoint.label, seconds, verdict, (decision,), (location,), active)
-        if self._audit is not None:
-            self._audit.record(decision, location, active, action, meeting.meeting_id, ip, user_id, account_id)
+        who = (Participant(ip, user_id, account_id),) if self._audit is not None else ()
+        self._record(endpoint, started, verdict, Batch([result], [decision], [outcome.location], outcome.active),
+                     action, meeting, who)  # fmt: skip
         return result
 
     def _decide(
-        self, ip: str, user_id: str, account_id: str, meeting: MeetingFields, action: int, present: Presenter[T]
+        self,
+        ip: str,
+        user_id: str,
+        account_id: str,
+        meeting: MeetingFields,
+        action: int,
+        present: Presenter[T],
+        active: Active | None,
     ) -> T:
-        active = self._active()
-        checked = _meeting(meeting, action)
+        if active is None:
+            active = self.holder.active  # read once: one consistent policy and database
+            if active is None:
+                raise NotReadyError
+        checked = checked_meeting(meeting, action)
         if len(user_id) > MAX_ID_LENGTH or len(account_id) > MAX_ID_LENGTH:
-            _check_participant(user_id, account_id, "participant")
+            check_participant(user_id, account_id, "participant")
         try:
             location = active.geo.locate(ip)
         except InvalidAddressError as error:
@@ -363,16 +255,9 @@ class DecisionPath:
             verdict = verdict_label(decision.verdict for decision in batch.decisions)
             if span is not None:
                 span.set_attributes(
-                    {**_span_attributes(endpoint, batch.active), "pdp.verdict": verdict,
-                     "pdp.participants": len(batch.decisions)}
-                )  # fmt: skip
-        if self._telemetry is not None:
-            seconds = time.perf_counter() - started
-            self._telemetry.observe(endpoint.label, seconds, verdict, batch.decisions, batch.locations, batch.active)
-        if self._audit is not None:
-            record, meeting_id, active = self._audit.record, meeting.meeting_id, batch.active
-            for decision, location, who in zip(batch.decisions, batch.locations, participants, strict=True):
-                record(decision, location, active, action, meeting_id, who.ip, who.user_id, who.account_id)
+                    _span_attributes(endpoint, batch.active, verdict, {"pdp.participants": len(batch.decisions)})
+                )
+        self._record(endpoint, started, verdict, batch, action, meeting, participants)
         return batch
 
     def _decide_batch(
@@ -384,11 +269,13 @@ class DecisionPath:
         present: Presenter[T],
     ) -> Batch[T]:
         check_batch_size(len(participants), limit)
-        active = self._active()
-        checked = _meeting(meeting, action)
+        active = self.holder.active  # read once: one consistent policy and database
+        if active is None:
+            raise NotReadyError
+        checked = checked_meeting(meeting, action)
         for position, participant in enumerate(participants):
             if len(participant.user_id) > MAX_ID_LENGTH or len(participant.account_id) > MAX_ID_LENGTH:
-                _check_participant(participant.user_id, participant.account_id, f"participants[{position}]")
+                check_participant(participant.user_id, participant.account_id, f"participants[{position}]")
         try:
             locations = active.geo.locate_many([participant.ip for participant in participants])
         except InvalidAddressError as error:
@@ -415,15 +302,43 @@ class DecisionPath:
             return contextlib.nullcontext()
         return self._tracer.start_as_current_span(endpoint.span_name, kind=SpanKind.SERVER)
 
+    def _record(
+        self,
+        endpoint: Endpoint,
+        started: float,
+        verdict: str,
+        batch: Batch[T],
+        action: int,
+        meeting: MeetingFields,
+        who: Sequence[ParticipantFields],
+    ) -> None:
+        """The one observation of a call that decided: its duration and
+        decisions to telemetry, each decision (of ``who[n]``) to the audit log,
+        all of them to the candidate in shadow."""
+        active = batch.active
+        if self._telemetry is not None:
+            seconds = time.perf_counter() - started
+            self._telemetry.observe(endpoint.label, seconds, verdict, batch.decisions, batch.locations, active)
+        if self._audit is not None:
+            record = self._audit.record
+            for decision, location, person in zip(batch.decisions, batch.locations, who, strict=True):
+                record(decision, location, active, action, meeting, person.ip, person.user_id, person.account_id)
+        if self.candidate is not None:
+            self.candidate.offer(batch.decisions, batch.locations, active, action, meeting)
+
     def _observe_error(self, endpoint: Endpoint, started: float) -> None:
         if self._telemetry is not None:
             self._telemetry.observe_error(endpoint.label, time.perf_counter() - started)
 
 
-def _span_attributes(endpoint: Endpoint, active: Active) -> dict[str, str | int]:
-    """Attributes every span carries; never an address or an id of a person."""
+def _span_attributes(
+    endpoint: Endpoint, active: Active, verdict: str, extra: dict[str, str | int]
+) -> dict[str, str | int]:
+    """What a span carries; never an address or an id of a person."""
     return {
         **endpoint.attributes,
         "pdp.policy_version": active.policy.version,
         "pdp.geoip_build": active.geo.build_epoch,
+        "pdp.verdict": verdict,
+        **extra,
     }

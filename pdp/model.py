@@ -10,12 +10,6 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-# Bounds on what one request may carry: ids and tags are labels, never documents.
-# The rules format refuses selector values beyond them (no request could match).
-MAX_ID_LENGTH = 256
-MAX_TAGS = 64
-MAX_TAG_LENGTH = 128
-
 
 class Action(enum.IntFlag):
     """What a participant asks to do. Values equal the proto enum's, and are bits

@@ -23,19 +23,20 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pdp import archive
 from pdp.errors import PdpError
 from pdp.files import NotPrivateError
-from pdp.files import identity as file_identity
-from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
+from pdp.geo import FileChangedError, GeoDatabase, GeoIPError, format_build, read_pinned_sha256
 from pdp.logs import redact_url
+from pdp.mmdb import look
 from pdp.pacing import in_background
 from pdp.persisted import Persisted, StateDir
 from pdp.poller import Poller as _Poller
 from pdp.rules import Policy, SnapshotError, parse_policy, sniff_format
-from pdp.signing import SignatureError, TrustedKeys, is_envelope, open_envelope
+from pdp.signing import Opened, SignatureError, TrustedKeys, is_envelope, open_envelope
 from pdp.sources import Fetched, Source, SourceError, snapshot_format
 from pdp.state import PolicyHolder, ReloadStatus
 
@@ -87,24 +88,33 @@ def read_snapshot(
     sha256: str = "",
     *,
     fmt: str | None = None,
+    opened: Opened | None = None,
 ) -> Policy:
     """Verify (when keys are trusted) and compile snapshot bytes as stored.
     ``sha256``, the digest of ``data`` if known, saves hashing it again; ``fmt``
-    (``"yaml"`` or ``"json"``) overrides the parser's guess from ``source`` and content.
-    The payload of a signed envelope is read in its own format, from its content:
-    ``source`` and ``fmt`` name the envelope, which is JSON whatever it carries.
+    (``"yaml"`` or ``"json"``) overrides the parser's guess from ``source`` and content;
+    ``opened``, the contents of the envelope ``data`` is as its source opened them (a
+    snapshot rebuilt from deltas, its payload's digest computed), saves parsing and
+    hashing it again: only the signature over that digest is checked. The payload of a
+    signed envelope is read in its own format, from its content: ``source`` and ``fmt``
+    name the envelope, which is JSON whatever it carries.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
         version mismatch, or any rules-file problem (every one listed).
     """
     try:
-        if keys:
+        if opened is None and keys:
             opened = keys.open(data)
-        elif is_envelope(data):
+        elif opened is None and is_envelope(data):
             opened = open_envelope(data)  # no key to check against: payload only
-        else:
+        elif opened is None:
             return parse_policy(data, source, fmt, pace=pace, previous=previous, sha256=sha256)
-        policy = parse_policy(opened.payload, source, sniff_format(opened.payload), pace=pace, previous=previous)
+        elif keys:  # a source's word is not enough: its signature over the payload's digest is checked here too
+            keys.check(opened.key_id, opened.version, opened.sha256, opened.signature)
+        payload_format = sniff_format(opened.payload)
+        policy = parse_policy(
+            opened.payload, source, payload_format, pace=pace, previous=previous, sha256=opened.sha256
+        )
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
     except SnapshotError as error:
@@ -120,6 +130,7 @@ class Reloader(_Poller):
     """Follows one source; :meth:`step` is one fetch-and-maybe-activate."""
 
     name = "pdp-reloader"
+    what = "policy"  # in the logs: "candidate" for pdp serve --candidate-snapshot
 
     def __init__(
         self,
@@ -171,6 +182,10 @@ class Reloader(_Poller):
         digest = fetched.sha256
         if digest == self._rejected_sha:
             return self._result(Step.UNCHANGED, "unchanged (still rejected)")
+        if fetched.fallback:  # deltas were announced but could not be used: this is the full snapshot
+            self.status.delta_fallbacks += 1
+            self.status.last_delta_fallback = fetched.fallback
+            log.warning("deltas not used, the full snapshot was fetched: %s", fetched.fallback)
         started = time.perf_counter()
         try:
             with in_background() as pace:
@@ -182,13 +197,14 @@ class Reloader(_Poller):
                     previous=self.holder.policy,
                     sha256=digest,
                     fmt=self._format,
+                    opened=fetched.opened,
                 )
             self.status.last_compile_ms = round((time.perf_counter() - started) * 1000, 1)
             return self._offer(policy, fetched)
         except SnapshotRejectedError as error:
             self._rejected_sha = digest
             self.status.rejections += 1
-            log.warning("snapshot rejected, version %s stays active: %s", self._active_version(), error)
+            log.warning("%s snapshot rejected, version %s stays: %s", self.what, self._active_version(), error)
             return self._result(Step.REJECTED, f"rejected: {error}", error=str(error))
 
     def _offer(self, policy: Policy, fetched: Fetched) -> tuple[Step, str]:
@@ -212,7 +228,8 @@ class Reloader(_Poller):
         self.status.activations += 1
         self.status.last_error = ""
         log.info(
-            "activated policy version %d (%d rules) from %s, compiled in %.0f ms",
+            "activated %s version %d (%d rules) from %s, compiled in %.0f ms",
+            self.what,
             policy.version,
             len(policy.rules),
             self.status.source,
@@ -222,6 +239,9 @@ class Reloader(_Poller):
             log.warning("version %d was a truncated read; the complete snapshot replaces it", policy.version)
         self._persist(fetched, policy)
         done = f" (it completes the truncated version {policy.version} that was active)" if completes else ""
+        if fetched.deltas:
+            self.status.delta_activations += 1
+            done += f" (from {fetched.deltas} delta{'s' if fetched.deltas > 1 else ''})"
         return self._result(Step.ACTIVATED, f"activated version {policy.version}{done}")
 
     def _completes_active(self, data: bytes) -> bool:
@@ -264,7 +284,7 @@ class Reloader(_Poller):
             return InitialOutcome.PERSISTED
         if step is Step.REJECTED:
             raise StartupError(self.status.last_error)
-        log.warning("no policy yet (%s); not serving until one can be fetched", result)
+        log.warning("no %s yet (%s); not serving it until one can be fetched", self.what, result)
         return InitialOutcome.NOTHING
 
     def _start_from_state_dir(self) -> Policy | None:
@@ -307,6 +327,10 @@ class Reloader(_Poller):
         if self.state is not None:
             self._unsaved = Persisted(fetched.data, self.status.source, policy.version, fetched.sha256, self._format)
             self._save()
+            try:  # the audit log names this policy: keep it findable for replays (pdp snapshot impact)
+                archive.keep(self.state.path, fetched.data, policy.version, policy.sha256, self._format)
+            except OSError as error:
+                log.warning("cannot archive snapshot version %d: %s", policy.version, error.strerror or error)
 
     def _save(self) -> None:
         """Write the newest activated snapshot if it is not on disk yet; a failure is
@@ -346,49 +370,99 @@ class Reloader(_Poller):
 
 
 class GeoWatcher(_Poller):
-    """Reopens the GeoIP database when its file is replaced (geoipupdate renames
-    a new file in); a file that fails the checks is refused until it changes again."""
+    """Reopens the GeoIP database when its file changes: replaced by a rename
+    (geoipupdate), or written in place (``cp``, same inode; a change of size,
+    mtime or ctime). Each new content is copied into private memory and
+    validated there before one swap (see :mod:`pdp.mmdb`), so a file caught
+    half-written is refused or looked at again, and never served. A file that
+    fails is refused until it changes again."""
 
     name = "pdp-geoip-watcher"
 
     def __init__(
-        self, holder: PolicyHolder, path: str, *, cache_size: int, poll_seconds: float = 5.0, sha256_file: str = ""
+        self,
+        holder: PolicyHolder,
+        path: str,
+        *,
+        cache_size: int,
+        poll_seconds: float = 5.0,
+        sha256_file: str = "",
+        nat64_prefixes: Sequence[str] = (),
     ) -> None:
         """``sha256_file``, when set, pins the digest a new database must have;
         a change to either file is a change (write the digest, then rename the
-        database in, or the other way round: the pair is checked again)."""
+        database in, or the other way round: the pair is checked again).
+        ``nat64_prefixes`` are passed on to every database opened."""
         self.holder = holder
         self.path = path
         self.cache_size = cache_size
         self.poll_seconds = poll_seconds
         self.sha256_file = sha256_file
-        self._seen = self._identity()
+        self.nat64_prefixes = tuple(nat64_prefixes)
+        serving = self._serving()
+        # What the serving database was read from, not what is there now: a change
+        # made since it was read is a change.
+        self._seen = self._look(serving.look if serving is not None and serving.path == path else None)
         super().__init__()
 
-    def _identity(self) -> object:
-        database = file_identity(self.path)
+    def _serving(self) -> GeoDatabase | None:
+        active = self.holder.active
+        return active.geo if active is not None else None
+
+    def _look(self, database: object = None) -> object:
+        database = database or look(self.path)
         if database is None or not self.sha256_file:
             return database
-        return (database, file_identity(self.sha256_file))
+        return (database, look(self.sha256_file))
 
     def run_once(self) -> str:
-        identity = self._identity()
-        if identity is None or identity == self._seen:
-            return "unchanged" if identity else "missing: the current database keeps serving"
-        self._seen = identity
+        """Look at the file once; load, validate and swap if it changed. Returns what happened."""
+        seen = self._look()
+        if seen is None:
+            return "missing: the loaded database keeps serving"
+        if seen == self._seen:
+            return "unchanged"
         status = self.holder.status
         try:
             pinned = read_pinned_sha256(self.sha256_file) if self.sha256_file else ""
-            geo = GeoDatabase(self.path, self.cache_size, sha256=pinned)
+            geo = GeoDatabase(self.path, self.cache_size, sha256=pinned, nat64_prefixes=self.nat64_prefixes)
+            _check_replaces(self._serving(), geo)
+        except FileChangedError as error:
+            return f"changing: {error}; looked at again at the next poll"  # not remembered
         except GeoIPError as error:
+            self._seen = seen
             status.geoip_rejections += 1
-            status.last_error = f"GeoIP database rejected, the current one keeps serving: {error}"
+            status.last_error = f"GeoIP database rejected, {self._serving_text()} keeps serving: {error}"
             log.warning("%s", status.last_error)
             return f"rejected: {error}"
+        self._seen = self._look(geo.look)  # what was read, should the file have moved on since the look
         self.holder.activate_geo(geo)
         status.geoip_reloads += 1
-        log.info("GeoIP database reloaded: %s built %d", geo.database_type, geo.build_epoch)
+        log.info("GeoIP database reloaded: %s built %s", geo.database_type, format_build(geo.build_epoch))
         return f"reloaded build {geo.build_epoch}"
+
+    def _serving_text(self) -> str:
+        serving = self._serving()
+        if serving is None:
+            return "the loaded one"
+        return f"the loaded {serving.database_type} built {format_build(serving.build_epoch)}"
 
     def _wait(self) -> None:
         self._stopping.wait(self.poll_seconds)
+
+
+def _check_replaces(serving: GeoDatabase | None, new: GeoDatabase) -> None:
+    """The same bytes again may replace ``serving`` (a cold cache is all it costs).
+
+    :raises GeoIPError: ``new`` claims to be the serving build with other bytes: its
+        metadata, at the end of the file, is the old one's while the rest is not,
+        which is what a file being written over in place looks like.
+    """
+    if serving is None or new.sha256 == serving.sha256:
+        return
+    if (new.database_type, new.build_epoch) == (serving.database_type, serving.build_epoch):
+        raise GeoIPError(
+            f"{new.path}: says it is the same database as the one serving ({new.database_type} built "
+            f"{format_build(new.build_epoch)}) but its bytes differ: a file being written over in place, "
+            "or damaged (a new database has a new build time)"
+        )

@@ -3,7 +3,8 @@ standard health and reflection, the separate health port, graceful stop and
 signals.
 
 The services it carries are protocol adapters over one shared decision path
-(:mod:`pdp.decisions`): AdmissionService (:mod:`pdp.servicer`). A new gRPC
+(:mod:`pdp.decisions`): AdmissionService (:mod:`pdp.servicer`) and Envoy's
+Authorization (:mod:`pdp.envoy.servicer`). A new gRPC
 adapter registers its handlers in :func:`_services`.
 
 Sync gRPC with a thread pool, chosen by measurement (README, "Why sync gRPC"):
@@ -15,15 +16,16 @@ message never comes cannot take the threads (README, "Calls that send nothing").
 
 from __future__ import annotations
 
-import ipaddress
+import errno
 import logging
 import os
 import signal
 import socket
-import stat
+import sys
 import threading
+from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -34,16 +36,18 @@ from grpc_reflection.v1alpha import reflection
 
 from pdp.config import ServeConfig, parse_listen
 from pdp.decisions import DecisionPath
-from pdp.files import NotPrivateError, private_directory
+from pdp.envoy import servicer as envoy
+from pdp.listen import SOCKET_UMASK, prepare_unix_socket, refuse_insecure_remote, tls_files
 from pdp.receiving import GuardedHandlers, ReceiveGuard
 from pdp.servicer import SERVICE_NAME, AdmissionServicer, admission_handlers
 from pdp.state import PolicyHolder
 
 if TYPE_CHECKING:
     from pdp.audit import AuditLog
+    from pdp.candidate import CandidateShadow
     from pdp.telemetry import Telemetry
 
-__all__ = ["SERVICE_NAME", "RunningServer", "grpc_options", "start_server", "wait_for_signal"]
+__all__ = ["SERVICE_NAME", "RunningServer", "StopSignals", "grpc_options", "start_server"]
 
 log = logging.getLogger("pdp.server")
 _SHUTDOWN_SECONDS = 2.0
@@ -62,7 +66,11 @@ class RunningServer:
     grace_seconds: float
     health_server: grpc.Server | None = None
     health_address: str = ""
-    guards: tuple[ReceiveGuard, ...] = ()
+    # gRPC never shuts down the pools it is given: stop() does, so that a
+    # stopped server leaves no thread behind.
+    pools: list[futures.ThreadPoolExecutor] = field(default_factory=list)
+    unsubscribe: Callable[[], None] = field(default=lambda: None, repr=False)
+    guards: list[ReceiveGuard] = field(default_factory=list)
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -76,15 +84,19 @@ class RunningServer:
         shutdown also waits for every connection's pending writes, which a client that
         never reads (with frames queued for it) would hold forever.
         """
+        self.unsubscribe()
         self.health.enter_graceful_shutdown()
         grace = self.grace_seconds if grace is None else grace
         stopped = self.server.stop(grace)
         if self.health_server is not None:
             self.health_server.stop(0).wait(_SHUTDOWN_SECONDS)
-        if not stopped.wait(grace + _SHUTDOWN_SECONDS):
+        finished = stopped.wait(grace + _SHUTDOWN_SECONDS)
+        if not finished:
             log.warning("stopped without waiting longer for connections whose clients do not read")
         for guard in self.guards:
             guard.stop()
+        for pool in self.pools:
+            pool.shutdown(wait=finished)  # every call has ended: the workers exit at once
 
 
 def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
@@ -103,6 +115,7 @@ def start_server(
     *,
     telemetry: Telemetry | None = None,
     audit: AuditLog | None = None,
+    candidate: CandidateShadow | None = None,
 ) -> RunningServer:
     """Build and start the server on ``config.listen``; health starts NOT_SERVING.
 
@@ -110,8 +123,9 @@ def start_server(
     """
     # --workers threads decide; four times as many may wait for request messages (pdp.receiving).
     guard = ReceiveGuard(limit=4 * config.workers, timeout=config.receive_timeout)
-    server = _guarded_server(config, guard, "pdp-rpc")
-    handlers, names = _services(config, DecisionPath(holder, telemetry, audit))
+    pool = futures.ThreadPoolExecutor(max_workers=config.workers + guard.limit, thread_name_prefix="pdp-rpc")
+    server = grpc.server(pool, options=grpc_options(config))
+    handlers, names = _services(config, DecisionPath(holder, telemetry, audit, candidate))
     health_servicer = health.HealthServicer()
     health_handlers = _Collected()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_handlers)  # type: ignore[arg-type]
@@ -123,11 +137,13 @@ def start_server(
     address = _bind(server, config.listen, config)
     server.start()
     guard.start()
-    running = RunningServer(server, health_servicer, address, config.grace_seconds, guards=(guard,))
+    running = RunningServer(server, health_servicer, address, config.grace_seconds, pools=[pool], guards=[guard])
     if config.health_listen:
         # Only Health here: this address may be the pod IP, reachable by the kubelet and others.
         probe_guard = ReceiveGuard(limit=8, timeout=config.receive_timeout, name="pdp-health-receive-guard")
-        probe_server = _guarded_server(config, probe_guard, "pdp-health")
+        probe_pool = futures.ThreadPoolExecutor(max_workers=2 + probe_guard.limit, thread_name_prefix="pdp-health")
+        probe_server = grpc.server(probe_pool, options=grpc_options(config))
+        running.pools.append(probe_pool)
         probe_server.add_generic_rpc_handlers((GuardedHandlers(health_handlers.handlers, probe_guard),))
         try:
             running.health_address = _bind(probe_server, config.health_listen, health_only=True)
@@ -137,19 +153,11 @@ def start_server(
         probe_server.start()
         probe_guard.start()
         running.health_server = probe_server
-        running.guards += (probe_guard,)
+        running.guards.append(probe_guard)
     # Health follows the holder: NOT_SERVING until a policy and a database are active.
     running.set_serving(holder.active is not None)
-    holder.subscribe(lambda _active: running.set_serving(True))
+    running.unsubscribe = holder.subscribe(lambda _active: running.set_serving(True))
     return running
-
-
-def _guarded_server(config: ServeConfig, guard: ReceiveGuard, prefix: str) -> grpc.Server:
-    """A server whose pool has a thread for each call ``guard`` lets wait, besides
-    its deciding threads (``--workers``, two for the health port)."""
-    deciding = config.workers if prefix == "pdp-rpc" else 2
-    pool = futures.ThreadPoolExecutor(max_workers=deciding + guard.limit, thread_name_prefix=prefix)
-    return grpc.server(pool, options=grpc_options(config))
 
 
 class _Collected:
@@ -162,9 +170,7 @@ class _Collected:
     def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
         self.handlers.extend(handlers)
 
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
         """The same methods as the generic handler just added: nothing more to keep."""
 
 
@@ -172,7 +178,8 @@ def _services(config: ServeConfig, path: DecisionPath) -> tuple[list[grpc.Generi
     """The protocol adapters served on every listener, and their service names
     (for reflection); each calls the one decision path."""
     admission = AdmissionServicer(path, config.batch_limit, max(1, config.workers // 2))
-    return [admission_handlers(admission)], [SERVICE_NAME]
+    authorization = envoy.AuthorizationServicer(path, envoy.mapper_from(config))
+    return [admission_handlers(admission), envoy.handler(authorization)], [SERVICE_NAME, envoy.SERVICE_NAME]
 
 
 def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *, health_only: bool = False) -> str:
@@ -183,107 +190,83 @@ def _bind(server: grpc.Server, listen: str, config: ServeConfig | None = None, *
     """
     host, port = parse_listen(listen)
     if port is None:
-        _make_socket_directory(Path(host))
-        _clear_stale_socket(Path(host))
+        prepare_unix_socket(Path(host))
         target = f"unix:{host}"
-        # The socket is born group-only (0660): no moment where others may connect.
-        previous = os.umask(0o117)
+        previous = os.umask(SOCKET_UMASK)
         try:
-            bound = server.add_insecure_port(target)
+            bound = _add_port(server, target, None)
         finally:
             os.umask(previous)
         if not bound:
-            raise OSError(f"cannot listen on {listen}")
+            raise OSError(f"cannot listen on {listen}: {_why_not_bound(socket.AF_UNIX, host)}")
         return target
     credentials = _server_credentials(config) if config is not None else None
-    insecure_allowed = health_only or (config is not None and config.allow_insecure_remote)
-    if credentials is None and not insecure_allowed and not _is_loopback(host):
-        raise OSError(
-            f"refusing to serve {listen} without TLS: it is reachable from other hosts; pass --tls-cert and "
-            "--tls-key (and --tls-client-ca for mutual TLS), or --allow-insecure-remote"
-        )
-    try:
-        bound = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
-    except RuntimeError as error:
-        raise OSError(f"cannot listen on {listen}: {error}") from None
+    if not health_only:  # the health port only answers Health: it may be the pod IP, plaintext
+        refuse_insecure_remote(listen, host, credentials is not None, config or ServeConfig())
+    bound = _add_port(server, listen, credentials)
     if not bound:
-        raise OSError(f"cannot listen on {listen} (address in use or not local)")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        raise OSError(f"cannot listen on {listen}: {_why_not_bound(family, (host.strip('[]'), port))}")
     return f"{host}:{bound}"
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere
+def _add_port(server: grpc.Server, target: str, credentials: grpc.ServerCredentials | None) -> int:
+    """The port gRPC bound ``target`` to, 0 when it could not.
 
-
-def _make_socket_directory(socket_path: Path) -> None:
-    """Create the socket's directory for the server alone (and its group, 0750) if
-    missing; refuse one that others could write, sticky or not: they could move the
-    socket aside (or take its name while pdp restarts) and listen in its place.
-
-    :raises OSError: naming the directory, why, and the fix.
+    gRPC's C core writes its own line about a failed bind straight to the
+    process's stderr (``E... add_port.cc:83] Failed to add port...``), before
+    pdp can say the same in its words; stderr is pointed at /dev/null for the
+    duration of the call, which only ever runs while the server starts.
     """
-    directory = socket_path.parent
-    own = directory / "pdp" / socket_path.name
-    advice = f"use a directory of pdp's own, such as unix:{own} (pdp creates it 0750, for its group)"
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        private_directory(directory, mode=0o750, advice=advice)
-    except NotPrivateError as error:
-        detail = str(error) if "owned by" not in str(error) else f"{error}; {advice}"
-        raise OSError(
-            f"cannot listen on unix:{socket_path}: {detail}; another user could move the socket aside and listen"
-            " in its place"
-        ) from None
+        with Path(os.devnull).open("wb") as null:
+            os.dup2(null.fileno(), 2)
+        try:
+            return server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            return 0
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _why_not_bound(family: socket.AddressFamily, address: str | tuple[str, int]) -> str:
+    """Why the address cannot be bound, found by trying it with a plain socket."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(address)
+    except OSError as error:
+        reason = (error.strerror or str(error)).lower()
+        return f"{reason} (another process listens there)" if error.errno == errno.EADDRINUSE else reason
+    return "gRPC could not bind it (set GRPC_VERBOSITY=debug to see why)"
 
 
 def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
-    if not (config.tls_cert or config.tls_key):
-        if config.tls_client_ca:
-            raise OSError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = tls_files(config)
+    if tls is None:
         return None
-    if not (config.tls_cert and config.tls_key):
-        raise OSError("TLS needs both --tls-cert and --tls-key")
-    try:
-        key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
-        client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    except OSError as error:
-        raise OSError(f"TLS: {error.filename}: {error.strerror}") from None
     return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=tls.client_ca is not None
     )
 
 
-def _clear_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a dead server, never a live one or a non-socket."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()
-            return
-    raise OSError(f"{path}: another server is listening on this socket")
+class StopSignals:
+    """SIGTERM and SIGINT, caught from construction on (main thread only), so
+    that one sent the moment a server says it is ready is not lost."""
 
+    def __init__(self) -> None:
+        self._received: list[str] = []
+        self._stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
 
-def wait_for_signal() -> str:
-    """Block until SIGTERM or SIGINT; returns the signal's name. Main thread only."""
-    stop = threading.Event()
-    received: list[str] = []
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._received.append(signal.Signals(signum).name)
+        self._stop.set()
 
-    def handle(signum: int, frame: FrameType | None) -> None:
-        received.append(signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handle)
-    stop.wait()
-    return received[0]
+    def wait(self) -> str:
+        """Block until one arrives; returns its name."""
+        self._stop.wait()
+        return self._received[0]

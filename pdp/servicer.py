@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -26,7 +26,11 @@ from pdp.errors import PdpError
 from pdp.state import Active
 from pdp.wire import encode_batch, encode_check, encode_result
 
-__all__ = ["CHECK", "CHECK_BATCH", "SERVICE_NAME", "AdmissionServicer", "admission_handlers"]
+if TYPE_CHECKING:
+    from pdp.candidate import CandidateState
+
+__all__ = ["CHECK", "CHECK_BATCH", "SERVICE_NAME", "AdmissionServicer", "admission_handlers", "encoded_unary"]
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdmissionService"].full_name
 CHECK = Endpoint("grpc", SERVICE_NAME, "Check")
@@ -118,6 +122,9 @@ class AdmissionServicer:
             rejections=status.rejections,
             geoip_reloads=status.geoip_reloads,
             geoip_rejections=status.geoip_rejections,
+            delta_activations=status.delta_activations,
+            delta_fallbacks=status.delta_fallbacks,
+            last_delta_fallback=status.last_delta_fallback,
         )
         if status.last_fetch_at:
             response.last_fetch_at.FromDatetime(datetime.fromtimestamp(status.last_fetch_at, UTC))
@@ -136,7 +143,24 @@ class AdmissionServicer:
             response.cache_capacity = geo.cache_size
             response.cache_hits = geo.hits
             response.cache_misses = geo.misses
+        if self._path.candidate is not None:
+            _candidate_status(response.candidate, self._path.candidate.state())
         return response
+
+
+def _candidate_status(message: pb.CandidateStatus, state: CandidateState) -> None:
+    message.source = state.source
+    message.policy_version = state.version
+    message.policy_sha256 = state.sha256
+    if state.loaded_at:
+        message.loaded_at.FromDatetime(datetime.fromtimestamp(state.loaded_at, UTC))
+    message.last_error = state.last_error
+    message.decisions, message.flips, message.dropped = state.decisions, state.flips, state.dropped
+    for count in state.by_rule:
+        message.flips_by_rule.add(
+            rule_id=count.rule_id, jurisdiction=count.jurisdiction, legal_basis=count.legal_basis,
+            verdict=int(count.verdict), candidate_verdict=int(count.candidate_verdict), count=count.count,
+        )  # fmt: skip
 
 
 def _policy_event(active: Active) -> pb.WatchPolicyResponse:
@@ -180,6 +204,14 @@ def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) ->
         return method(request, context)
 
     return handler
+
+
+def encoded_unary(
+    method: Callable[[Any, grpc.ServicerContext], bytes], request_type: Any
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary method answering bytes it encoded itself, for any adapter on this transport
+    (Envoy's Authorization too): an undecodable request is INVALID_ARGUMENT, never INTERNAL."""
+    return grpc.unary_unary_rpc_method_handler(_refusing_undecodable(method), _decoder(request_type), _passthrough)
 
 
 def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:

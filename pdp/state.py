@@ -49,6 +49,9 @@ class ReloadStatus:
     last_compile_ms: float = 0.0
     geoip_reloads: int = 0
     geoip_rejections: int = 0
+    delta_activations: int = 0  # activations made from deltas (the rest: full snapshots)
+    delta_fallbacks: int = 0  # changes announced as deltas that were fetched whole instead
+    last_delta_fallback: str = ""  # why, the last time
 
 
 class PolicyHolder:
@@ -84,6 +87,11 @@ class PolicyHolder:
         with self._write_lock:
             self._geo = geo
             return self._publish()
+
+    @property
+    def geo(self) -> GeoDatabase | None:
+        """The newest database, served or (without a policy yet) waiting."""
+        return self._geo
 
     @property
     def policy(self) -> Policy | None:

@@ -202,7 +202,13 @@ def _scheme(url: str) -> str:
 def _load(module: str, name: str, extra: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
-    except ImportError:
+    except ImportError as error:
+        if "opentelemetry.proto" in str(error):
+            # xds-protos, installed after opentelemetry-proto, overwrote its files (grpc/grpc#42926).
+            raise TelemetryError(
+                f"the {extra} exporter cannot be imported ({error}): another package overwrote "
+                "opentelemetry-proto's files; pip install --force-reinstall --no-deps opentelemetry-proto"
+            ) from None
         raise TelemetryError(f"the {extra} exporter is not installed: pip install 'pdp[{extra}]'") from None
 
 

@@ -51,14 +51,14 @@ class RedisServer:
         self.process.wait(timeout=30)
 
 
-def start_redis(folder: Path, port: int | None = None) -> RedisServer:
-    """redis-server on a free port, returned once it accepts connections."""
+def start_redis(folder: Path, port: int | None = None, *extra: str) -> RedisServer:
+    """redis-server on a free port, returned once it accepts connections; ``extra``: more arguments."""
     binary = require_binary("redis-server", "redis-server")
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(folder), "--loglevel", "notice"],
+         "--dir", str(folder), "--loglevel", "notice", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -91,6 +91,7 @@ class Store:
     """What the HTTP store serves, and what it saw."""
 
     files: dict[str, bytes] = field(default_factory=dict)
+    content_encoding: dict[str, str] = field(default_factory=dict)  # path -> Content-Encoding header
     status_override: int = 0  # answer every request with this status when set
     requests: Counter[str] = field(default_factory=Counter)  # "200", "304", "500"...
     if_none_match: list[str] = field(default_factory=list)
@@ -126,6 +127,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.send_header("Content-Length", str(len(body)))
+        if self.path in store.content_encoding:
+            self.send_header("Content-Encoding", store.content_encoding[self.path])
         self.end_headers()
         self.wfile.write(body)
 

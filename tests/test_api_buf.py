@@ -108,7 +108,7 @@ def test_uncommitted_reuse_on_main_fails(repo: Path) -> None:
 def test_what_v1_allows_passes(repo: Path) -> None:
     # New fields, messages, enum values and RPCs: the README's promise of what may change in v1.
     git(repo, "checkout", "-q", "-b", "feature")
-    edit(repo, "  int64 geoip_lookup_errors = 23;\n", "  int64 geoip_lookup_errors = 23;\n  string region = 24;\n")
+    edit(repo, "  int64 geoip_lookup_errors = 23;\n", "  int64 geoip_lookup_errors = 23;\n  string region = 1000;\n")
     edit(repo, "  ACTION_HOST = 2;\n", "  ACTION_HOST = 2;\n  // Share a screen.\n  ACTION_PRESENT = 3;\n")
     edit(
         repo,

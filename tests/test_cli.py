@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,7 +47,7 @@ def served(tmp_path: Path, rules_file: Path) -> Iterator[tuple[subprocess.Popen[
     assert process.stdout is not None
     banner = process.stdout.readline()  # blocks until the server is up (or has died)
     assert f"listening on {target}" in banner, (banner, process.stderr.read() if process.stderr else "")
-    assert process.stdout.readline().startswith(f"try: pdp check --target {target}")
+    assert process.stdout.readline().startswith(f"try: {shlex.quote(sys.executable)} -m pdp check --target {target}")
     yield process, target
     if process.poll() is None:
         process.kill()
@@ -196,11 +197,13 @@ def test_geo_lookup(tmp_path: Path) -> None:
 
     as_json = run("geo", "lookup", "--json", "2001:2e0::1", env={"PDP_GEOIP_DB": str(CITY_DB)})
     (row,) = json.loads(as_json.stdout)
-    assert {key: row[key] for key in ("ip", "found", "country", "subdivisions")} == {
+    assert {key: row[key] for key in ("ip", "found", "country", "subdivisions", "located", "via")} == {
         "ip": "2001:2e0::1",
         "found": True,
         "country": "HK",
         "subdivisions": [],
+        "located": "2001:2e0::1",
+        "via": "",
     }
 
     bad = run("geo", "lookup", "--geoip-db", str(CITY_DB), "1.2.3")
@@ -342,7 +345,7 @@ def test_serve_without_a_snapshot_file_waits_not_serving(tmp_path: Path, rules_f
     )  # fmt: skip
     try:
         assert process.stdout is not None
-        assert "no policy yet, NOT_SERVING" in process.stdout.readline()
+        assert "NOT SERVING on" in process.stdout.readline()
         waiting = run("status", "--target", target)
         assert waiting.returncode == 2
         assert "later.yaml" in waiting.stdout

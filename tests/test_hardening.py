@@ -19,9 +19,9 @@ import grpc
 import pytest
 
 from pdp._proto import admission_pb2 as pb
+from pdp.bounds import MAX_TAGS
 from pdp.client import Client
 from pdp.config import ServeConfig
-from pdp.decisions import MAX_TAGS
 from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
 from pdp.model import Verdict
 from pdp.reload import GeoWatcher, Reloader

@@ -19,7 +19,7 @@ import pytest
 
 from pdp.client import Client
 from pdp.config import ServeConfig
-from pdp.decisions import MAX_ID_LENGTH, MAX_TAG_LENGTH
+from pdp.bounds import MAX_ID_LENGTH, MAX_TAG_LENGTH
 from pdp.geo import GeoDatabase
 from pdp.model import Location, Meeting, Verdict
 from pdp.reload import Reloader

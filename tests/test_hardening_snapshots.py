@@ -560,7 +560,8 @@ def test_temporary_files_left_by_a_kill_are_removed_at_start(tmp_path: Path, sid
     assert "policy version 2" in sidecar.banner, sidecar.banner + sidecar.stop()
     assert [path for path in left if path.exists()] == []
     assert other.exists()
-    assert sorted(path.name for path in state.iterdir()) == ["notes.txt", "snapshot", "snapshot.meta.json"]
+    # "snapshots": the activated ones, kept for replays (pdp.archive)
+    assert sorted(path.name for path in state.iterdir()) == ["notes.txt", "snapshot", "snapshot.meta.json", "snapshots"]
 
 
 def test_a_failed_persist_is_retried_at_the_next_poll(tmp_path: Path, holder: PolicyHolder) -> None:

@@ -14,6 +14,7 @@ import yaml
 
 from pdp.cli import build_parser
 from pdp.config import SETTINGS, resolve
+from pdp.envoy.mapping import parse_source
 
 from .conftest import ROOT
 
@@ -198,6 +199,22 @@ def test_rendered_args_and_env_are_parsed_by_pdp_serve(scenario: str, meeting_no
     assert config.geoip_sha256_file == (f"/var/lib/pdp/geoip/{pinned}" if pinned else "")
     if values.get("audit", {}).get("log"):
         assert (config.audit_log, config.audit_hmac_key_file) == ("stdout", "/etc/pdp/audit/hmac-key")
+    chart_defaults = yaml.safe_load((CHART / "values.yaml").read_text())["extAuthz"]
+    ext_authz = {**chart_defaults, **values.get("extAuthz", {})}
+    assert config.ext_authz_sources == {
+        name: parse_source(ext_authz[key]) if ext_authz[key] else ""
+        for name, key in (("meeting_id", "meetingId"), ("tags", "tags"), ("host_account_id", "hostAccountId"),
+                          ("action", "action"), ("user_id", "userId"), ("account_id", "accountId"))
+    }  # fmt: skip
+    assert config.ext_authz_required.split(",") == ext_authz["required"]
+    assert config.ext_authz_trusted_headers == ",".join(ext_authz["trustedHeaders"]).lower()
+    assert config.ext_authz_xff_trusted_hops == ext_authz["xffTrustedHops"]
+    assert config.ext_authz_jwt_payload_key == ext_authz["jwtPayloadKey"]
+    if values.get("authzen", {}).get("enabled"):
+        daemonset = values.get("mode") == "daemonset"
+        assert config.http_listen == (f"{POD_IP}:8080" if daemonset else "unix:/run/pdp/authzen.sock")
+    else:
+        assert config.http_listen == ""
 
 
 # --------------------------------------------------------------------------- bad values
@@ -231,6 +248,14 @@ def with_values(**changes: Any) -> dict[str, Any]:
         ({"colour": "blue"}, "colour"),
         ({"geoip__file": "GeoLite2-City.tar.gz"}, "file"),
         ({"geoip__sha256File": "../etc/digest"}, "sha256File"),
+        ({"extAuthz__meetingId": "query:room"}, "meetingId"),
+        ({"extAuthz__meetingId": ""}, "meetingId"),
+        ({"extAuthz__xffTrustedHops": -1}, "xffTrustedHops"),
+        ({"extAuthz__required": ["room"]}, "required"),
+        ({"extAuthz__trustedHeaders": ["x meeting"]}, "trustedHeaders"),
+        ({"authzen__port": 70000}, "port"),
+        ({"authzen__socketName": "../pdp.sock"}, "socketName"),
+        ({"authzen__enabled": "yes"}, "enabled"),
     ],
 )
 def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
@@ -253,11 +278,19 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
         ({"geoip__source": "geoipupdate"}, "geoip.source=geoipupdate needs geoip.geoipupdate.accountId"),
         ({"telemetry__serviceMonitor": {"enabled": True}}, "needs telemetry.metricsExporter=prometheus"),
         ({"audit__log": "stdout"}, "audit.log needs audit.hmacKeySecret"),
+        (
+            {"authzen": {"enabled": True, "socketName": "pdp.sock"}},
+            "authzen.socketName must differ from listen.socketName",
+        ),
         ({"tls__requireClientCert": True}, "tls.requireClientCert needs tls.existingSecret"),
         ({"telemetry__metricsExporter": "otlp"}, "telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint"),
         (
             {"geoip__source": "geoipupdate", "geoip__sha256File": "City.mmdb.sha256"},
             "geoip.sha256File cannot be used with geoip.source=geoipupdate",
+        ),
+        (
+            {"extAuthz__tags": "header:X-Meeting-Tags", "extAuthz__trustedHeaders": ["x-other"]},
+            "extAuthz.tags reads header:X-Meeting-Tags, which a client may write",
         ),
     ],
 )

@@ -197,6 +197,7 @@ def test_deny_line_has_every_field_and_no_raw_ip(serve: Any, tmp_path: Path, hma
     assert set(deny) == {
         "decision_id", "mode", "verdict", "rule_id", "legal_basis", "jurisdiction", "time", "action",
         "location", "meeting_id", "participant", "user", "policy_version", "geoip_build",
+        "tags", "host_account", "policy_sha256", "allow_sample_rate", "hmac_key_id",
     }  # fmt: skip
     assert (deny["verdict"], deny["rule_id"], deny["legal_basis"], deny["jurisdiction"]) == (
         "DENY", "cn", "Order 17/2020", ["CN"],

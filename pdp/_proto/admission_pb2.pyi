@@ -415,6 +415,10 @@ class GetStatusResponse(_message.Message):
     GEOIP_RELOADS_FIELD_NUMBER: _builtins.int
     GEOIP_REJECTIONS_FIELD_NUMBER: _builtins.int
     GEOIP_LOOKUP_ERRORS_FIELD_NUMBER: _builtins.int
+    DELTA_ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    DELTA_FALLBACKS_FIELD_NUMBER: _builtins.int
+    LAST_DELTA_FALLBACK_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
     serving: _builtins.bool
     """True when both a policy and a GeoIP database are loaded."""
     policy_version: _builtins.int
@@ -452,6 +456,14 @@ class GetStatusResponse(_message.Message):
     geoip_reloads: _builtins.int
     geoip_rejections: _builtins.int
     geoip_lookup_errors: _builtins.int
+    delta_activations: _builtins.int
+    """Redis deltas (see README, "Fleet-scale distribution"): activations made
+    by applying deltas to the active snapshot, changes announced as deltas
+    that were fetched whole instead (a gap, a trimmed stream, a bad
+    signature, a wrong hash), and why, the last time one was.
+    """
+    delta_fallbacks: _builtins.int
+    last_delta_fallback: _builtins.str
     @_builtins.property
     def policy_activated_at(self) -> _timestamp_pb2.Timestamp:
         """When the active policy was activated on this sidecar."""
@@ -460,6 +472,13 @@ class GetStatusResponse(_message.Message):
     def last_fetch_at(self) -> _timestamp_pb2.Timestamp:
         """When the snapshot source was last asked, and what came of it, in words:
         "activated version 42", "unchanged", "rejected: ...", "error: ...".
+        """
+
+    @_builtins.property
+    def candidate(self) -> Global___CandidateStatus:
+        """The candidate snapshot followed with --candidate-snapshot, evaluated next
+        to the active policy for every decision and never changing the answer;
+        unset when no candidate is configured.
         """
 
     def __init__(
@@ -488,11 +507,117 @@ class GetStatusResponse(_message.Message):
         geoip_reloads: _builtins.int = ...,
         geoip_rejections: _builtins.int = ...,
         geoip_lookup_errors: _builtins.int = ...,
+        delta_activations: _builtins.int = ...,
+        delta_fallbacks: _builtins.int = ...,
+        last_delta_fallback: _builtins.str = ...,
+        candidate: Global___CandidateStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_fetch_at", b"last_fetch_at", "policy_activated_at", b"policy_activated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "last_fetch_at", b"last_fetch_at", "policy_activated_at", b"policy_activated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "cache_capacity", b"cache_capacity", "cache_hits", b"cache_hits", "cache_misses", b"cache_misses", "cache_size", b"cache_size", "geoip_build", b"geoip_build", "geoip_lookup_errors", b"geoip_lookup_errors", "geoip_path", b"geoip_path", "geoip_rejections", b"geoip_rejections", "geoip_reloads", b"geoip_reloads", "geoip_type", b"geoip_type", "last_error", b"last_error", "last_fetch_at", b"last_fetch_at", "last_fetch_result", b"last_fetch_result", "policy_activated_at", b"policy_activated_at", "policy_sha256", b"policy_sha256", "policy_source", b"policy_source", "policy_version", b"policy_version", "rejections", b"rejections", "rule_count", b"rule_count", "server_version", b"server_version", "serving", b"serving", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "cache_capacity", b"cache_capacity", "cache_hits", b"cache_hits", "cache_misses", b"cache_misses", "cache_size", b"cache_size", "candidate", b"candidate", "delta_activations", b"delta_activations", "delta_fallbacks", b"delta_fallbacks", "geoip_build", b"geoip_build", "geoip_lookup_errors", b"geoip_lookup_errors", "geoip_path", b"geoip_path", "geoip_rejections", b"geoip_rejections", "geoip_reloads", b"geoip_reloads", "geoip_type", b"geoip_type", "last_delta_fallback", b"last_delta_fallback", "last_error", b"last_error", "last_fetch_at", b"last_fetch_at", "last_fetch_result", b"last_fetch_result", "policy_activated_at", b"policy_activated_at", "policy_sha256", b"policy_sha256", "policy_source", b"policy_source", "policy_version", b"policy_version", "rejections", b"rejections", "rule_count", b"rule_count", "server_version", b"server_version", "serving", b"serving", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class CandidateStatus(_message.Message):
+    """A candidate snapshot in shadow: what it would change, decision by decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    POLICY_SHA256_FIELD_NUMBER: _builtins.int
+    LOADED_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    FLIPS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    FLIPS_BY_RULE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where the candidate comes from (a URL, credentials masked)."""
+    policy_version: _builtins.int
+    """Version and SHA-256 of the candidate's rules (0 and empty until one is loaded)."""
+    policy_sha256: _builtins.str
+    last_error: _builtins.str
+    """The last error met while following the candidate; empty if none."""
+    decisions: _builtins.int
+    """Decisions evaluated against the candidate since it was loaded, and how
+    many of them it would have answered with the other verdict.
+    """
+    flips: _builtins.int
+    dropped: _builtins.int
+    """Decisions not evaluated because the evaluation queue was full."""
+    @_builtins.property
+    def loaded_at(self) -> _timestamp_pb2.Timestamp:
+        """When this candidate was loaded; the counts below start then."""
+
+    @_builtins.property
+    def flips_by_rule(self) -> _containers.RepeatedCompositeFieldContainer[Global___CandidateFlips]:
+        """The flips by rule, jurisdiction and direction, most first."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        policy_version: _builtins.int = ...,
+        policy_sha256: _builtins.str = ...,
+        loaded_at: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+        decisions: _builtins.int = ...,
+        flips: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        flips_by_rule: _abc.Iterable[Global___CandidateFlips] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["loaded_at", b"loaded_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "dropped", b"dropped", "flips", b"flips", "flips_by_rule", b"flips_by_rule", "last_error", b"last_error", "loaded_at", b"loaded_at", "policy_sha256", b"policy_sha256", "policy_version", b"policy_version", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CandidateStatus: _TypeAlias = CandidateStatus  # noqa: Y015
+
+@_typing.final
+class CandidateFlips(_message.Message):
+    """The would-be flips owed to one rule in one jurisdiction, in one direction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    JURISDICTION_FIELD_NUMBER: _builtins.int
+    LEGAL_BASIS_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERDICT_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    rule_id: _builtins.str
+    """The rule a flip is owed to: the candidate's deny when it would deny, else
+    its allow exception or the active deny it lifts; empty for a policy default.
+    """
+    jurisdiction: _builtins.str
+    """The participant's location code through which that rule reaches them
+    (CN, US-WA), or "unknown".
+    """
+    legal_basis: _builtins.str
+    """The legal basis of the deny involved."""
+    verdict: Global___Verdict.ValueType
+    """The answer given, and the candidate's."""
+    candidate_verdict: Global___Verdict.ValueType
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        rule_id: _builtins.str = ...,
+        jurisdiction: _builtins.str = ...,
+        legal_basis: _builtins.str = ...,
+        verdict: Global___Verdict.ValueType = ...,
+        candidate_verdict: Global___Verdict.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_verdict", b"candidate_verdict", "count", b"count", "jurisdiction", b"jurisdiction", "legal_basis", b"legal_basis", "rule_id", b"rule_id", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CandidateFlips: _TypeAlias = CandidateFlips  # noqa: Y015

@@ -32,8 +32,10 @@ from pdp.rules.compile import load_policy, parse_policy, snapshot_as_json
 from pdp.rules.document import MAX_SNAPSHOT_BYTES, sniff_format
 from pdp.rules.errors import Problem, SnapshotError
 from pdp.rules.evaluate import Policy, Rule, Trace, policy_summary
+from pdp.rules.validate import MAX_RULES
 
 __all__ = [
+    "MAX_RULES",
     "MAX_SNAPSHOT_BYTES",
     "Policy",
     "Problem",

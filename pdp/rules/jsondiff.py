@@ -131,9 +131,8 @@ def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callab
     Against ``base``, the previous snapshot: the rules inside the text both
     share from the start are the same rules, and so is every rule from the
     first one found, at its old position, inside the text both share up to the
-    end. Only the rules between are read, and those identical to the rule at
-    the same position are not parsed. The work on the shared parts is slicing
-    and copying in C: it does not grow with the number of rules in Python.
+    end. Only the rules between are read, and those identical to the rule at the
+    same position are not parsed. Slicing and copying in C do the shared parts.
 
     :raises ValueError, StopIteration: the array is malformed.
     """
@@ -148,7 +147,10 @@ def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callab
     suffix_from = shift = 0
     if old_count:
         prefix = _common_prefix(old_text, text)
-        suffix_from = len(old_text) - _common_suffix(old_text, text, min(len(old_text), len(text)) - prefix)
+        # Shared ends are sought up to the rules array's end, as if what follows it kept its length (the
+        # version, last in pdp.canonical's text); a wrong guess only shortens them: they are compared exactly.
+        end, new_end = base.rules_end, max(prefix, len(text) - (len(old_text) - base.rules_end))
+        suffix_from = end - _common_suffix(old_text[:end], text[:new_end], min(end, new_end) - prefix)
         shift = len(text) - len(old_text)
         # Old rules wholly inside the shared beginning lie at the same offsets now.
         head = bisect.bisect_right(old_ends, prefix)

@@ -1,4 +1,4 @@
-"""Where snapshots come from: ``file://``, ``http(s)://`` and ``redis://`` sources.
+"""Where snapshots come from: ``file://``, ``http(s)://`` and ``redis://`` (or ``redis+sentinel://``) sources.
 
 Every source answers :meth:`Source.fetch` with new bytes, or None when nothing
 changed since the last :meth:`Source.commit`; the reloader commits only after
@@ -23,14 +23,16 @@ __all__ = [
     "snapshot_format",
 ]
 
-SCHEMES = ("file", "http", "https", "redis", "rediss")
+SCHEMES = ("file", "http", "https", "redis", "rediss", "redis+sentinel")
 """Every scheme :func:`open_source` opens; ``pdp.config`` checks ``--snapshot`` against it."""
 
 
 def check_scheme(url: str) -> None:
     """:raises ValueError: ``url``'s scheme is not one of :data:`SCHEMES`."""
     if urlparse(url).scheme not in SCHEMES:
-        raise ValueError(f"{url!r}: snapshot URLs are file://, http(s):// or redis://")
+        raise ValueError(
+            f"{url!r}: snapshot URLs are file://, http(s):// or redis:// (redis+sentinel:// with Sentinel)"
+        )
 
 
 def snapshot_format(url: str) -> str | None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdp.errors import PdpError
+from pdp.signing import Opened, TrustedKeys
 
 __all__ = ["MAX_SNAPSHOT_BYTES", "Fetched", "Source", "SourceError", "SourceOptions"]
 
@@ -27,6 +28,11 @@ class Fetched:
     data: bytes
     tag: str
     sha256: str
+    deltas: int = 0  # deltas applied to the active snapshot to make ``data`` (0: fetched whole)
+    fallback: str = ""  # why deltas were announced but not used, when they were
+    # The envelope ``data`` is, as the source opened it (and verified it when keys are trusted):
+    # set by sources that build the envelope themselves, so that it is not parsed again.
+    opened: Opened | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +43,7 @@ class SourceOptions:
     bearer_token_file: str = ""
     ca_bundle: str = ""
     max_bytes: int = MAX_SNAPSHOT_BYTES
+    keys: TrustedKeys = field(default_factory=TrustedKeys)  # deltas are verified with them (redis)
 
 
 class Source:

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pdp.compression import CompressionError, inflate
 from pdp.files import Identity, identity_of
 from pdp.sources.base import Fetched, Source, SourceError, SourceOptions, read_limited
 
@@ -62,6 +63,10 @@ class FileSource(Source):
         data = self._read(identity)
         if data is None:
             return None
+        try:
+            data = inflate(data, self.max_bytes, str(self.path))  # gzip, told by its magic bytes
+        except CompressionError as error:
+            raise SourceError(str(error)) from None
         digest = hashlib.sha256(data).hexdigest()
         if digest == self.committed:
             self._seen_identity = identity  # touched, not changed

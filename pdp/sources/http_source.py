@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+from pdp.compression import CompressionError, decode_content_encoding, inflate
 from pdp.sources.base import Fetched, Source, SourceError, SourceOptions
 
 MAX_REDIRECTS = 3
@@ -111,7 +112,11 @@ class HttpSource(Source):
         )
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json, application/yaml, */*", "User-Agent": "pdp-sidecar"}
+        headers = {
+            "Accept": "application/json, application/yaml, */*",
+            "Accept-Encoding": "gzip",
+            "User-Agent": "pdp-sidecar",
+        }
         if self.committed:
             validators = json.loads(self.committed)
             if validators.get("etag"):
@@ -147,6 +152,13 @@ class HttpSource(Source):
             return None
         if status != 200:
             raise SourceError(f"{self.url}: HTTP {status} {reason}")
+        limit = self.options.max_bytes
+        try:  # a store or CDN compressing on the fly, then a .gz object told by its magic bytes
+            data = inflate(
+                decode_content_encoding(data, answer.get("Content-Encoding", ""), limit, self.url), limit, self.url
+            )
+        except CompressionError as error:
+            raise SourceError(str(error)) from None
         digest = hashlib.sha256(data).hexdigest()
         etag, last_modified = answer.get("ETag", ""), answer.get("Last-Modified", "")
         tag = json.dumps({"etag": etag, "last_modified": last_modified, "sha256": digest}, sort_keys=True)

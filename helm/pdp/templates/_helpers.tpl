@@ -74,6 +74,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- fail "pdp: snapshot.signing.existingSecret needs snapshot.signing.keyNames (the keys inside it to trust)" -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.authzen.enabled (eq $v.authzen.socketName $v.listen.socketName) (ne $v.mode "daemonset") -}}
+{{- fail "pdp: authzen.socketName must differ from listen.socketName (one socket each for gRPC and HTTP)" -}}
+{{- end -}}
+{{- if and $v.authzen.enabled (eq (int $v.authzen.port) (int $v.listen.port)) (eq $v.mode "daemonset") -}}
+{{- fail "pdp: authzen.port must differ from listen.port" -}}
+{{- end -}}
 {{- if and (eq $v.geoip.source "existingClaim") (not $v.geoip.existingClaim) -}}
 {{- fail "pdp: geoip.source=existingClaim needs geoip.existingClaim" -}}
 {{- end -}}
@@ -97,6 +103,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $v.audit.log (ne $v.audit.log "stdout") (not $v.stateDir.enabled) -}}
 {{- fail "pdp: an audit.log file needs stateDir.enabled (the root filesystem is read-only); or use audit.log=stdout" -}}
 {{- end -}}
+{{- $trusted := list -}}
+{{- range $v.extAuthz.trustedHeaders -}}{{- $trusted = append $trusted (lower .) -}}{{- end -}}
+{{- range $name := list "meetingId" "tags" "hostAccountId" "action" "userId" "accountId" -}}
+{{- $source := index $v.extAuthz $name -}}
+{{- if and (hasPrefix "header:" $source) (not (has (lower (trimPrefix "header:" $source)) $trusted)) -}}
+{{- fail (printf "pdp: extAuthz.%s reads %s, which a client may write: list the header in extAuthz.trustedHeaders only if a proxy you run sets it on every request" $name $source) -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.telemetry.serviceMonitor.enabled (ne $v.telemetry.metricsExporter "prometheus") -}}
 {{- fail "pdp: telemetry.serviceMonitor.enabled needs telemetry.metricsExporter=prometheus" -}}
 {{- end -}}
@@ -111,6 +125,33 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+Memory for the pdp container, in MiB, from peaks measured by benchmarks/rules_memory.py
+(helm/pdp/README.md, "Sizing memory"): 48 + 30 per 10,000 rules + 53 per 100,000 cache
+entries + the database twice (the serving copy and its replacement), each term rounded up.
+*/}}
+{{- define "pdp.memoryMiB" -}}
+{{- $rules := div (add (mul (int .Values.sizing.rules) 30) 9999) 10000 -}}
+{{- $cache := div (add (mul (int .Values.cacheSize) 53) 99999) 100000 -}}
+{{- add 48 $rules $cache (mul 2 (int .Values.sizing.geoipMiB)) -}}
+{{- end -}}
+
+{{/* resources, with a memory limit (and request) sized from .Values.sizing where not given. */}}
+{{- define "pdp.resources" -}}
+{{- $resources := deepCopy .Values.resources -}}
+{{- $limits := get $resources "limits" | default dict -}}
+{{- $requests := get $resources "requests" | default dict -}}
+{{- if not (hasKey $limits "memory") -}}
+{{- $_ := set $limits "memory" (printf "%sMi" (include "pdp.memoryMiB" .)) -}}
+{{- end -}}
+{{- if not (hasKey $requests "memory") -}}
+{{- $_ := set $requests "memory" (get $limits "memory") -}}
+{{- end -}}
+{{- $_ := set $resources "limits" $limits -}}
+{{- $_ := set $resources "requests" $requests -}}
+{{- toYaml $resources -}}
+{{- end -}}
+
 {{- define "pdp.snapshotUrl" -}}
 {{- if .Values.snapshot.inlineRules -}}file:///etc/pdp/rules/rules.yaml{{- else -}}{{ .Values.snapshot.url }}{{- end -}}
 {{- end -}}
@@ -123,6 +164,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{- define "pdp.listenAddress" -}}
 {{- if eq .Values.mode "daemonset" -}}$(POD_IP):{{ .Values.listen.port }}{{- else -}}unix:{{ include "pdp.socketPath" . }}{{- end -}}
+{{- end -}}
+
+{{- define "pdp.httpListenAddress" -}}
+{{- if eq .Values.mode "daemonset" -}}$(POD_IP):{{ .Values.authzen.port }}{{- else -}}unix:{{ .Values.listen.socketDir }}/{{ .Values.authzen.socketName }}{{- end -}}
 {{- end -}}
 
 {{- define "pdp.pubkeyFiles" -}}
@@ -149,6 +194,10 @@ chart writes, inside its pod's `containers:` list:
     - {{ include "pdp.listenAddress" . | quote }}
     - --health-listen
     - "$(POD_IP):{{ .Values.healthPort }}"
+    {{- if .Values.authzen.enabled }}
+    - --http-listen
+    - {{ include "pdp.httpListenAddress" . | quote }}
+    {{- end }}
   envFrom:
     - configMapRef:
         name: {{ include "pdp.fullname" . }}-config
@@ -172,6 +221,11 @@ chart writes, inside its pod's `containers:` list:
     {{- if eq .Values.mode "daemonset" }}
     - name: grpc
       containerPort: {{ .Values.listen.port }}
+      protocol: TCP
+    {{- end }}
+    {{- if and (eq .Values.mode "daemonset") .Values.authzen.enabled }}
+    - name: authzen
+      containerPort: {{ .Values.authzen.port }}
       protocol: TCP
     {{- end }}
     - name: health
@@ -199,7 +253,7 @@ chart writes, inside its pod's `containers:` list:
     periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
     failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
   resources:
-    {{- toYaml .Values.resources | nindent 4 }}
+    {{- include "pdp.resources" . | nindent 4 }}
   securityContext:
     {{- toYaml .Values.securityContext | nindent 4 }}
   volumeMounts:
