@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from pdp.bounds import MAX_ID_LENGTH, MAX_TAG_LENGTH
 from pdp.client import Client
 from pdp.config import ServeConfig
-from pdp.bounds import MAX_ID_LENGTH, MAX_TAG_LENGTH
 from pdp.geo import GeoDatabase
 from pdp.model import Location, Meeting, Verdict
 from pdp.reload import Reloader
 from pdp.rules import SnapshotError, parse_policy
-from pdp.rules.text import MAX_SHADOW_RULES_PER_COUNTRY, MAX_TEXT_BYTES
+from pdp.rules.text import MAX_SHADOW_ID_BYTES, MAX_TEXT_BYTES
 from pdp.server import start_server
 from pdp.sources import open_source
 from pdp.state import Active, PolicyHolder
@@ -35,6 +35,7 @@ from .conftest import CITY_DB, replace_file
 PDP = [sys.executable, "-m", "pdp"]
 CN = "175.16.199.1"
 MIB = 1024 * 1024
+LONGEST_SHADOWS = MAX_SHADOW_ID_BYTES // 130  # shadow rules with the longest ids (128) one country may have
 GOOD = b"version: 5\nrules:\n  - {id: cn, effect: deny, jurisdiction: [CN], legal_basis: Order 17}\n"
 
 
@@ -176,7 +177,7 @@ def test_the_largest_checkbatch_answer_the_bounds_allow_fits_4_mib_with_margin()
     assert len(text.encode()) == MAX_TEXT_BYTES
     shadows = "".join(
         f"  - {{id: {'s' * 126}{n:02d}, effect: deny, mode: shadow, legal_basis: x, jurisdiction: [CN]}}\n"
-        for n in range(MAX_SHADOW_RULES_PER_COUNTRY)
+        for n in range(LONGEST_SHADOWS)
     )
     snapshot = (
         f"version: {2**63 - 1}\nrules:\n"
@@ -191,7 +192,7 @@ def test_the_largest_checkbatch_answer_the_bounds_allow_fits_4_mib_with_margin()
         location = Location("CN", (f"CN-{n:03d}", f"CN-{n:03d}"))  # the longest codes, and two of them
         decision = policy.decide(location, 1, Meeting("m"), 0.0)
         assert decision.rule_id == longest_id
-        assert len(decision.shadow_rule_ids) == MAX_SHADOW_RULES_PER_COUNTRY
+        assert len(decision.shadow_rule_ids) == LONGEST_SHADOWS
         results.append(encode_result(decision, location, active))
     size = len(encode_batch(results, active))
     # The GeoIP build is this database's; the largest possible adds 5 bytes per answer.
@@ -239,18 +240,29 @@ def test_a_selector_value_no_request_can_carry_is_refused(
     assert "can never match" in result.stderr
 
 
-def test_shadow_rules_one_place_can_meet_are_bounded(tmp_path: Path) -> None:
-    shadows = "".join(
+def test_shadow_rules_one_place_can_meet_are_bounded() -> None:
+    """By what their ids take in an answer: many short ids, or a few long ones."""
+    many = "".join(
         f"  - {{id: s{n}, effect: deny, mode: shadow, legal_basis: x, jurisdiction: [{code}]}}\n"
-        for n, code in enumerate(["CN", "CN-BJ", "HK"] * MAX_SHADOW_RULES_PER_COUNTRY)
+        for n, code in enumerate(["CN", "CN-BJ", "HK"] * 40)  # 80 short ids reach CN
+    )
+    assert len(parse_policy(f"version: 5\nrules:\n{many}".encode(), "many.yaml").rules) == 120
+    long_ids = "".join(
+        f"  - {{id: {code.lower()}{'x' * 120}{n:03d}, effect: deny, mode: shadow, legal_basis: x, "
+        f"jurisdiction: [{code}]}}\n"
+        for n, code in enumerate(["CN", "CN-BJ", "HK"] * LONGEST_SHADOWS)
     )
     with pytest.raises(SnapshotError) as refused:
-        parse_policy(f"version: 5\nrules:\n{shadows}".encode(), "shadows.yaml")
-    (problem,) = refused.value.problems  # HK has as many as are allowed; CN (with CN-BJ) more
+        parse_policy(f"version: 5\nrules:\n{long_ids}".encode(), "long.yaml")
+    (problem,) = refused.value.problems  # HK's ids take as much as is allowed; CN's (with CN-BJ) more
     # The rules reaching CN (CN and CN-BJ) are those at n % 3 in (0, 1): the one past the bound is n = 12.
-    beyond = [n for n in range(3 * MAX_SHADOW_RULES_PER_COUNTRY) if n % 3 != 2][MAX_SHADOW_RULES_PER_COUNTRY]
-    assert (problem.path, problem.line) == (f"rules[{beyond}] (s{beyond}).mode", 3 + beyond)
-    assert f"shadow rule no. {MAX_SHADOW_RULES_PER_COUNTRY + 1} reaching participants located in CN" in problem.message
+    beyond = [n for n in range(3 * LONGEST_SHADOWS) if n % 3 != 2][LONGEST_SHADOWS]
+    assert (problem.path.split(" ")[0], problem.line) == (f"rules[{beyond}]", 3 + beyond)
+    assert problem.path.endswith(".mode")
+    assert (
+        f"the {LONGEST_SHADOWS + 1} shadow rules up to this one reaching participants located in CN" in problem.message
+    )
+    assert f"at most {MAX_SHADOW_ID_BYTES}" in problem.message
 
 
 def test_the_largest_rules_serve_a_full_default_batch_through_a_real_server(tmp_path: Path) -> None:

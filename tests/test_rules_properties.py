@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pdp.model import Action, Location, Meeting, Verdict
 from pdp.rules import Policy, Rule, parse_policy
-from pdp.rules.text import MAX_SHADOW_RULES_PER_COUNTRY
+from pdp.rules.text import MAX_SHADOW_ID_BYTES
 
 CODES = ["CN", "HK", "MO", "TW", "US", "US-WA", "US-CA", "GB", "GB-ENG"]
 LOCATIONS = [
@@ -76,11 +76,12 @@ def within_shadow_bound(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for rule in rules:
         countries = {code.partition("-")[0] for code in rule["jurisdiction"]}
         if rule["mode"] == "shadow":
-            if any(reach.get(country, 0) >= MAX_SHADOW_RULES_PER_COUNTRY for country in countries):
+            size = len(rule["id"]) + 2
+            if any(reach.get(country, 0) + size > MAX_SHADOW_ID_BYTES for country in countries):
                 rule = dict(rule, mode="enforce")
             else:
                 for country in countries:
-                    reach[country] = reach.get(country, 0) + 1
+                    reach[country] = reach.get(country, 0) + size
         bounded.append(rule)
     return bounded
 

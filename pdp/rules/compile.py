@@ -41,7 +41,7 @@ from pdp.rules.document import (
 from pdp.rules.errors import SnapshotError
 from pdp.rules.evaluate import Index, Policy, Rule, build_index
 from pdp.rules.jsondiff import PACE_EVERY, JsonRules, JsonSource, split_json
-from pdp.rules.text import MAX_SHADOW_RULES_PER_COUNTRY
+from pdp.rules.text import MAX_SHADOW_ID_BYTES
 from pdp.rules.validate import PRIORITY_LIMIT, Checker, Header, RuleSpec, check_header, check_rule
 
 __all__ = ["Fingerprints", "load_policy", "parse_policy", "rank", "snapshot_as_json"]
@@ -166,19 +166,23 @@ def _compile_rules(checker: Checker, texts: _RuleTexts, previous: Policy | None,
 
 
 def _check_shadow_reach(checker: Checker) -> None:
-    """After every rule: record a problem for each country more shadow rules reach
-    than :data:`~pdp.rules.text.MAX_SHADOW_RULES_PER_COUNTRY`, at the first rule too many."""
+    """After every rule: record a problem for each country whose shadow rules' ids
+    would take more than :data:`~pdp.rules.text.MAX_SHADOW_ID_BYTES` in an answer,
+    at the first rule past the bound."""
     for country, reached in checker.shadow_reach.items():
-        if len(reached) > MAX_SHADOW_RULES_PER_COUNTRY:
-            path, line = reached[MAX_SHADOW_RULES_PER_COUNTRY]
-            checker.fail(
-                path,
-                f"shadow rule no. {MAX_SHADOW_RULES_PER_COUNTRY + 1} reaching participants located in {country}:"
-                f" at most {MAX_SHADOW_RULES_PER_COUNTRY} may reach one country (with its subdivisions), since"
-                " every answer lists the shadow rules that apply and a CheckBatch answer must fit gRPC's 4 MiB"
-                " message limit",
-                line,
-            )
+        total = 0
+        for count, (path, line, size) in enumerate(reached, 1):
+            total += size
+            if total > MAX_SHADOW_ID_BYTES:
+                checker.fail(
+                    path,
+                    f"the {count} shadow rules up to this one reaching participants located in {country} list"
+                    f" {total} bytes of ids in every answer there (each id and 2), at most {MAX_SHADOW_ID_BYTES}:"
+                    " a CheckBatch answer of 1,000 participants must fit gRPC's 4 MiB message limit; use"
+                    " shorter ids or fewer shadow rules",
+                    line,
+                )
+                break
 
 
 # --------------------------------------------------------------------------- assembling the policy

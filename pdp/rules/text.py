@@ -1,7 +1,8 @@
 """What the rules format accepts as text: Unicode that encodes as UTF-8, that shows
 something where something is required, and that fits the answers that carry it.
 
-A rule's reason and legal basis travel in every answer it decides; a CheckBatch
+A rule's reason and legal basis travel in every answer it decides, and the ids
+of the shadow rules that apply in every answer there; a CheckBatch
 answer carries them once per participant. Their bound keeps the largest answer of
 the default batch (1,000 participants) far under gRPC's default 4 MiB message
 limit: ``tests/test_hardening_inputs.py`` computes that worst case through the
@@ -14,7 +15,7 @@ import re
 import unicodedata
 
 __all__ = [
-    "MAX_SHADOW_RULES_PER_COUNTRY",
+    "MAX_SHADOW_ID_BYTES",
     "MAX_TEXT_BYTES",
     "control_problem",
     "encoding_problem",
@@ -25,9 +26,11 @@ __all__ = [
 MAX_TEXT_BYTES = 1000
 """A reason or legal basis, in UTF-8 bytes (1,000 Latin letters, 333 Chinese characters)."""
 
-MAX_SHADOW_RULES_PER_COUNTRY = 8
-"""Shadow rules whose jurisdiction covers one country or its subdivisions: every
-answer lists the shadow rules that apply to the participant's place."""
+MAX_SHADOW_ID_BYTES = 1040
+"""What the ids of the shadow rules reaching one country (or its subdivisions) may
+take in an answer, each id's length and 2 bytes of framing: every answer lists the
+shadow rules that apply to the participant's place. Eight of the longest ids (128
+characters), 86 of 10 characters."""
 
 # Letters and symbols that render as nothing, besides the format (Cf) and space (Z*)
 # categories: Hangul fillers and the blank Braille pattern.

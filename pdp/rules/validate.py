@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypedDict
 
-from pdp.iso3166 import jurisdiction_problem
 from pdp.bounds import MAX_ID_LENGTH, MAX_TAG_LENGTH
+from pdp.iso3166 import jurisdiction_problem
 from pdp.model import Action, Verdict
 from pdp.rules.document import Marked, line_of
 from pdp.rules.errors import Problem
@@ -106,8 +106,8 @@ class Checker:
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
-        # country -> (path, line) of each shadow rule reaching it, in file order
-        self.shadow_reach: dict[str, list[tuple[str, int | None]]] = {}
+        # country -> (path, line, bytes of its id in an answer) of each shadow rule reaching it, in file order
+        self.shadow_reach: dict[str, list[tuple[str, int | None, int]]] = {}
 
     def fail(self, path: str, message: str, line: int | None) -> None:
         self.problems.append(Problem(path, message, line))
@@ -299,7 +299,8 @@ def check_rule(checker: Checker, raw: object, position: int, seen: dict[str, int
     reason = checker.text(raw, "reason", path)
     if mode == "shadow":
         for country in dict.fromkeys(code.partition("-")[0] for code in jurisdiction):
-            checker.shadow_reach.setdefault(country, []).append((f"{path}.mode", line_of(raw, "mode")))
+            reach = (f"{path}.mode", line_of(raw, "mode"), len(rule_id.encode()) + 2)
+            checker.shadow_reach.setdefault(country, []).append(reach)
     priority = checker.integer(raw, "priority", path, low=-PRIORITY_LIMIT, high=PRIORITY_LIMIT, default=0)
     valid_from = checker.moment(raw, "valid_from", path, -math.inf)
     valid_until = checker.moment(raw, "valid_until", path, math.inf)
