@@ -1,10 +1,11 @@
 """The floor: a server for pdp's proto that answers every Check with a constant.
 
-    python -m benchmarks.floor_server --mode sync|aio --listen unix:/tmp/floor.sock
+    python -m benchmarks.floor_server --mode sync|sync-guarded|aio --listen unix:/tmp/floor.sock
 
-``sync`` is built exactly as `pdp serve` builds its server (same thread pool,
-same channel options); ``aio`` is the grpc.aio alternative with the same
-options. It prints one line once listening, like `pdp serve`.
+``sync-guarded`` is built exactly as `pdp serve` builds its server (same thread
+pool, channel options and receive guard, see pdp.receiving); ``sync`` is the same
+without the guard; ``aio`` is the grpc.aio alternative with the same options.
+It prints one line once listening, like `pdp serve`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 
 from pdp._proto import admission_pb2 as pb
 from pdp.config import ServeConfig
+from pdp.receiving import GuardedHandlers, ReceiveGuard
 from pdp.server import grpc_options
 
 RESPONSE = pb.CheckResponse(
@@ -54,9 +56,15 @@ def _address(listen: str, port: int) -> str:
     return listen if listen.startswith("unix:") else f"{listen.rsplit(':', 1)[0]}:{port}"
 
 
-def serve_sync(config: ServeConfig) -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=grpc_options(config))
-    server.add_generic_rpc_handlers((handlers(sync_check),))
+def serve_sync(config: ServeConfig, *, guarded: bool = False) -> None:
+    """``guarded``: every request received through pdp's ReceiveGuard, as `pdp serve` does."""
+    guard = ReceiveGuard(limit=4 * config.workers, timeout=config.receive_timeout)
+    threads = config.workers + (guard.limit if guarded else 0)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=grpc_options(config))
+    floor = handlers(sync_check)
+    server.add_generic_rpc_handlers((GuardedHandlers([floor], guard) if guarded else floor,))
+    if guarded:
+        guard.start()
     bound = server.add_insecure_port(config.listen)
     server.start()
     print(f"floor (sync) listening on {_address(config.listen, bound)}", flush=True)
@@ -74,12 +82,12 @@ async def serve_aio(config: ServeConfig) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("sync", "aio"), default="sync")
+    parser.add_argument("--mode", choices=("sync", "sync-guarded", "aio"), default="sync")
     parser.add_argument("--listen", required=True)
     options = parser.parse_args()
     config = ServeConfig(listen=options.listen)
-    if options.mode == "sync":
-        serve_sync(config)
+    if options.mode.startswith("sync"):
+        serve_sync(config, guarded=options.mode == "sync-guarded")
     else:
         asyncio.run(serve_aio(config))
     return 0

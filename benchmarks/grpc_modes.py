@@ -3,7 +3,8 @@
     python -m benchmarks.grpc_modes [--seconds 4] [--repeats 3]
 
 Starts, one after the other on a Unix socket: the floor server in sync mode,
-the floor in aio mode, and `pdp serve` (sync) on the demo database. Each
+the same with pdp's receive guard (pdp.receiving), the floor in aio mode, and
+`pdp serve` (sync) on the demo database. Each
 server is pinned to core 0 and driven closed-loop by a grpc.aio client pinned
 to core 1, at 1 and at 16 calls in flight. Reports calls/s and p50/p99 in µs
 (median over repeats). Closed-loop figures: this decides the server mode and
@@ -96,6 +97,7 @@ def main() -> int:
     folder = tempfile.mkdtemp(prefix="pdp-bench-")
     servers = {
         "floor sync": [sys.executable, "-m", "benchmarks.floor_server", "--mode", "sync"],
+        "floor sync, guarded": [sys.executable, "-m", "benchmarks.floor_server", "--mode", "sync-guarded"],
         "floor aio": [sys.executable, "-m", "benchmarks.floor_server", "--mode", "aio"],
         "pdp Check (sync)": [
             sys.executable, "-m", "pdp", "serve", "--geoip-db", "demo",
@@ -117,13 +119,13 @@ def main() -> int:
         f"# closed loop, Unix socket, server on core 0, client on core 1, median of {options.repeats} x "
         f"{options.seconds:.0f}s; Python {sys.version.split()[0]}, grpcio {grpc.__version__}"
     )
-    print(f"{'server':<18} {'in flight':>9} {'calls/s':>9} {'p50 µs':>8} {'p99 µs':>8}")
+    print(f"{'server':<20} {'in flight':>9} {'calls/s':>9} {'p50 µs':>8} {'p99 µs':>8}")
     summary: dict[str, Any] = {}
     for name, by_flight in results.items():
         for in_flight, runs in by_flight.items():
             row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             summary[f"{name} @{in_flight}"] = row
-            print(f"{name:<18} {in_flight:>9} {row['calls_per_s']:>9.0f} {row['p50_us']:>8.0f} {row['p99_us']:>8.0f}")
+            print(f"{name:<20} {in_flight:>9} {row['calls_per_s']:>9.0f} {row['p50_us']:>8.0f} {row['p99_us']:>8.0f}")
     return 0
 
 

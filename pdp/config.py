@@ -48,6 +48,7 @@ class ServeConfig:
     batch_limit: int = 1000
     max_message_bytes: int = 4 * 1024 * 1024
     workers: int = 8
+    receive_timeout: float = 2.0
     grace_seconds: float = 5.0
     log_level: str = "info"
     snapshot_pubkey: str = ""
@@ -218,7 +219,11 @@ _SOURCES = "context:KEY, claim:PATH, path:REGEX or header:NAME (see README, Envo
 
 SETTINGS: tuple[Setting, ...] = (
     Setting(
-        "listen", "address to serve on: HOST:PORT (port 0 picks a free one) or unix:/path/to.sock", "ADDR", _listen
+        "listen",
+        "address to serve on: HOST:PORT (port 0 picks a free one) or unix:/path/to.sock (in a directory only"
+        " pdp's user can write, created 0750 if missing)",
+        "ADDR",
+        _listen,
     ),
     Setting(
         "health_listen",
@@ -246,7 +251,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache_size", "entries in the IP-to-location LRU cache", "N", _positive),
     Setting("batch_limit", "most participants accepted in one CheckBatch", "N", _positive),
     Setting("max_message_bytes", "largest request accepted; larger ones get RESOURCE_EXHAUSTED", "BYTES", _positive),
-    Setting("workers", "gRPC server threads", "N", _positive),
+    Setting(
+        "workers",
+        "gRPC server threads that decide (more wait for requests still coming, see --receive-timeout)",
+        "N",
+        _positive,
+    ),
+    Setting(
+        "receive_timeout",
+        "longest a call may take to send its request message after its headers; one that sends nothing is"
+        " cancelled then, or sooner when 4 x --workers calls are waiting and it has waited longest",
+        "SECONDS",
+        _interval,
+    ),
     Setting("grace_seconds", "on SIGTERM, how long in-flight calls may finish", "SECONDS", _seconds),
     Setting("log_level", "debug, info, warning or error", "LEVEL", _log_level),
     Setting(

@@ -89,28 +89,33 @@ def remove_temporaries(path: Path) -> list[Path]:
     return removed
 
 
-def _not_private(path: Path, status: os.stat_result) -> str:
-    """Why ``status`` lets someone other than this process's user (or root) write ``path``, or ''."""
+def _not_private(path: Path, status: os.stat_result, advice: str | None = None) -> str:
+    """Why ``status`` lets someone other than this process's user (or root) write
+    ``path``, or ''; ``advice`` replaces the fix suggested for a writable mode."""
     if status.st_uid not in (os.geteuid(), 0):
         return f"owned by uid {status.st_uid}, not by pdp's user (uid {os.geteuid()}) or root"
     if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"writable by group or others (mode {stat.S_IMODE(status.st_mode):04o}); chmod go-w {path}"
+        return (
+            f"writable by group or others (mode {stat.S_IMODE(status.st_mode):04o}); {advice or f'chmod go-w {path}'}"
+        )
     return ""
 
 
-def private_directory(path: Path) -> None:
+def private_directory(path: Path, *, mode: int = 0o700, advice: str | None = None) -> None:
     """Make sure ``path`` is a directory only pdp's user (or root) can write, as ssh
-    demands of ``~/.ssh``: created 0700 when missing, refused otherwise.
+    demands of ``~/.ssh``: created with ``mode`` when missing (0700; a socket's
+    directory is 0750, so that pdp's group may reach the socket), refused otherwise,
+    sticky bit or not. ``advice`` is the fix the refusal suggests.
 
     :raises NotPrivateError: it exists and others could write it.
     :raises OSError: it cannot be created or examined, or is not a directory.
     """
     if not path.exists():
-        path.mkdir(mode=0o700, parents=True)
+        path.mkdir(mode=mode, parents=True)
     status = path.stat()
     if not stat.S_ISDIR(status.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
-    problem = _not_private(path, status)
+    problem = _not_private(path, status, advice)
     if problem:
         raise NotPrivateError(f"{path}: {problem}")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdp.config import ServeConfig
+from pdp.files import NotPrivateError, private_directory
 
 __all__ = ["SOCKET_UMASK", "TlsFiles", "is_loopback", "prepare_unix_socket", "refuse_insecure_remote", "tls_files"]
 
@@ -72,13 +73,23 @@ def tls_files(config: ServeConfig) -> TlsFiles | None:
 
 def prepare_unix_socket(path: Path) -> None:
     """Make ``path`` bindable: its directory created for the server alone (and
-    its group) if missing, a socket left by a dead server removed.
+    its group, 0750) if missing, and refused if others could write it, sticky or
+    not (they could move the socket aside, or take its name while pdp restarts,
+    and listen in its place); then a socket left by a dead server removed.
 
-    :raises OSError: ``path`` is not a socket, or a live server listens on it.
+    :raises OSError: the directory is not pdp's own (naming it, why and the fix),
+        ``path`` is not a socket, or a live server listens on it.
     """
+    own = path.parent / "pdp" / path.name
+    advice = f"use a directory of pdp's own, such as unix:{own} (pdp creates it 0750, for its group)"
+    try:
+        private_directory(path.parent, mode=0o750, advice=advice)
+    except NotPrivateError as error:
+        detail = str(error) if "owned by" not in str(error) else f"{error}; {advice}"
+        raise OSError(
+            f"cannot listen on unix:{path}: {detail}; another user could move the socket aside and listen in its place"
+        ) from None
     _clear_stale_socket(path)
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o750, parents=True)
 
 
 def _clear_stale_socket(path: Path) -> None:

@@ -35,7 +35,7 @@ from pdp.mmdb import look
 from pdp.pacing import in_background
 from pdp.persisted import Persisted, StateDir
 from pdp.poller import Poller as _Poller
-from pdp.rules import Policy, SnapshotError, parse_policy
+from pdp.rules import Policy, SnapshotError, parse_policy, sniff_format
 from pdp.signing import Opened, SignatureError, TrustedKeys, is_envelope, open_envelope
 from pdp.sources import Fetched, Source, SourceError, snapshot_format
 from pdp.state import PolicyHolder, ReloadStatus
@@ -95,7 +95,9 @@ def read_snapshot(
     (``"yaml"`` or ``"json"``) overrides the parser's guess from ``source`` and content;
     ``opened``, the contents of the envelope ``data`` is as its source opened them (a
     snapshot rebuilt from deltas, its payload's digest computed), saves parsing and
-    hashing it again: only the signature over that digest is checked.
+    hashing it again: only the signature over that digest is checked. The payload of a
+    signed envelope is read in its own format, from its content: ``source`` and ``fmt``
+    name the envelope, which is JSON whatever it carries.
 
     :raises SnapshotRejectedError: unsigned, unknown key, bad signature, envelope/payload
         version mismatch, or any rules-file problem (every one listed).
@@ -109,7 +111,10 @@ def read_snapshot(
             return parse_policy(data, source, fmt, pace=pace, previous=previous, sha256=sha256)
         elif keys:  # a source's word is not enough: its signature over the payload's digest is checked here too
             keys.check(opened.key_id, opened.version, opened.sha256, opened.signature)
-        policy = parse_policy(opened.payload, source, fmt, pace=pace, previous=previous, sha256=opened.sha256)
+        payload_format = sniff_format(opened.payload)
+        policy = parse_policy(
+            opened.payload, source, payload_format, pace=pace, previous=previous, sha256=opened.sha256
+        )
     except SignatureError as error:
         raise SnapshotRejectedError(f"{source}: {error}") from None
     except SnapshotError as error:

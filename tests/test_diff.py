@@ -118,7 +118,7 @@ def test_signed_envelopes_are_read_through_their_signature(tmp_path: Path) -> No
     assert pdp("keygen", "--out", str(tmp_path / "k")).returncode == 0
     assert pdp("keygen", "--out", str(tmp_path / "other")).returncode == 0
     rules = write(tmp_path, "rules.yaml", BASE)
-    signed = tmp_path / "signed.envelope"  # a .json name would make the YAML payload be read as JSON (a known bug)
+    signed = tmp_path / "signed.json"
     assert pdp("snapshot", "sign", str(rules), "--key", str(tmp_path / "k.key"), "--out", str(signed)).returncode == 0
     verified = pdp("snapshot", "diff", str(rules), str(signed), "--pubkey", str(tmp_path / "k.pub"))
     assert verified.returncode == 0, verified.stderr
@@ -128,7 +128,7 @@ def test_signed_envelopes_are_read_through_their_signature(tmp_path: Path) -> No
     wrong_key = pdp("snapshot", "diff", str(rules), str(signed), "--pubkey", str(tmp_path / "other.pub"))
     assert wrong_key.returncode == 2
     assert "unknown key" in wrong_key.stderr
-    tampered = tmp_path / "tampered.envelope"
+    tampered = tmp_path / "tampered.json"
     envelope = json.loads(signed.read_bytes())
     payload = base64.b64decode(envelope["payload"]).replace(b"Order 17/2020", b"Order 17/2021")
     tampered.write_text(json.dumps(envelope | {"payload": base64.b64encode(payload).decode()}))

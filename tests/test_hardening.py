@@ -235,7 +235,7 @@ SNAPSHOTS: list[tuple[str, bytes, str]] = [
             b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
             b"version: 5\nrules: *f\n"
         ),
-        "unknown key",
+        "aliases expand",
     ),
     ("python object tag", b"version: !!python/object:os.system [id]\nrules: []\n", "invalid YAML"),
     ("duplicate top key", b"version: 5\nversion: 6\nrules: []\n", "duplicate key 'version'"),

@@ -147,7 +147,7 @@ def test_socket_is_shared_through_an_emptydir(scenario: str, meeting_node_chart:
         if any(mount["name"] == "pdp-socket" for mount in container.get("volumeMounts", []))
     ]
     assert sorted(mounting) == ["meeting-node", "pdp"]
-    assert pdp_container(render_scenario(scenario, meeting_node_chart))["args"][2] == "unix:/run/pdp/pdp.sock"
+    assert pdp_container(render_scenario(scenario, meeting_node_chart))["args"][2] == "unix:/run/pdp/sock/pdp.sock"
 
 
 def test_daemonset_mode_is_node_local() -> None:

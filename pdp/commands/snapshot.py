@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pdp.rules import Policy, SnapshotError, load_policy, policy_summary
+from pdp.rules import Policy, SnapshotError, load_policy, parse_policy, policy_summary, sniff_format
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -69,6 +69,9 @@ def _signed(path: str, key_file: str | None, as_json: bool = False) -> tuple[byt
         data = canonical_snapshot(data, path)
     if not key_file:
         return data, policy, None
+    # Sidecars read a signed payload in the format its content shows (the envelope's name
+    # says nothing of it): refuse here what they would refuse.
+    parse_policy(data, path, sniff_format(data))
     try:
         key = load_private_key(key_file)
     except SignatureError as error:

@@ -8,6 +8,7 @@ The package's files are its pipeline, each one stage:
   gate, YAML without duplicate keys, JSON, format detection);
 - :mod:`~pdp.rules.jsondiff`: the stepwise JSON reader against the previous
   snapshot's text;
+- :mod:`~pdp.rules.text`: what counts as text (valid Unicode, visible, bounded);
 - :mod:`~pdp.rules.validate`: the rules format's contract, every problem
   collected, a typed spec per rule;
 - :mod:`~pdp.rules.compile`: ranks, reuse of the active policy's unchanged
@@ -28,7 +29,7 @@ This module is the package's face: the rest of pdp imports from here.
 from __future__ import annotations
 
 from pdp.rules.compile import load_policy, parse_policy, snapshot_as_json
-from pdp.rules.document import MAX_SNAPSHOT_BYTES
+from pdp.rules.document import MAX_SNAPSHOT_BYTES, sniff_format
 from pdp.rules.errors import Problem, SnapshotError
 from pdp.rules.evaluate import Policy, Rule, Trace, policy_summary
 from pdp.rules.validate import MAX_RULES
@@ -45,4 +46,5 @@ __all__ = [
     "parse_policy",
     "policy_summary",
     "snapshot_as_json",
+    "sniff_format",
 ]

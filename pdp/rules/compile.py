@@ -41,6 +41,7 @@ from pdp.rules.document import (
 from pdp.rules.errors import SnapshotError
 from pdp.rules.evaluate import Index, Policy, Rule, build_index
 from pdp.rules.jsondiff import PACE_EVERY, JsonRules, JsonSource, split_json
+from pdp.rules.text import MAX_SHADOW_ID_BYTES
 from pdp.rules.validate import PRIORITY_LIMIT, Checker, Header, RuleSpec, check_header, check_rule
 
 __all__ = ["Fingerprints", "load_policy", "parse_policy", "rank", "snapshot_as_json"]
@@ -58,8 +59,7 @@ def _ranked(spec: RuleSpec) -> Rule:
     """The final rule: its rank, its precomputed decision, whether finding it settles it."""
     if spec["effect"] == Verdict.DENY:
         reason = (
-            spec["reason"]
-            or f"participants located in {', '.join(spec['jurisdiction'])} are denied by rule {spec['id']}"
+            spec["reason"] or f"participants located in {_places(spec['jurisdiction'])} are denied by rule {spec['id']}"
         )
     else:
         reason = spec["reason"] or f"exception granted by rule {spec['id']}"
@@ -74,6 +74,16 @@ def _ranked(spec: RuleSpec) -> Rule:
     return Rule(
         **spec, rank=rank(spec["priority"], spec["effect"], spec["position"]), decision=decision, settled=settled
     )
+
+
+def _places(codes: Sequence[str]) -> str:
+    """The codes of a jurisdiction for a generated reason, within a few hundred
+    characters however many there are (the reason travels in every answer)."""
+    shown = ", ".join(codes)
+    if len(shown) <= 200:
+        return shown
+    head = shown[:200].rpartition(", ")[0]
+    return f"{head} and {len(codes) - head.count(', ') - 1} more"
 
 
 # --------------------------------------------------------------------------- where rules come from
@@ -142,6 +152,9 @@ def _compile_rules(checker: Checker, texts: _RuleTexts, previous: Policy | None,
             return None
         spec = check_rule(checker, raw, position, seen)
         rules[position] = _ranked(spec) if spec is not None and not checker.problems else None
+    if previous is not None and checker.shadow_reach:
+        return None  # a shadow rule changed: how many reach each country is counted over them all
+    _check_shadow_reach(checker)
     if checker.problems:
         return None if previous is not None else []
     if previous is not None:
@@ -150,6 +163,26 @@ def _compile_rules(checker: Checker, texts: _RuleTexts, previous: Policy | None,
             if other is not None and other.position < count and rules[other.position] is other:
                 return None
     return rules  # type: ignore[return-value]  # without a problem, every position holds a rule
+
+
+def _check_shadow_reach(checker: Checker) -> None:
+    """After every rule: record a problem for each country whose shadow rules' ids
+    would take more than :data:`~pdp.rules.text.MAX_SHADOW_ID_BYTES` in an answer,
+    at the first rule past the bound."""
+    for country, reached in checker.shadow_reach.items():
+        total = 0
+        for count, (path, line, size) in enumerate(reached, 1):
+            total += size
+            if total > MAX_SHADOW_ID_BYTES:
+                checker.fail(
+                    path,
+                    f"the {count} shadow rules up to this one reaching participants located in {country} list"
+                    f" {total} bytes of ids in every answer there (each id and 2), at most {MAX_SHADOW_ID_BYTES}:"
+                    " a CheckBatch answer of 1,000 participants must fit gRPC's 4 MiB message limit; use"
+                    " shorter ids or fewer shadow rules",
+                    line,
+                )
+                break
 
 
 # --------------------------------------------------------------------------- assembling the policy

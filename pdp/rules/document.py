@@ -7,6 +7,7 @@ Nothing here knows the rules format; :mod:`pdp.rules.validate` does.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,16 @@ __all__ = [
     "line_of",
     "parse_document",
     "parse_text",
+    "sniff_format",
 ]
 
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
 """Larger snapshots are refused before parsing (10,000 rules take about 3 MB)."""
+
+ALIAS_ALLOWANCE = 1024 * 1024
+"""What YAML aliases may add: a document's expanded size (every scalar's characters
+plus one per node, each alias counted as the whole node it repeats) is at most twice
+its text plus this. Without aliases a document never comes near the bound."""
 
 
 class Marked(dict[Any, Any]):
@@ -120,12 +127,15 @@ def parse_document(data: bytes, fmt: str) -> Any:
 def parse_text(text: str, fmt: str) -> Any:
     """Parse the whole text as ``fmt`` (``"json"`` or ``"yaml"``).
 
-    :raises SnapshotError: on any syntax problem or repeated key.
+    :raises SnapshotError: on any syntax problem or repeated key, or YAML whose
+        aliases expand it past :data:`ALIAS_ALLOWANCE` (refused before it is built).
     """
     try:
         if fmt == "json":
             return json.loads(text, object_pairs_hook=json_object)
-        return yaml.load(text, Loader=_Loader)  # noqa: S506  # _Loader derives from SafeLoader
+        return _load_yaml(text)
+    except SnapshotError:
+        raise
     except DuplicateKeyError as error:
         raise SnapshotError("", [Problem("", str(error), error.line)]) from None
     except json.JSONDecodeError as error:
@@ -138,11 +148,92 @@ def parse_text(text: str, fmt: str) -> Any:
         raise SnapshotError("", [Problem("", f"invalid {fmt.upper()}: {error}")]) from None
 
 
+def _load_yaml(text: str) -> Any:
+    """The YAML document in ``text``, its size bounded before anything is built.
+
+    Composing gives the node graph, in which an alias is the very node its anchor
+    names: small, however often it is repeated. Everything after (constructing,
+    ``repr``, validation) walks it as a tree, so the tree's size is measured here.
+
+    :raises SnapshotError: the expanded document is too large, or an alias refers
+        to a node that contains it.
+    """
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if "*" in text:  # no alias can be written without one
+            _bound_expansion(node, 2 * len(text) + ALIAS_ALLOWANCE, len(text))
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _bound_expansion(root: yaml.Node, limit: int, text_size: int) -> None:
+    """Measure the tree ``root`` unfolds into, each shared node once (so it costs
+    the graph's size, not the tree's), and refuse it past ``limit``.
+
+    :raises SnapshotError: naming the line of the smallest node past the limit.
+    """
+    scalar = yaml.ScalarNode
+    sizes: dict[int, int] = {}  # of collections; a scalar's is one plus its length
+    open_nodes: set[int] = set()  # entered, not yet left: met again, it contains itself
+    stack: list[tuple[yaml.Node, list[yaml.Node] | None]] = [(root, None)]
+    while stack:
+        node, children = stack.pop()
+        key = id(node)
+        if children is not None:  # leaving it: every child is measured
+            open_nodes.discard(key)
+            size = 1 + sum(1 + len(child.value) if type(child) is scalar else sizes[id(child)] for child in children)
+        elif type(node) is scalar:
+            size = 1 + len(node.value)
+        elif key in sizes:
+            continue
+        elif key in open_nodes:
+            raise SnapshotError(
+                "", [Problem("", "invalid YAML: an alias refers to a node that contains it", _line(node))]
+            )
+        else:
+            open_nodes.add(key)
+            children = _children(node)
+            stack.append((node, children))
+            stack.extend((child, None) for child in children if type(child) is not scalar and id(child) not in sizes)
+            continue
+        if size > limit:
+            message = (
+                f"invalid YAML: aliases expand this node to more than {limit:,} characters and nodes (the text has"
+                f" {text_size:,}): an alias may repeat what its anchor names, not multiply the document"
+            )
+            raise SnapshotError("", [Problem("", message, _line(node))])
+        sizes[key] = size
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _line(node: yaml.Node) -> int | None:
+    return node.start_mark.line + 1 if node.start_mark is not None else None
+
+
 def guess_format(data: bytes, name: str) -> str:
-    """``"json"`` or ``"yaml"``: from the name's suffix, else from the first character."""
+    """``"json"`` or ``"yaml"``: from the name's suffix, else from the content (:func:`sniff_format`)."""
     suffix = Path(name).suffix.lower()
     if suffix == ".json":
         return "json"
     if suffix in (".yaml", ".yml"):
         return "yaml"
-    return "json" if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{") else "yaml"
+    return sniff_format(data)
+
+
+_JSON_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{[ \t\r\n]*[\"}]")
+
+
+def sniff_format(data: bytes) -> str:
+    """``"json"`` when ``data`` opens as a JSON object does (``{`` then ``"`` or ``}``,
+    after a BOM and whitespace), else ``"yaml"``: flow-style YAML (``{version: 3``)
+    stays YAML. Used where no name tells, as for the payload of a signed envelope."""
+    return "json" if _JSON_START.match(data) else "yaml"

@@ -18,6 +18,14 @@ class Problem:
     message: str
     line: int | None = None
 
+    def __post_init__(self) -> None:
+        # A path names keys and ids as written; one that is not valid Unicode (a lone
+        # surrogate) would make the refusal itself unprintable, and unfit for a status.
+        for name in ("path", "message"):
+            text = getattr(self, name)
+            if not text.isascii():
+                object.__setattr__(self, name, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+
     def render(self, source: str) -> str:
         where = f"{source}:{self.line}" if self.line else source
         return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"

@@ -13,11 +13,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypedDict
 
+from pdp.bounds import MAX_ID_LENGTH, MAX_TAG_LENGTH
 from pdp.iso3166 import jurisdiction_problem
 from pdp.model import Action, Verdict
 from pdp.rules.document import Marked, line_of
 from pdp.rules.errors import Problem
 from pdp.rules.jsondiff import JsonRules
+from pdp.rules.text import control_problem, encoding_problem, is_blank, size_problem
 
 __all__ = ["MAX_RULES", "PRIORITY_LIMIT", "Checker", "Header", "RuleSpec", "check_header", "check_rule", "kind"]
 
@@ -47,6 +49,12 @@ _RULE_KEYS = frozenset(
     }
 )
 _MEETING_KEYS = ("meeting_ids", "host_accounts", "tags")  # most selective first
+# The longest value a request can carry for each selector (pdp.decisions bounds requests).
+_SELECTOR_BOUNDS = {
+    "meeting_ids": (MAX_ID_LENGTH, "meeting id"),
+    "host_accounts": (MAX_ID_LENGTH, "host account id"),
+    "tags": (MAX_TAG_LENGTH, "tag"),
+}
 _NO_VALUES: frozenset[str] = frozenset()  # shared by every rule without a selector
 _ACTIONS = {"join": int(Action.JOIN), "host": int(Action.HOST)}
 _EFFECTS = {"deny": Verdict.DENY, "allow": Verdict.ALLOW}
@@ -98,6 +106,8 @@ class Checker:
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
+        # country -> (path, line, bytes of its id in an answer) of each shadow rule reaching it, in file order
+        self.shadow_reach: dict[str, list[tuple[str, int | None, int]]] = {}
 
     def fail(self, path: str, message: str, line: int | None) -> None:
         self.problems.append(Problem(path, message, line))
@@ -118,25 +128,57 @@ class Checker:
         if not isinstance(value, str):
             self.fail(f"{path}.{key}", f"must be a string, not {kind(value)}", line_of(mapping, key))
             return ""
+        problem = encoding_problem(value)
+        if problem:
+            self.fail(f"{path}.{key}", problem, line_of(mapping, key) or mapping.line)
+            return ""
         return value
+
+    def text(self, mapping: Marked, key: str, path: str) -> str | None:
+        """A reason or legal basis, stripped: '' when absent, null or blank; None when
+        it has a problem (recorded)."""
+        given = mapping.get(key)
+        if given is None:
+            return ""
+        value = self.string(mapping, key, path)
+        if value == "" and given != "":
+            return None  # not a string, or not valid Unicode: recorded
+        problem = size_problem(value)
+        if not problem:
+            if is_blank(value):
+                return ""
+            problem = control_problem(value)
+        if problem:
+            self.fail(f"{path}.{key}", problem, line_of(mapping, key) or mapping.line)
+            return None
+        return value.strip()
 
     def choice(self, mapping: Marked, key: str, path: str, choices: Iterable[str], default: str | None) -> str:
         choices = tuple(choices)
-        value = self.string(mapping, key, path, required=default is None)
-        if not value:
+        if mapping.get(key) is None:
+            self.string(mapping, key, path, required=default is None)
             return default or ""
+        value = self.string(mapping, key, path)
+        if not isinstance(mapping[key], str) or (value == "" and mapping[key]):
+            return default or ""  # not a string, or not valid Unicode: recorded
         if value not in choices:
             self.fail(f"{path}.{key}", f"{value!r} is not one of: {', '.join(choices)}", line_of(mapping, key))
             return default or ""
         return value
 
-    def string_list(self, mapping: Marked, key: str, path: str) -> list[str]:
+    def string_list(self, mapping: Marked, key: str, path: str, bound: tuple[int, str] | None = None) -> list[str]:
+        """Non-empty, visible strings, each at most ``bound``'s length (a request's
+        bound, beyond which a value can never match: (length, what it is))."""
         value = mapping.get(key)
         if value is None:
             return []
         if isinstance(value, str):
             value = [value]
-        if type(value) is list and all(type(item) is str and item for item in value):
+        longest = bound[0] if bound else 1 << 62
+        if type(value) is list and all(
+            type(item) is str and item.isascii() and item.isprintable() and 0 < len(item) <= longest and item.strip()
+            for item in value
+        ):
             return value  # the common case, checked in one pass
         line = line_of(mapping, key)
         if not isinstance(value, list):
@@ -144,8 +186,9 @@ class Checker:
             return []
         out = []
         for position, item in enumerate(value):
-            if not isinstance(item, str) or not item:
-                self.fail(f"{path}.{key}[{position}]", f"must be a non-empty string, not {kind(item)}", line)
+            problem = _item_problem(item, bound)
+            if problem:
+                self.fail(f"{path}.{key}[{position}]", problem, line)
             else:
                 out.append(item)
         return out
@@ -186,6 +229,20 @@ class Checker:
             self.fail(f"{path}.{key}", "needs a UTC offset, like 2020-06-01T00:00:00Z", line)
             return default
         return value.timestamp()
+
+
+def _item_problem(item: object, bound: tuple[int, str] | None) -> str:
+    """Why ``item`` cannot be one value of a list of strings, or ''."""
+    if not isinstance(item, str) or not item:
+        return f"must be a non-empty string, not {kind(item)}"
+    problem = encoding_problem(item)
+    if problem:
+        return problem
+    if is_blank(item):
+        return "only whitespace or invisible characters: no meeting would be told apart by it"
+    if bound is not None and len(item) > bound[0]:
+        return f"{len(item)} characters, longer than the {bound[0]} a request's {bound[1]} may have: it can never match"
+    return ""
 
 
 def check_header(checker: Checker, document: object) -> Header | None:
@@ -232,14 +289,18 @@ def check_rule(checker: Checker, raw: object, position: int, seen: dict[str, int
     jurisdiction = _jurisdiction(checker, raw, path)
     actions = _actions(checker, raw, path)
     selectors = _selectors(checker, raw, path)
-    legal_basis = checker.string(raw, "legal_basis", path)
-    if effect == "deny" and isinstance(raw.get("legal_basis", ""), str) and not legal_basis.strip():
+    legal_basis = checker.text(raw, "legal_basis", path)
+    if effect == "deny" and legal_basis == "":
         checker.fail(
             f"{path}.legal_basis",
             "required for a deny rule: name the order or law it applies",
             line_of(raw, "legal_basis") or raw.line,
         )
-    reason = checker.string(raw, "reason", path)
+    reason = checker.text(raw, "reason", path)
+    if mode == "shadow":
+        for country in dict.fromkeys(code.partition("-")[0] for code in jurisdiction):
+            reach = (f"{path}.mode", line_of(raw, "mode"), len(rule_id.encode()) + 2)
+            checker.shadow_reach.setdefault(country, []).append(reach)
     priority = checker.integer(raw, "priority", path, low=-PRIORITY_LIMIT, high=PRIORITY_LIMIT, default=0)
     valid_from = checker.moment(raw, "valid_from", path, -math.inf)
     valid_until = checker.moment(raw, "valid_until", path, math.inf)
@@ -255,8 +316,8 @@ def check_rule(checker: Checker, raw: object, position: int, seen: dict[str, int
         tags=selectors["tags"],
         priority=priority,
         shadow=mode == "shadow",
-        legal_basis=legal_basis.strip(),
-        reason=reason.strip(),
+        legal_basis=legal_basis or "",
+        reason=reason or "",
         valid_from=valid_from,
         valid_until=valid_until,
         position=position,
@@ -267,6 +328,8 @@ def _rule_id(checker: Checker, raw: Marked, position: int, seen: dict[str, int])
     """The rule's id (checked well-formed and unique) and its path in problems."""
     rule_id = checker.string(raw, "id", f"rules[{position}]", required=True)
     path = f"rules[{position}] ({rule_id})" if rule_id else f"rules[{position}]"
+    if raw.get("id") == "":
+        checker.fail(f"{path}.id", "must not be empty: use 1-128 letters, digits and . _ : / -", line_of(raw, "id"))
     if rule_id and not _RULE_ID.fullmatch(rule_id):
         checker.fail(
             f"{path}.id",
@@ -332,6 +395,6 @@ def _selectors(checker: Checker, raw: Marked, path: str) -> dict[str, frozenset[
         return selectors
     checker.unknown_keys(meetings, _MEETING_KEYS, f"{path}.meetings")
     for key in _MEETING_KEYS:
-        values = checker.string_list(meetings, key, f"{path}.meetings")
+        values = checker.string_list(meetings, key, f"{path}.meetings", _SELECTOR_BOUNDS[key])
         selectors[key] = frozenset(values) if values else _NO_VALUES
     return selectors

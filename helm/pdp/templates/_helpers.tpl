@@ -156,8 +156,14 @@ entries + the database twice (the serving copy and its replacement), each term r
 {{- if .Values.snapshot.inlineRules -}}file:///etc/pdp/rules/rules.yaml{{- else -}}{{ .Values.snapshot.url }}{{- end -}}
 {{- end -}}
 
+{{/* Where the socket is in both containers: in a subdirectory pdp creates 0750 (for the
+     pod's fsGroup) inside the shared emptyDir, which is world-writable and so refused. */}}
+{{- define "pdp.socketPath" -}}
+{{ .Values.listen.socketDir }}/sock/{{ .Values.listen.socketName }}
+{{- end -}}
+
 {{- define "pdp.listenAddress" -}}
-{{- if eq .Values.mode "daemonset" -}}$(POD_IP):{{ .Values.listen.port }}{{- else -}}unix:{{ .Values.listen.socketDir }}/{{ .Values.listen.socketName }}{{- end -}}
+{{- if eq .Values.mode "daemonset" -}}$(POD_IP):{{ .Values.listen.port }}{{- else -}}unix:{{ include "pdp.socketPath" . }}{{- end -}}
 {{- end -}}
 
 {{- define "pdp.httpListenAddress" -}}

@@ -1,0 +1,225 @@
+"""Receiving requests without letting a silent client hold the server's threads.
+
+grpcio's sync server gives a call a thread from its pool as soon as the call's
+headers arrive, and that thread then waits for the request message. A client that
+opens calls and never sends their messages (a bug, or an attack) would take every
+thread, and Check and health would stop answering. Here every wait for a request
+message goes through a :class:`ReceiveGuard`:
+
+- a call that waits longer than ``timeout`` is ended by a watchdog thread;
+- while ``limit`` calls wait (the pool has that many threads beside those that
+  decide), each new one ends the one that has waited longest, if it waited longer
+  than a later call that has received its message, or longer than
+  :data:`PATIENCE`; the watchdog does the same every few milliseconds. So silent
+  calls hold the waiting threads for a moment at a time, and never the others.
+
+Calls whose message was sent are never ended for waiting their turn: gRPC clients
+send a request with its headers, and grpcio hands the messages over in the order
+the calls began to wait, so under load such calls wait, but none is overtaken for
+long. Ended calls are cancelled (the client sees CANCELLED, with why). A call
+costs two dictionary operations and a comparison here.
+
+To get hold of the call before its message arrives, every method is served with a
+streaming request (:func:`guarded`): the wire is the same, and the handler reads
+the one message itself, through the guard.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+__all__ = ["GuardedHandlers", "ReceiveGuard", "guarded"]
+
+log = logging.getLogger("pdp.server")
+# How far apart two calls may begin to wait and still receive their messages in either order.
+_REORDERING = 0.05
+PATIENCE = 0.1
+"""How long a call may wait for its message while ``limit`` calls wait. When that
+many wait, at most the deciding threads run, so grpcio's one thread handing
+messages over is never starved that long: only silent calls wait so long then."""
+
+
+class ReceiveGuard:
+    """Bounds how many calls wait for a request message and for how long."""
+
+    def __init__(self, *, limit: int, timeout: float, name: str = "pdp-receive-guard") -> None:
+        self.limit = max(1, limit)
+        self.timeout = timeout
+        self.timed_out = 0  # calls ended by the timeout
+        self.crowded_out = 0  # calls ended as the longest waiting of too many
+        self._waiting: dict[grpc.ServicerContext, float] = {}  # in the order they began to wait
+        self._received_since = 0.0  # when the latest call that received its message began to wait
+        self._ended: set[grpc.ServicerContext] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def receive(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """The next request message of ``requests``, the call's request stream.
+
+        :raises StopIteration: the client sent no (further) message.
+        :raises grpc.RpcError: the client cancelled the call.
+        :raises Exception: the call was ended by the guard (through ``context.abort``,
+            which grpcio expects from a handler and does not log).
+        """
+        waiting = self._waiting
+        if len(waiting) >= self.limit:
+            self._end_longest_waiting()
+        waiting[context] = since = time.monotonic()
+        try:
+            message = next(requests)
+        except (StopIteration, grpc.RpcError):
+            if context in self._ended:
+                self._ended.discard(context)
+                context.abort(grpc.StatusCode.CANCELLED, "the request message did not arrive in time")
+            raise
+        finally:
+            waiting.pop(context, None)
+        if since > self._received_since:
+            self._received_since = since
+        return message
+
+    def _end_longest_waiting(self) -> None:
+        try:
+            longest, since = next(iter(self._waiting.items()))
+        except (StopIteration, RuntimeError):  # emptied, or changed, by another thread meanwhile
+            return
+        overtaken = since < self._received_since - _REORDERING
+        if (overtaken or time.monotonic() - since > PATIENCE) and self._end(longest):
+            self.crowded_out += 1
+
+    def _end(self, context: grpc.ServicerContext) -> bool:
+        if self._waiting.pop(context, None) is None:
+            return False  # its message came, or another thread ended it
+        self._ended.add(context)
+        context.cancel()  # wakes the thread waiting in receive()
+        return True
+
+    def _watch(self) -> None:
+        """End the calls that waited longer than the timeout, and while ``limit`` wait,
+        the longest waiting; say how many were ended."""
+        reported = (0, 0)
+        while not self._stop.wait(PATIENCE / 4 if len(self._waiting) >= self.limit else self.timeout / 4):
+            while len(self._waiting) >= self.limit:
+                before = self.crowded_out
+                self._end_longest_waiting()
+                if self.crowded_out == before:
+                    break  # the longest waiting may still wait
+            oldest_allowed = time.monotonic() - self.timeout
+            try:
+                waiting = list(self._waiting.items())
+            except RuntimeError:  # changed while copied: look again at the next round
+                continue
+            for context, since in waiting:
+                if since > oldest_allowed:
+                    break  # the rest began to wait later
+                if self._end(context):
+                    self.timed_out += 1
+            counts = (self.timed_out, self.crowded_out)
+            if counts != reported:
+                log.warning(
+                    "ended calls whose request message did not come: %d after %.2f s, %d as the longest waiting"
+                    " of %d (totals since start)",
+                    counts[0], self.timeout, counts[1], self.limit,
+                )  # fmt: skip
+                reported = counts
+
+
+class _Requests:
+    """A call's request stream, each message received through the guard."""
+
+    __slots__ = ("_context", "_guard", "_requests")
+
+    def __init__(self, requests: Iterator[Any], context: grpc.ServicerContext, guard: ReceiveGuard) -> None:
+        self._requests, self._context, self._guard = requests, context, guard
+
+    def __iter__(self) -> _Requests:
+        return self
+
+    def __next__(self) -> Any:
+        return self._guard.receive(self._requests, self._context)
+
+
+def _one(guard: ReceiveGuard, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+    """The one request message of a unary-request method."""
+    try:
+        return guard.receive(requests, context)
+    except StopIteration:
+        # What grpcio answers when a client half-closes a unary call without a message.
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "the method requires exactly one request message")
+        raise AssertionError("unreachable: abort raises") from None
+
+
+def guarded(handler: grpc.RpcMethodHandler[Any, Any], guard: ReceiveGuard) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same method, served with a streaming request so that its messages are
+    received through ``guard``; non-blocking streams and their thread pools kept."""
+    behaviour: Callable[..., Any]
+    deserializer, serializer = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        unary_unary = handler.unary_unary
+
+        def unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return unary_unary(_one(guard, requests, context), context)
+
+        behaviour, inner = unary, unary_unary
+        made = grpc.stream_unary_rpc_method_handler(unary, deserializer, serializer)
+    elif handler.unary_stream is not None:
+        unary_stream = handler.unary_stream
+
+        def stream(requests: Iterator[Any], context: grpc.ServicerContext, *callback: Any) -> Any:
+            return unary_stream(_one(guard, requests, context), context, *callback)
+
+        behaviour, inner = stream, unary_stream
+        made = grpc.stream_stream_rpc_method_handler(stream, deserializer, serializer)
+    else:
+        streaming = handler.stream_unary or handler.stream_stream
+        assert streaming is not None
+
+        def streamed(requests: Iterator[Any], context: grpc.ServicerContext, *callback: Any) -> Any:
+            return streaming(_Requests(requests, context, guard), context, *callback)
+
+        behaviour, inner = streamed, streaming
+        make = grpc.stream_unary_rpc_method_handler if handler.stream_unary else grpc.stream_stream_rpc_method_handler
+        made = make(streamed, deserializer, serializer)
+    for attribute in ("experimental_non_blocking", "experimental_thread_pool"):
+        if hasattr(inner, attribute):
+            setattr(behaviour, attribute, getattr(inner, attribute))
+    return made
+
+
+class GuardedHandlers(grpc.GenericRpcHandler):
+    """``handlers``' methods, each :func:`guarded`; built once per method name."""
+
+    def __init__(self, handlers: Sequence[grpc.GenericRpcHandler], guard: ReceiveGuard) -> None:
+        self._handlers = tuple(handlers)
+        self._guard = guard
+        self._methods: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method: str = handler_call_details.method
+        try:
+            return self._methods[method]
+        except KeyError:
+            pass
+        found = None
+        for handlers in self._handlers:
+            handler = handlers.service(handler_call_details)
+            if handler is not None:
+                found = guarded(handler, self._guard)
+                break
+        if len(self._methods) < 1024:  # unknown method names are not remembered without end
+            self._methods[method] = found
+        return found
