@@ -22,7 +22,8 @@ from pdp.config import ServeConfig
 from pdp.decisions import DecisionPath
 from pdp.errors import PdpError
 from pdp.geo import DEMO, DEMO_NOTICE, GeoDatabase, demo_database_path, read_pinned_sha256
-from pdp.reload import GeoWatcher, Reloader, StartupError
+from pdp.geo_watch import GeoWatcher
+from pdp.reload import Reloader, StartupError
 from pdp.server import RunningServer, StopSignals, start_server
 from pdp.signing import SignatureError, TrustedKeys
 from pdp.sources import Source, SourceOptions, open_source

@@ -23,8 +23,9 @@ from pdp.bounds import MAX_TAGS
 from pdp.client import Client
 from pdp.config import ServeConfig
 from pdp.geo import GeoDatabase, GeoIPError, read_pinned_sha256
+from pdp.geo_watch import GeoWatcher
 from pdp.model import Verdict
-from pdp.reload import GeoWatcher, Reloader
+from pdp.reload import Reloader
 from pdp.server import start_server
 from pdp.sources import SourceOptions, open_source
 from pdp.state import PolicyHolder

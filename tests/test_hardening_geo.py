@@ -25,8 +25,8 @@ import pytest
 
 from pdp.client import Client
 from pdp.geo import GeoDatabase
+from pdp.geo_watch import GeoWatcher
 from pdp.model import Location, Verdict
-from pdp.reload import GeoWatcher
 from pdp.state import PolicyHolder
 
 from .conftest import CITY_DB, COUNTRY_DB, ServerFactory, policy_from

@@ -16,9 +16,10 @@ import pytest
 
 from pdp.config import ServeConfig
 from pdp.geo import GeoDatabase
+from pdp.geo_watch import GeoWatcher
 from pdp.model import Verdict
 from pdp.publish import publish
-from pdp.reload import GeoWatcher, Reloader, StartupError
+from pdp.reload import Reloader, StartupError
 from pdp.server import start_server
 from pdp.signing import TrustedKeys, generate_keypair, load_private_key, sign
 from pdp.sources import SourceOptions, open_source
