@@ -32,7 +32,9 @@ class Server:
     log: Path
 
     @classmethod
-    def start(cls, argv: Sequence[str], *, env: dict[str, str] | None = None, ready: str = "listening on") -> Server:
+    def start(
+        cls, argv: Sequence[str], *, env: dict[str, str] | None = None, ready: str = "listening on", cwd: Path = ROOT
+    ) -> Server:
         log = Path(tempfile.mkstemp(prefix="pdp-bench-", suffix=".log")[1])
         process = subprocess.Popen(
             pinned(SERVER_CORE, argv),
@@ -40,7 +42,7 @@ class Server:
             stderr=log.open("w"),
             text=True,
             env={**os.environ, **(env or {})},
-            cwd=ROOT,
+            cwd=cwd,
         )
         assert process.stdout is not None
         line = process.stdout.readline()
