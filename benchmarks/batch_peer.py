@@ -134,11 +134,11 @@ def start_pdp(tree: Path, listen: str, rules: Path) -> Server:
     return Server.start(argv, cwd=tree)
 
 
-def pdp_repeat(server: Server, addresses: Path, seconds: float, in_flight: int) -> dict[str, Any]:
+def pdp_repeat(server: Server, addresses: Path, seconds: float, in_flight: int, batch: int = BATCH) -> dict[str, Any]:
     before = server.cpu_seconds()
     result = run_load(
         "--target", server.address, "--addresses", str(addresses), "--mode", "closed",
-        "--in-flight", str(in_flight), "--rpc", "batch", "--batch", str(BATCH),
+        "--in-flight", str(in_flight), "--rpc", "batch", "--batch", str(batch),
         "--seconds", str(seconds), "--warmup", "0",
     )  # fmt: skip
     cpu = server.cpu_seconds() - before
@@ -240,7 +240,7 @@ def main() -> int:
     nginx = Nginx(folder, addresses, port=18480)
     load_before = os.getloadavg()[0]
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers} | {"nginx-geoip2": []}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*servers, "nginx-geoip2"]}
     try:
         verdicts = same_verdicts(servers["pdp"], nginx, located[:BATCH])
         for server in servers.values():  # warm the location caches with every address once

@@ -27,14 +27,16 @@ the same functions. ``MeetingFields``, ``ParticipantFields`` and
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from opentelemetry.trace import Span, SpanKind
 
+from pdp.batch import Entry, Table
 from pdp.bounds import (
     MAX_ID_LENGTH,
     MeetingFields,
@@ -46,7 +48,7 @@ from pdp.bounds import (
 )
 from pdp.errors import PdpError
 from pdp.geo import InvalidAddressError
-from pdp.model import Decision, Location, Verdict, verdict_label
+from pdp.model import Decision, Location, Meeting, Verdict, verdict_label
 from pdp.state import Active, PolicyHolder
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ __all__ = [
 T = TypeVar("T")
 Presenter = Callable[[Decision, Location, Active], T]
 _VERDICT_NAMES = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY"}
+_PARTICIPANT_FIELDS = operator.attrgetter("ip", "user_id", "account_id")
 
 
 class NotReadyError(PdpError):
@@ -273,27 +276,25 @@ class DecisionPath:
         if active is None:
             raise NotReadyError
         checked = checked_meeting(meeting, action)
-        for position, participant in enumerate(participants):
-            if len(participant.user_id) > MAX_ID_LENGTH or len(participant.account_id) > MAX_ID_LENGTH:
+        # One pass over the participants for their addresses and the ids' bounds.
+        addresses, user_ids, account_ids = zip(*map(_PARTICIPANT_FIELDS, participants), strict=True)
+        if max(map(len, user_ids)) > MAX_ID_LENGTH or max(map(len, account_ids)) > MAX_ID_LENGTH:
+            for position, participant in enumerate(participants):
                 check_participant(participant.user_id, participant.account_id, f"participants[{position}]")
         try:
-            locations = active.geo.locate_many([participant.ip for participant in participants])
+            locations = active.geo.locate_many(addresses)
         except InvalidAddressError as error:
             raise RequestError(f"participants[{error.position}].ip", str(error)) from None
-        decide, now = active.policy.decide, time.time()
-        decisions: list[Decision] = []
-        results: list[T] = []
-        # One meeting, one action, one moment: the decision depends on the
-        # location alone, and locations are interned, so decide once per place.
-        by_location: dict[int, tuple[Decision, T]] = {}
-        for location in locations:
-            known = by_location.get(id(location))
-            if known is None:
-                decision = decide(location, action, checked, now)
-                known = by_location[id(location)] = (decision, present(decision, location, active))
-            decisions.append(known[0])
-            results.append(known[1])
-        return Batch(results, decisions, locations, active)
+        # One meeting, one action, one moment: the decision depends on the place
+        # alone, and places are interned; the memo keeps them per kind of meeting.
+        now = time.time()
+        table = active.batch_memo.table(active.policy, checked, action, now, present)
+        entries: list[Entry | None] = list(map(table.get, map(id, locations)))
+        for position, entry in enumerate(entries):
+            if entry is None:
+                entries[position] = _decide_place(table, locations[position], action, checked, now, present, active)
+        done = cast(list[Entry], entries)  # every None was filled above
+        return Batch([entry[1] for entry in done], [entry[0] for entry in done], locations, active)
 
     # ------------------------------------------------------------------ observation
 
@@ -329,6 +330,19 @@ class DecisionPath:
     def _observe_error(self, endpoint: Endpoint, started: float) -> None:
         if self._telemetry is not None:
             self._telemetry.observe_error(endpoint.label, time.perf_counter() - started)
+
+
+def _decide_place(
+    table: Table, location: Location, action: int, meeting: Meeting, now: float, present: Presenter[T], active: Active
+) -> Entry:
+    """A place's entry in the batch memo: found (another participant there, in
+    this batch or in another thread's) or decided, presented and remembered."""
+    entry = table.get(id(location))
+    if entry is None:
+        decision = active.policy.decide(location, action, meeting, now)
+        entry = (decision, present(decision, location, active), location)
+        active.batch_memo.remember(table, location, entry)
+    return entry
 
 
 def _span_attributes(
