@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pdp.model import Decision, Location, Meeting
 from pdp.rules import Policy
 
-__all__ = ["MEMO_LIMIT", "BatchMemo", "Selectors"]
+if TYPE_CHECKING:
+    from pdp.state import Active
+
+__all__ = ["MEMO_LIMIT", "BatchMemo", "Selectors", "decide_places"]
+
+T = TypeVar("T")
 
 # Places remembered per active state, over all its tables; a state that has seen
 # more starts again empty (each table holds at most the database's distinct places).
@@ -97,8 +102,13 @@ class BatchMemo:
         selectors = self._selectors
         if selectors is None:  # once per active state, on its first batch
             selectors = self._selectors = Selectors.of(policy)
+        if self._entries > MEMO_LIMIT:  # at most one batch's places past the limit
+            self._tables, self._entries = {}, 0
         key = (present, *selectors.kind(meeting, action))
-        found = self._tables.get(key)
+        try:
+            found = self._tables.get(key)
+        except TypeError:  # an unhashable presenter: nothing is remembered for it
+            return {}
         if found is not None and found[0] <= now < found[1]:
             return found[2]
         low, high = selectors.window(now)
@@ -107,9 +117,45 @@ class BatchMemo:
         return table
 
     def remember(self, table: Table, location: Location, entry: Entry) -> None:
-        """Keep ``entry`` for ``location`` in ``table``; past :data:`MEMO_LIMIT` places, forget every table."""
+        """Keep ``entry`` for ``location`` in ``table``; once past :data:`MEMO_LIMIT`
+        places, the next batch finds every table forgotten."""
         self._entries += 1
-        if self._entries > MEMO_LIMIT:
-            self._tables = {}
-            self._entries = 1
         table[id(location)] = entry
+
+
+def decide_places(
+    active: Active,
+    locations: Sequence[Location],
+    meeting: Meeting,
+    action: int,
+    now: float,
+    present: Callable[[Decision, Location, Active], T],
+) -> list[tuple[Decision, T, Location]]:
+    """``(decision, present(decision, location, active), location)`` for each of
+    ``locations``, all for ``meeting``, ``action`` and ``now``: from ``active``'s memo,
+    or decided and presented once per place. Never raises on valid input.
+
+    Only answers that are bytes are remembered past the batch: any other value
+    might refer to ``active`` (an :class:`~pdp.decisions.Outcome` does), and a
+    cycle through the memo would keep a replaced state and its database alive
+    until the cyclic collector ran.
+    """
+    memo = active.batch_memo
+    table = memo.table(active.policy, meeting, action, now, present)
+    entries: list[Entry | None] = list(map(table.get, map(id, locations)))
+    batch_only: Table = {}
+    for position, entry in enumerate(entries):
+        if entry is None:
+            location = locations[position]
+            place = id(location)
+            entry = table.get(place) or batch_only.get(place)  # someone at the same place, earlier in this batch
+            if entry is None:
+                decision = active.policy.decide(location, action, meeting, now)
+                answer = present(decision, location, active)
+                entry = (decision, answer, location)
+                if type(answer) is bytes:
+                    memo.remember(table, location, entry)
+                else:
+                    batch_only[place] = entry
+            entries[position] = entry
+    return cast(list[tuple[Decision, T, Location]], entries)  # every None was filled above

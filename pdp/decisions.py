@@ -32,11 +32,11 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from opentelemetry.trace import Span, SpanKind
 
-from pdp.batch import Entry, Table
+from pdp.batch import decide_places
 from pdp.bounds import (
     MAX_ID_LENGTH,
     MeetingFields,
@@ -48,7 +48,7 @@ from pdp.bounds import (
 )
 from pdp.errors import PdpError
 from pdp.geo import InvalidAddressError
-from pdp.model import Decision, Location, Meeting, Verdict, verdict_label
+from pdp.model import Decision, Location, Verdict, verdict_label
 from pdp.state import Active, PolicyHolder
 
 if TYPE_CHECKING:
@@ -287,14 +287,8 @@ class DecisionPath:
             raise RequestError(f"participants[{error.position}].ip", str(error)) from None
         # One meeting, one action, one moment: the decision depends on the place
         # alone, and places are interned; the memo keeps them per kind of meeting.
-        now = time.time()
-        table = active.batch_memo.table(active.policy, checked, action, now, present)
-        entries: list[Entry | None] = list(map(table.get, map(id, locations)))
-        for position, entry in enumerate(entries):
-            if entry is None:
-                entries[position] = _decide_place(table, locations[position], action, checked, now, present, active)
-        done = cast(list[Entry], entries)  # every None was filled above
-        return Batch([entry[1] for entry in done], [entry[0] for entry in done], locations, active)
+        entries = decide_places(active, locations, checked, action, time.time(), present)
+        return Batch([entry[1] for entry in entries], [entry[0] for entry in entries], locations, active)
 
     # ------------------------------------------------------------------ observation
 
@@ -330,19 +324,6 @@ class DecisionPath:
     def _observe_error(self, endpoint: Endpoint, started: float) -> None:
         if self._telemetry is not None:
             self._telemetry.observe_error(endpoint.label, time.perf_counter() - started)
-
-
-def _decide_place(
-    table: Table, location: Location, action: int, meeting: Meeting, now: float, present: Presenter[T], active: Active
-) -> Entry:
-    """A place's entry in the batch memo: found (another participant there, in
-    this batch or in another thread's) or decided, presented and remembered."""
-    entry = table.get(id(location))
-    if entry is None:
-        decision = active.policy.decide(location, action, meeting, now)
-        entry = (decision, present(decision, location, active), location)
-        active.batch_memo.remember(table, location, entry)
-    return entry
 
 
 def _span_attributes(
