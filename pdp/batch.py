@@ -143,6 +143,8 @@ def decide_places(
     memo = active.batch_memo
     table = memo.table(active.policy, meeting, action, now, present)
     entries: list[Entry | None] = list(map(table.get, map(id, locations)))
+    if all(entries):  # every place known (an entry is a non-empty tuple)
+        return cast(list[tuple[Decision, T, Location]], entries)
     batch_only: Table = {}
     for position, entry in enumerate(entries):
         if entry is None:

@@ -72,6 +72,7 @@ T = TypeVar("T")
 Presenter = Callable[[Decision, Location, Active], T]
 _VERDICT_NAMES = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY"}
 _PARTICIPANT_FIELDS = operator.attrgetter("ip", "user_id", "account_id")
+_DECISION, _ANSWER = operator.itemgetter(0), operator.itemgetter(1)  # of a batch entry
 
 
 class NotReadyError(PdpError):
@@ -288,7 +289,7 @@ class DecisionPath:
         # One meeting, one action, one moment: the decision depends on the place
         # alone, and places are interned; the memo keeps them per kind of meeting.
         entries = decide_places(active, locations, checked, action, time.time(), present)
-        return Batch([entry[1] for entry in entries], [entry[0] for entry in entries], locations, active)
+        return Batch(list(map(_ANSWER, entries)), list(map(_DECISION, entries)), locations, active)
 
     # ------------------------------------------------------------------ observation
 
