@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -27,9 +27,10 @@ from pdp.model import Decision, Location, Meeting
 from pdp.rules import Policy
 
 if TYPE_CHECKING:
+    from pdp.bounds import ParticipantFields
     from pdp.state import Active
 
-__all__ = ["MEMO_LIMIT", "BatchMemo", "Selectors", "decide_places"]
+__all__ = ["MEMO_LIMIT", "BatchMemo", "ReadParticipants", "Selectors", "decide_places"]
 
 T = TypeVar("T")
 
@@ -38,6 +39,31 @@ T = TypeVar("T")
 MEMO_LIMIT = 50_000
 Entry = tuple[Decision, Any, Location]  # the decision, the presenter's answer, the place (held: ids stay its)
 Table = dict[int, Entry]
+
+
+class ReadParticipants(Sequence["ParticipantFields"]):
+    """Participants whose addresses an adapter has read already, in order, and whose
+    ids it knows to be within :data:`pdp.bounds.MAX_ID_LENGTH` (see
+    :func:`pdp.wire.batch_addresses`): the decision path reads neither again.
+
+    :raises ValueError: not one address per participant.
+    """
+
+    __slots__ = ("_people", "addresses")
+
+    def __init__(self, people: Sequence[ParticipantFields], addresses: Sequence[str]) -> None:
+        if len(people) != len(addresses):
+            raise ValueError(f"{len(addresses)} addresses for {len(people)} participants")
+        self._people, self.addresses = people, addresses
+
+    def __len__(self) -> int:
+        return len(self._people)
+
+    def __getitem__(self, position: Any) -> Any:
+        return self._people[position]
+
+    def __iter__(self) -> Iterator[ParticipantFields]:
+        return iter(self._people)
 
 
 @dataclass(frozen=True, slots=True)

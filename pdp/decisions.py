@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from opentelemetry.trace import Span, SpanKind
 
-from pdp.batch import decide_places
+from pdp.batch import ReadParticipants, decide_places
 from pdp.bounds import (
     MAX_ID_LENGTH,
     MeetingFields,
@@ -277,11 +277,13 @@ class DecisionPath:
         if active is None:
             raise NotReadyError
         checked = checked_meeting(meeting, action)
-        # One pass over the participants for their addresses and the ids' bounds.
-        addresses, user_ids, account_ids = zip(*map(_PARTICIPANT_FIELDS, participants), strict=True)
-        if max(map(len, user_ids)) > MAX_ID_LENGTH or max(map(len, account_ids)) > MAX_ID_LENGTH:
-            for position, participant in enumerate(participants):
-                check_participant(participant.user_id, participant.account_id, f"participants[{position}]")
+        if type(participants) is ReadParticipants:  # the adapter read the addresses and bounded the ids
+            addresses: Sequence[str] = participants.addresses
+        else:  # one pass over the participants for their addresses and the ids' bounds
+            addresses, user_ids, account_ids = zip(*map(_PARTICIPANT_FIELDS, participants), strict=True)
+            if max(map(len, user_ids)) > MAX_ID_LENGTH or max(map(len, account_ids)) > MAX_ID_LENGTH:
+                for position, participant in enumerate(participants):
+                    check_participant(participant.user_id, participant.account_id, f"participants[{position}]")
         try:
             locations = active.geo.locate_many(addresses)
         except InvalidAddressError as error:

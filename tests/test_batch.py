@@ -15,22 +15,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import maxminddb
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdp import batch as batch_module
+from pdp._proto import admission_pb2 as pb
 from pdp.batch import Selectors, decide_places
 from pdp.client import Client, Participant
 from pdp.config import ServeConfig
 from pdp.decisions import DecisionPath, Outcome
 from pdp.geo import GeoDatabase
-from pdp.model import Action, Location, Meeting
+from pdp.model import UNKNOWN_LOCATION, Action, Location, Meeting
 from pdp.server import start_server
 from pdp.servicer import CHECK_BATCH
 from pdp.state import PolicyHolder
-from pdp.wire import encode_result
+from pdp.wire import batch_addresses, encode_result, varint
 
 from .conftest import CITY_DB, policy_from
 from .test_rules_properties import (
@@ -46,6 +48,7 @@ from .test_rules_properties import (
     snapshots,
 )
 
+CN_ONLY = "version: 1\nrules: [{id: cn, effect: deny, jurisdiction: [CN], legal_basis: b}]"
 UNKNOWN = ["10.0.0.1", "127.0.0.1", "::1", "2.3.3.1", "192.0.2.77"]  # private, loopback, no country, unlisted
 FORMS = ["::ffff:175.16.199.1", "64:ff9b::d8a0:5339", "2001:250::1"]  # mapped CN, NAT64 of a US-WA address, CN IPv6
 
@@ -154,6 +157,7 @@ def test_batch_hits_refresh_the_cache_as_single_lookups_do() -> None:
     methods); eviction must follow the same recency as single lookups."""
     one, many = GeoDatabase(CITY_DB, cache_size=3), GeoDatabase(CITY_DB, cache_size=3)
     assert many._lru is not None  # the installed cachetools keeps them where the fast path reads
+    assert all([UNKNOWN_LOCATION, Location("CN")])  # the batch path tells hits from misses (None) by truth
     first, second, third, fourth = "175.16.199.1", "81.2.69.143", "216.160.83.57", "89.160.20.113"
     for geo in (one, many):
         geo.locate_many([first, second, third])
@@ -240,8 +244,7 @@ def test_check_batch_answers_as_check_does_for_each(
 def test_adapters_batches_share_nothing_across_presenters(city_db: GeoDatabase) -> None:
     """Two presenters of one state get their own answers (the memo keys on the presenter)."""
     holder = PolicyHolder()
-    holder.activate(policy_from("version: 1\nrules: [{id: cn, effect: deny, jurisdiction: [CN], legal_basis: b}]"),
-                    city_db, "test.yaml")  # fmt: skip
+    holder.activate(policy_from(CN_ONLY), city_db, "test.yaml")
     path = DecisionPath(holder)
     people = [Participant("175.16.199.1"), Participant("81.2.69.143"), Participant("175.16.199.1")]
     meeting = Meeting("m-1")
@@ -251,3 +254,67 @@ def test_adapters_batches_share_nothing_across_presenters(city_db: GeoDatabase) 
     assert [result.decision.rule_id for result in as_values.results] == ["cn", "", "cn"]
     assert as_values.results[0] is as_values.results[2]  # once per place
     assert as_bytes.decisions == as_values.decisions
+
+
+# --------------------------------------------------------------------------- addresses read in C
+
+
+def _field(number: int, text: str) -> bytes:
+    data = text.encode()
+    return varint(number << 3 | 2) + varint(len(data)) + data
+
+
+def _request(people: list[list[tuple[int, str]]]) -> bytes:
+    """A CheckBatchRequest written field by field: each participant's fields in the
+    order and number given (the same field twice, ip last or missing: all legal protobuf)."""
+    body = b"\x0a\x03\x0a\x01m"  # meeting {meeting_id: "m"}
+    for person in people:
+        data = b"".join(_field(number, text) for number, text in person)
+        body += b"\x12" + varint(len(data)) + data
+    return body + b"\x18\x01"  # action JOIN
+
+
+texts = st.one_of(st.sampled_from(["175.16.199.1", "::1", "", "2001:250::1"]), st.text(max_size=12))
+person_fields = st.lists(st.tuples(st.sampled_from([1, 1, 2, 3]), texts), max_size=4)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(person_fields, min_size=1, max_size=12), st.sampled_from([4, 8, 256]))
+def test_addresses_read_in_c_are_the_messages_or_none(people: list[list[tuple[int, str]]], longest: int) -> None:
+    data = _request(people)
+    message = pb.CheckBatchRequest.FromString(data)
+    read = batch_addresses(data, len(message.participants), longest)
+    if read is not None:
+        assert read == [participant.ip for participant in message.participants]
+        assert all(len(p.user_id) <= longest and len(p.account_id) <= longest for p in message.participants)
+
+
+def test_canonical_requests_are_read_in_c_and_the_rest_from_the_message() -> None:
+    canonical = pb.CheckBatchRequest(
+        participants=[pb.Participant(ip="175.16.199.1", user_id="u"), pb.Participant(ip="::1")]
+    )
+    assert batch_addresses(canonical.SerializeToString(), 2, 256) == ["175.16.199.1", "::1"]
+    twice_and_none = _request([[(1, "175.16.199.1"), (1, "81.2.69.143")], [(2, "u")]])
+    ip_last = _request([[(2, "u"), (1, "175.16.199.1")]])
+    long_id = _request([[(1, "175.16.199.1"), (2, "u" * 300)]])
+    for data in (twice_and_none, ip_last, long_id):
+        assert batch_addresses(data, len(pb.CheckBatchRequest.FromString(data).participants), 256) is None
+
+
+def test_a_batch_written_unusually_is_answered_as_its_message_says(served: tuple[PolicyHolder, Client]) -> None:
+    """Over gRPC: requests the C reading declines are read from the message, same answers and errors."""
+    holder, client = served
+    holder.activate(policy_from(CN_ONLY), GeoDatabase(CITY_DB), "test.yaml")
+    channel = grpc.insecure_channel(client.target)
+    call: grpc.UnaryUnaryMultiCallable[bytes, pb.CheckBatchResponse] = channel.unary_unary(
+        "/pdp.v1.AdmissionService/CheckBatch", response_deserializer=pb.CheckBatchResponse.FromString
+    )
+    # participant 0: ip given twice (the last counts: GB); participant 1: ip after its user id (CN)
+    data = _request([[(1, "175.16.199.1"), (1, "81.2.69.143")], [(2, "u"), (1, "175.16.199.1")]])
+    answer = call(data, timeout=10)
+    assert [(r.rule_id, r.location.country) for r in answer.results] == [("", "GB"), ("cn", "CN")]
+    with pytest.raises(grpc.RpcError) as refused:
+        call(_request([[(1, "175.16.199.1")], [(1, "81.2.69.143"), (3, "a" * 300)]]), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "participants[1].account_id" in (refused.value.details() or "")
+    channel.close()
