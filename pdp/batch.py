@@ -77,6 +77,9 @@ class Selectors:
 
     @classmethod
     def of(cls, policy: Policy) -> Selectors:
+        """Every rule's selectors (shadow rules' too: their matches are in the answer),
+        whatever index list the rule is filed under. About 6 ms for 10,000 rules, once
+        per active state, on its first batch."""
         meeting_ids: set[str] = set()
         host_accounts: set[str] = set()
         tags: set[str] = set()
