@@ -153,6 +153,49 @@ def pdp_repeat(server: Server, addresses: Path, seconds: float, in_flight: int, 
     }
 
 
+# Run with the source tree to measure as the working directory, so that its pdp is imported.
+INPROCESS = """
+import json, statistics, sys, time
+from benchmarks import inprocess
+from pdp import servicer
+from pdp._proto import admission_pb2 as pb
+from pdp.decisions import DecisionPath
+from pdp.geo import GeoDatabase, demo_database_path
+from pdp.loadtest.run import build_requests
+from pdp.rules import parse_policy
+from pdp.state import PolicyHolder
+
+decode = getattr(servicer, "_decode_batch", None) or servicer._decoder(pb.CheckBatchRequest)
+raw = [r.SerializeToString() for r in build_requests(inprocess.located_addresses(20_000), 100)]
+geo = GeoDatabase(demo_database_path())
+figures = {}
+for name, rules in (("one CN rule", json.dumps(RULES).encode()), ("10,000 rules", inprocess.make_rules(10_000))):
+    holder = PolicyHolder()
+    holder.activate(parse_policy(rules, "rules.json"), geo, "rules.json")
+    handler = servicer.AdmissionServicer(DecisionPath(holder), 1000, 8)
+    passes = []
+    for _ in range(16):
+        started = time.thread_time()
+        for data in raw:
+            handler.CheckBatch(decode(data), None)
+        passes.append((time.thread_time() - started) / len(raw) * 1e6)
+    passes = passes[1:]  # the first fills the caches
+    figures[name] = {"min_us": round(min(passes), 1), "median_us": round(statistics.median(passes), 1)}
+print(json.dumps(figures))
+"""
+
+
+def inprocess_costs(tree: Path) -> dict[str, Any]:
+    """CPU µs per CheckBatch(100) through the servicer's own deserializer and handler, in
+    process (``time.thread_time``), with ``tree``'s pdp; no gRPC."""
+    code = f"RULES = {RULES!r}\n{INPROCESS}"
+    run = subprocess.run(
+        pinned(SERVER_CORE, [sys.executable, "-c", code]), capture_output=True, text=True, cwd=tree, check=True
+    )
+    figures: dict[str, Any] = json.loads(run.stdout)
+    return figures
+
+
 def same_verdicts(server: Server, nginx: Nginx, addresses: list[str]) -> dict[str, int]:
     """Ask both for the same participants; raise unless they deny exactly the same ones."""
     from pdp.client import Client
@@ -223,7 +266,14 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=16, help="wrk: connections to nginx (default 16)")
     parser.add_argument("--also", type=Path, action="append", default=[], help="another pdp source tree to run too")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the results")
+    parser.add_argument("--inprocess", action="store_true", help="only the in-process cost, of each tree, alternating")
     options = parser.parse_args()
+    if options.inprocess:
+        trees = [ROOT, *(tree.resolve() for tree in options.also)]
+        for repeat in range(options.repeats):
+            for tree in trees:
+                print(f"{repeat + 1} {tree.name}: {json.dumps(inprocess_costs(tree))}", flush=True)
+        return 0
     missing = nginx_peer.available()
     if missing:
         print(f"skipped: {missing}", file=sys.stderr)
@@ -236,7 +286,7 @@ def main() -> int:
     rules.write_text(json.dumps(RULES))
     servers = {"pdp": start_pdp(ROOT, f"unix:{folder}/pdp.sock", rules)}
     for number, tree in enumerate(options.also, start=1):
-        servers[f"pdp ({tree})"] = start_pdp(tree.resolve(), f"unix:{folder}/also-{number}.sock", rules)
+        servers[f"pdp ({tree.resolve().name})"] = start_pdp(tree.resolve(), f"unix:{folder}/also-{number}.sock", rules)
     nginx = Nginx(folder, addresses, port=18480)
     load_before = os.getloadavg()[0]
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
