@@ -79,7 +79,7 @@ class Nginx:
         self.script = folder / "addresses.lua"
         self.script.write_text(nginx_peer.WRK_SCRIPT.format(addresses=addresses))
         argv = pinned(SERVER_CORE, ["nginx", "-c", str(config), "-p", str(folder)])
-        self.process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(argv, stderr=subprocess.DEVNULL)  # nginx logs to its error.log
         deadline = time.monotonic() + 30
         while self.status("127.0.0.1") is None:  # nginx prints nothing when it is ready
             if time.monotonic() > deadline or self.process.poll() is not None:
