@@ -14,9 +14,11 @@ and :class:`RequestError` (a field is missing or out of bounds; gRPC
 INVALID_ARGUMENT, HTTP 400). Adapters never observe calls themselves.
 
 The presenter is called inside the path, so the observed duration covers the
-whole answer, and a batch calls it once per distinct location: participants
-at one place in one meeting share one decision and one encoded result. No
-value is allocated per call beyond what the decision itself needs.
+whole answer, and a batch calls it at most once per distinct location:
+participants at one place in one meeting share one decision and one encoded
+result, and answers that are bytes are remembered for later batches of the
+same kind of meeting (:mod:`pdp.batch`). No value is allocated per call beyond
+what the decision itself needs.
 
 The request bounds the path applies are :mod:`pdp.bounds`, one function
 each; an adapter that checks a field of its own before calling the path uses
