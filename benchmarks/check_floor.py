@@ -64,29 +64,31 @@ def measure(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
     try:
         for repeat in range(options.repeats):
             for name in _turns(repeat):
-                server = servers[name]
                 runs["closed"][name].append(
-                    run_load("--target", server.address, "--addresses", str(addresses), "--mode", "closed",
-                             "--in-flight", "16", "--seconds", seconds, "--warmup", "1")
-                )  # fmt: skip
+                    _loaded(servers[name], addresses, "--mode", "closed", "--in-flight", "16", "--seconds", seconds)
+                )
         maxima = {name: statistics.median(r["achieved_rate"] for r in runs["closed"][name]) for name in SERVERS}
         rate = round(maxima["floor"] * options.share)
         load.append(os.getloadavg()[0])
         for repeat in range(options.repeats):
             for name in _turns(repeat):
-                server = servers[name]
-                before = server.cpu_seconds()
-                result = run_load("--target", server.address, "--addresses", str(addresses), "--mode", "open",
-                                  "--rate", str(rate), "--seconds", seconds, "--warmup", "0.5")  # fmt: skip
-                result["server_cpu_us_per_call"] = round(
-                    (server.cpu_seconds() - before) / max(result["calls"], 1) * 1e6, 1
+                runs["open"][name].append(
+                    _loaded(servers[name], addresses, "--mode", "open", "--rate", str(rate), "--seconds", seconds)
                 )
-                runs["open"][name].append(result)
         load.append(os.getloadavg()[0])
     finally:
         for server in servers.values():
             server.stop()
     return _summary(options, runs, maxima, rate, load)
+
+
+def _loaded(server: Server, addresses: Path, *args: str) -> dict[str, Any]:
+    """One load run against ``server``, with the server's CPU (every thread) per call,
+    warm-up calls included: the figure least moved by other work on the machine."""
+    before = server.cpu_seconds()
+    result = run_load("--target", server.address, "--addresses", str(addresses), "--warmup", "0.5", *args)
+    result["server_cpu_us_per_call"] = round((server.cpu_seconds() - before) / max(result["calls"], 1) * 1e6, 1)
+    return result
 
 
 def _turns(repeat: int) -> list[str]:
@@ -106,13 +108,16 @@ def _summary(
         name: {key: statistics.median(r["latency_us"][key] for r in runs["open"][name]) for key in KEYS}
         for name in SERVERS
     }
-    server_cpu = {name: statistics.median(r["server_cpu_us_per_call"] for r in runs["open"][name]) for name in SERVERS}
+    server_cpu = {
+        kind: {name: statistics.median(r["server_cpu_us_per_call"] for r in runs[kind][name]) for name in SERVERS}
+        for kind in runs
+    }
     ratios = {}
     for floor in ("floor", "floor-guarded"):
         ratios[floor] = {
             "closed_max": round(maxima["pdp"] / maxima[floor], 3),
             **{key: round(latency["pdp"][key] / latency[floor][key], 3) for key in KEYS},
-            "server_cpu_per_call": round(server_cpu["pdp"] / server_cpu[floor], 3),
+            **{f"server_cpu_per_call_{kind}": round(cpu["pdp"] / cpu[floor], 3) for kind, cpu in server_cpu.items()},
         }
     errors = {name: sum(sum(r["errors"].values()) for r in runs[kind][name]) for kind in runs for name in SERVERS}
     return {
@@ -144,17 +149,17 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Open loop at {results['open_loop_rate']:,} calls/s ({results['share']:.0%} of the bare floor's maximum):",
         "",
-        "| server | closed-loop max (calls/s) | p50 µs | p90 µs | p99 µs | server CPU µs/call |",
+        "| server | closed-loop max (calls/s) | p50 µs | p90 µs | p99 µs | server CPU µs/call, closed / open |",
         "|---|---|---|---|---|---|",
     ]
     for name in SERVERS:
         lines.append(
             f"| {name} | {maxima[name]:,.0f} | {latency[name]['p50']:,.0f} | {latency[name]['p90']:,.0f} | "
-            f"{latency[name]['p99']:,.0f} | {cpu[name]:.0f} |"
+            f"{latency[name]['p99']:,.0f} | {cpu['closed'][name]:.0f} / {cpu['open'][name]:.0f} |"
         )
     lines += [
         "",
-        "| pdp / … | closed-loop max (≥ 0.90) | p50 (≤ 1.05) | p99 (≤ 1.20) | server CPU per call |",
+        "| pdp / … | closed-loop max (≥ 0.90) | p50 (≤ 1.05) | p99 (≤ 1.20) | server CPU per call, closed / open |",
         "|---|---|---|---|---|",
     ]
     for floor, ratio in results["ratios"].items():
@@ -163,7 +168,8 @@ def markdown(results: dict[str, Any]) -> str:
             _mark(ratio["p50"], ratio["p50"] <= TARGETS["p50"]),
             _mark(ratio["p99"], ratio["p99"] <= TARGETS["p99"]),
         ]
-        lines.append(f"| {floor} | {' | '.join(marks)} | {ratio['server_cpu_per_call']:.2f}× |")
+        cpu_ratios = f"{ratio['server_cpu_per_call_closed']:.2f}× / {ratio['server_cpu_per_call_open']:.2f}×"
+        lines.append(f"| {floor} | {' | '.join(marks)} | {cpu_ratios} |")
     lines += ["", f"Failed calls: {results['errors']}."]
     return "\n".join(lines) + "\n"
 
