@@ -196,11 +196,26 @@ def _decoder(message: Any) -> Callable[[bytes], Any]:
 def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         if type(request) is _Undecodable:
-            _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request: not a valid {request.type_name} ({request.reason})",
-            )
+            _refuse_undecodable(context, request.type_name, request.reason)
+        return method(request, context)
+
+    return handler
+
+
+def _refuse_undecodable(context: grpc.ServicerContext, type_name: str, reason: str) -> NoReturn:
+    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {type_name} ({reason})")
+
+
+def _decoding(method: Callable[[Any, grpc.ServicerContext], bytes], message: Any) -> Callable[..., bytes]:
+    """``method`` taking the request's bytes, decoding them itself: gRPC then calls
+    no deserializer and no serializer of ours, two Python calls fewer per call."""
+    from_string, type_name = message.FromString, message.DESCRIPTOR.name
+
+    def handler(data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            request = from_string(data)
+        except DecodeError as error:
+            _refuse_undecodable(context, type_name, str(error) or "malformed protobuf")
         return method(request, context)
 
     return handler
@@ -211,7 +226,7 @@ def encoded_unary(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A unary method answering bytes it encoded itself, for any adapter on this transport
     (Envoy's Authorization too): an undecodable request is INVALID_ARGUMENT, never INTERNAL."""
-    return grpc.unary_unary_rpc_method_handler(_refusing_undecodable(method), _decoder(request_type), _passthrough)
+    return grpc.unary_unary_rpc_method_handler(_decoding(method, request_type))
 
 
 def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
@@ -219,7 +234,7 @@ def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
     unary = grpc.unary_unary_rpc_method_handler
     guard = _refusing_undecodable
     methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Check": unary(guard(servicer.Check), _decoder(pb.CheckRequest), _passthrough),
+        "Check": encoded_unary(servicer.Check, pb.CheckRequest),
         "CheckBatch": unary(guard(servicer.CheckBatch), _decoder(pb.CheckBatchRequest), _passthrough),
         "GetStatus": unary(
             guard(servicer.GetStatus), _decoder(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
