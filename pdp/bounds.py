@@ -116,8 +116,31 @@ def checked_meeting(meeting: MeetingFields, action: int) -> Meeting:
 
     :raises RequestError: the first bound the meeting or the action breaks.
     """
-    meeting_id, host_account_id, tags = meeting.meeting_id, meeting.host_account_id, meeting.tags
+    if isinstance(meeting, Meeting):
+        return _checked_model(meeting, action)
+    meeting_id, host_account_id, given = meeting.meeting_id, meeting.host_account_id, meeting.tags
+    # A protobuf field makes a new str each time it is read: read the tags once,
+    # into the set the decision needs, and bound their lengths there.
+    tags = frozenset(given) if len(given) <= MAX_TAGS else frozenset()
     # One expression for the common case; the bound functions name a problem.
+    if not (
+        meeting_id
+        and action in _VALID_ACTIONS
+        and len(meeting_id) <= MAX_ID_LENGTH
+        and len(host_account_id) <= MAX_ID_LENGTH
+        and len(given) <= MAX_TAGS
+        and (not tags or max(map(len, tags)) <= MAX_TAG_LENGTH)
+    ):
+        _refuse_meeting(meeting_id, host_account_id, given, action)
+    made = _new(Meeting)  # what Meeting(...) makes, without the frozen dataclass's slower __init__
+    _set_meeting_id(made, meeting_id)
+    _set_host_account_id(made, host_account_id)
+    _set_tags(made, tags)
+    return made
+
+
+def _checked_model(meeting: Meeting, action: int) -> Meeting:
+    meeting_id, host_account_id, tags = meeting.meeting_id, meeting.host_account_id, meeting.tags
     if not (
         meeting_id
         and action in _VALID_ACTIONS
@@ -127,9 +150,14 @@ def checked_meeting(meeting: MeetingFields, action: int) -> Meeting:
         and (not tags or max(map(len, tags)) <= MAX_TAG_LENGTH)
     ):
         _refuse_meeting(meeting_id, host_account_id, tags, action)
-    if isinstance(meeting, Meeting):
-        return meeting
-    return Meeting(meeting_id, host_account_id, frozenset(tags))
+    return meeting
+
+
+_new = object.__new__
+# The slots' own setters: a frozen dataclass refuses setattr, its slots do not.
+_set_meeting_id = Meeting.meeting_id.__set__  # type: ignore[attr-defined,misc]
+_set_host_account_id = Meeting.host_account_id.__set__  # type: ignore[attr-defined,misc]
+_set_tags = Meeting.tags.__set__  # type: ignore[attr-defined,misc]
 
 
 def _refuse_meeting(meeting_id: str, host_account_id: str, tags: Collection[str], action: int) -> None:

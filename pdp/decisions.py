@@ -189,23 +189,41 @@ class DecisionPath:
         """
         if not self._observed:
             return self._decide(ip, user_id, account_id, meeting, action, present, active)
-        with self._span(endpoint) as span:
+        if self._tracer is None:
             started = time.perf_counter()
-            try:
-                outcome = self._decide(ip, user_id, account_id, meeting, action, Outcome, active)
-                result = present(outcome.decision, outcome.location, outcome.active)
-            except Exception:
-                self._observe_error(endpoint, started)
-                raise
-            decision, verdict = outcome.decision, _VERDICT_NAMES[outcome.decision.verdict]
-            if span is not None:
-                span.set_attributes(
-                    _span_attributes(endpoint, outcome.active, verdict, {"pdp.rule_id": decision.rule_id})
+            decision, location, active, result = self._decide_observed(
+                ip, user_id, account_id, meeting, action, endpoint, present, active, started
+            )
+        else:
+            with self._tracer.start_as_current_span(endpoint.span_name, kind=SpanKind.SERVER) as span:
+                started = time.perf_counter()
+                decision, location, active, result = self._decide_observed(
+                    ip, user_id, account_id, meeting, action, endpoint, present, active, started
                 )
-        who = (Participant(ip, user_id, account_id),) if self._audit is not None else ()
-        self._record(endpoint, started, verdict, Batch([result], [decision], [outcome.location], outcome.active),
-                     action, meeting, who)  # fmt: skip
+                verdict = _VERDICT_NAMES[decision.verdict]
+                span.set_attributes(_span_attributes(endpoint, active, verdict, {"pdp.rule_id": decision.rule_id}))
+        self._record_one(endpoint, started, decision, location, active, action, meeting, ip, user_id, account_id)
         return result
+
+    def _decide_observed(
+        self,
+        ip: str,
+        user_id: str,
+        account_id: str,
+        meeting: MeetingFields,
+        action: int,
+        endpoint: Endpoint,
+        present: Presenter[T],
+        active: Active | None,
+        started: float,
+    ) -> tuple[Decision, Location, Active, T]:
+        """:meth:`_decide` and ``present``, with a failure observed as an error."""
+        try:
+            decision, location, active = self._decide(ip, user_id, account_id, meeting, action, _triple, active)
+            return decision, location, active, present(decision, location, active)
+        except Exception:
+            self._observe_error(endpoint, started)
+            raise
 
     def _decide(
         self,
@@ -326,9 +344,37 @@ class DecisionPath:
         if self.candidate is not None:
             self.candidate.offer(batch.decisions, batch.locations, active, action, meeting)
 
+    def _record_one(
+        self,
+        endpoint: Endpoint,
+        started: float,
+        decision: Decision,
+        location: Location,
+        active: Active,
+        action: int,
+        meeting: MeetingFields,
+        ip: str,
+        user_id: str,
+        account_id: str,
+    ) -> None:
+        """:meth:`_record` for one decision, without the batch's lists and participant objects."""
+        if self._telemetry is not None:
+            seconds = time.perf_counter() - started
+            verdict = _VERDICT_NAMES[decision.verdict]
+            self._telemetry.observe(endpoint.label, seconds, verdict, (decision,), (location,), active)
+        if self._audit is not None:
+            self._audit.record(decision, location, active, action, meeting, ip, user_id, account_id)
+        if self.candidate is not None:
+            self.candidate.offer((decision,), (location,), active, action, meeting)
+
     def _observe_error(self, endpoint: Endpoint, started: float) -> None:
         if self._telemetry is not None:
             self._telemetry.observe_error(endpoint.label, time.perf_counter() - started)
+
+
+def _triple(decision: Decision, location: Location, active: Active) -> tuple[Decision, Location, Active]:
+    """A presenter keeping what the observation needs, cheaper to make than an :class:`Outcome`."""
+    return decision, location, active
 
 
 def _span_attributes(

@@ -212,25 +212,45 @@ class BatchRequest:
     addresses: list[str] | None
 
 
-_decode_batch_message = _decoder(pb.CheckBatchRequest)
-
-
-def _decode_batch(data: bytes) -> BatchRequest | _Undecodable:
-    message = _decode_batch_message(data)
-    if type(message) is _Undecodable:
-        return message
-    return BatchRequest(message, batch_addresses(data, len(message.participants), MAX_ID_LENGTH))
-
-
 def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         if type(request) is _Undecodable:
-            _abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request: not a valid {request.type_name} ({request.reason})",
-            )
+            _refuse_undecodable(context, request.type_name, request.reason)
         return method(request, context)
+
+    return handler
+
+
+def _refuse_undecodable(context: grpc.ServicerContext, type_name: str, reason: str) -> NoReturn:
+    _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {type_name} ({reason})")
+
+
+def _decoding(method: Callable[[Any, grpc.ServicerContext], bytes], message: Any) -> Callable[..., bytes]:
+    """``method`` taking the request's bytes, decoding them itself: gRPC then calls
+    no deserializer and no serializer of ours, two Python calls fewer per call."""
+    from_string, type_name = message.FromString, message.DESCRIPTOR.name
+
+    def handler(data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            request = from_string(data)
+        except DecodeError as error:
+            _refuse_undecodable(context, type_name, str(error) or "malformed protobuf")
+        return method(request, context)
+
+    return handler
+
+
+def _decoding_batch(method: Callable[[BatchRequest, grpc.ServicerContext], bytes]) -> Callable[..., bytes]:
+    """CheckBatch taking the request's bytes, as :func:`_decoding` does, and reading
+    the participants' addresses from them in C when it can (see pdp.wire)."""
+
+    def handler(data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            message = pb.CheckBatchRequest.FromString(data)
+        except DecodeError as error:
+            _refuse_undecodable(context, "CheckBatchRequest", str(error) or "malformed protobuf")
+        addresses = batch_addresses(data, len(message.participants), MAX_ID_LENGTH)
+        return method(BatchRequest(message, addresses), context)
 
     return handler
 
@@ -240,7 +260,7 @@ def encoded_unary(
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A unary method answering bytes it encoded itself, for any adapter on this transport
     (Envoy's Authorization too): an undecodable request is INVALID_ARGUMENT, never INTERNAL."""
-    return grpc.unary_unary_rpc_method_handler(_refusing_undecodable(method), _decoder(request_type), _passthrough)
+    return grpc.unary_unary_rpc_method_handler(_decoding(method, request_type))
 
 
 def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
@@ -248,8 +268,8 @@ def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
     unary = grpc.unary_unary_rpc_method_handler
     guard = _refusing_undecodable
     methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Check": unary(guard(servicer.Check), _decoder(pb.CheckRequest), _passthrough),
-        "CheckBatch": unary(guard(servicer.CheckBatch), _decode_batch, _passthrough),
+        "Check": encoded_unary(servicer.Check, pb.CheckRequest),
+        "CheckBatch": unary(_decoding_batch(servicer.CheckBatch)),
         "GetStatus": unary(
             guard(servicer.GetStatus), _decoder(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
         ),

@@ -108,6 +108,9 @@ CORPUS: list[tuple[str, str, bytes, grpc.StatusCode, str]] = [
     ("huge host account", "Check", check(host_account_id="h" * 1000), INVALID, "meeting.host_account_id"),
     ("10,000 tags", "Check", check(tags=[f"t{n}" for n in range(10_000)]), INVALID, f"at most {MAX_TAGS}"),
     ("huge tag", "Check", check(tags=["x" * 1000]), INVALID, "a tag longer than"),
+    # The bound counts tags as sent, not the distinct ones the decision uses.
+    ("one tag too often", "Check", check(tags=["t"] * (MAX_TAGS + 1)), INVALID, f"{MAX_TAGS + 1} given, at most"),
+    ("huge tag twice", "Check", check(tags=["ok", "x" * 1000, "x" * 1000]), INVALID, "a tag longer than"),
     (
         "huge user id",
         "Check",

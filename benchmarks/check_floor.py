@@ -1,0 +1,201 @@
+"""pdp's Check against the floor, both floors, side by side in one run (issue 18's first target).
+
+    python -m benchmarks.check_floor [--repeats 5] [--seconds 4] [--share 0.5] [--out DIR]
+
+Starts three servers on Unix sockets, each pinned to the server core: the bare
+floor (``floor_server --mode sync``), the floor built exactly like `pdp serve`
+(``--mode sync-guarded``: same pool, channel options and receive guard) and
+`pdp serve` itself, on the suite's 10,000-rule snapshot and 20,000 located
+addresses of the demo GeoLite2-City. The suite's load generator
+(``benchmarks.load``, the ``pdp/loadtest`` engine, pinned to the client core)
+then runs, repeat after repeat with the three servers taken in turn so that the
+shared machine's drift hits them alike:
+
+1. closed loop, 16 calls in flight: each server's maximum (median of the repeats);
+2. open loop at ``--share`` of the bare floor's maximum, the same rate for all three:
+   p50 and p99 from each call's intended send time (median of the repeats).
+
+Prints the ratios pdp/floor against both floors and writes them, with every run,
+to ``results/<date>-check-floor.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import inprocess
+from benchmarks.harness import Server, machine_facts, pdp_serve, run_load
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SERVERS = ("floor", "floor-guarded", "pdp")
+KEYS = ("p50", "p90", "p99", "p99.9")
+TARGETS = {"closed_max": 0.90, "p50": 1.05, "p99": 1.20}  # pdp/floor: at least, at most, at most
+
+
+def start(name: str, folder: Path, snapshot: Path) -> Server:
+    listen = f"unix:{folder}/{name}.sock"
+    if name == "pdp":
+        return pdp_serve(listen, snapshot)
+    mode = "sync-guarded" if name == "floor-guarded" else "sync"
+    return Server.start([sys.executable, "-m", "benchmarks.floor_server", "--mode", mode, "--listen", listen])
+
+
+def measure(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    addresses = folder / "addresses.txt"
+    addresses.write_text("\n".join(inprocess.located_addresses(20_000)))
+    snapshot = folder / "rules-10000.json"
+    snapshot.write_bytes(inprocess.make_rules(10_000))
+    servers = {name: start(name, folder, snapshot) for name in SERVERS}
+    seconds = str(options.seconds)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+        "closed": {n: [] for n in SERVERS},
+        "open": {n: [] for n in SERVERS},
+    }
+    load = [os.getloadavg()[0]]
+    try:
+        for repeat in range(options.repeats):
+            for name in _turns(repeat):
+                runs["closed"][name].append(
+                    _loaded(servers[name], addresses, "--mode", "closed", "--in-flight", "16", "--seconds", seconds)
+                )
+        maxima = {name: statistics.median(r["achieved_rate"] for r in runs["closed"][name]) for name in SERVERS}
+        rate = round(maxima["floor"] * options.share)
+        load.append(os.getloadavg()[0])
+        for repeat in range(options.repeats):
+            for name in _turns(repeat):
+                runs["open"][name].append(
+                    _loaded(servers[name], addresses, "--mode", "open", "--rate", str(rate), "--seconds", seconds)
+                )
+        load.append(os.getloadavg()[0])
+    finally:
+        for server in servers.values():
+            server.stop()
+    return _summary(options, runs, maxima, rate, load)
+
+
+def _loaded(server: Server, addresses: Path, *args: str) -> dict[str, Any]:
+    """One load run against ``server``, with the server's CPU (every thread) per call,
+    warm-up calls included: the figure least moved by other work on the machine."""
+    before = server.cpu_seconds()
+    result = run_load("--target", server.address, "--addresses", str(addresses), "--warmup", "0.5", *args)
+    result["server_cpu_us_per_call"] = round((server.cpu_seconds() - before) / max(result["calls"], 1) * 1e6, 1)
+    return result
+
+
+def _turns(repeat: int) -> list[str]:
+    """The servers in a rotating order, so that none is always first after a pause."""
+    shift = repeat % len(SERVERS)
+    return [*SERVERS[shift:], *SERVERS[:shift]]
+
+
+def _summary(
+    options: argparse.Namespace,
+    runs: dict[str, dict[str, list[dict[str, Any]]]],
+    maxima: dict[str, float],
+    rate: int,
+    load: list[float],
+) -> dict[str, Any]:
+    latency = {
+        name: {key: statistics.median(r["latency_us"][key] for r in runs["open"][name]) for key in KEYS}
+        for name in SERVERS
+    }
+    server_cpu = {
+        kind: {name: statistics.median(r["server_cpu_us_per_call"] for r in runs[kind][name]) for name in SERVERS}
+        for kind in runs
+    }
+    ratios = {}
+    for floor in ("floor", "floor-guarded"):
+        ratios[floor] = {
+            "closed_max": round(maxima["pdp"] / maxima[floor], 3),
+            **{key: round(latency["pdp"][key] / latency[floor][key], 3) for key in KEYS},
+            **{f"server_cpu_per_call_{kind}": round(cpu["pdp"] / cpu[floor], 3) for kind, cpu in server_cpu.items()},
+        }
+    errors = {name: sum(sum(r["errors"].values()) for r in runs[kind][name]) for kind in runs for name in SERVERS}
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.check_floor " + " ".join(sys.argv[1:]),
+        "facts": machine_facts(),
+        "repeats": options.repeats,
+        "seconds": options.seconds,
+        "share": options.share,
+        "load_average": load,
+        "closed_loop_max": maxima,
+        "open_loop_rate": rate,
+        "open_loop_us": latency,
+        "server_cpu_us_per_call": server_cpu,
+        "ratios": ratios,
+        "errors": errors,
+        "runs": runs,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    maxima, latency, cpu = results["closed_loop_max"], results["open_loop_us"], results["server_cpu_us_per_call"]
+    lines = [
+        f"# Check against the floor, {results['date']}",
+        "",
+        f"`{results['command']}`: {results['repeats']} interleaved repeats of {results['seconds']:g} s, "
+        f"Unix socket, {results['facts']['pinning']}; load average "
+        f"{', '.join(f'{v:.2f}' for v in results['load_average'])} (start, after the closed loop, end).",
+        "",
+        f"Open loop at {results['open_loop_rate']:,} calls/s ({results['share']:.0%} of the bare floor's maximum):",
+        "",
+        "| server | closed-loop max (calls/s) | p50 µs | p90 µs | p99 µs | server CPU µs/call, closed / open |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in SERVERS:
+        lines.append(
+            f"| {name} | {maxima[name]:,.0f} | {latency[name]['p50']:,.0f} | {latency[name]['p90']:,.0f} | "
+            f"{latency[name]['p99']:,.0f} | {cpu['closed'][name]:.0f} / {cpu['open'][name]:.0f} |"
+        )
+    lines += [
+        "",
+        "| pdp / … | closed-loop max (≥ 0.90) | p50 (≤ 1.05) | p99 (≤ 1.20) | server CPU per call, closed / open |",
+        "|---|---|---|---|---|",
+    ]
+    for floor, ratio in results["ratios"].items():
+        marks = [
+            _mark(ratio["closed_max"], ratio["closed_max"] >= TARGETS["closed_max"]),
+            _mark(ratio["p50"], ratio["p50"] <= TARGETS["p50"]),
+            _mark(ratio["p99"], ratio["p99"] <= TARGETS["p99"]),
+        ]
+        cpu_ratios = f"{ratio['server_cpu_per_call_closed']:.2f}× / {ratio['server_cpu_per_call_open']:.2f}×"
+        lines.append(f"| {floor} | {' | '.join(marks)} | {cpu_ratios} |")
+    lines += ["", f"Failed calls: {results['errors']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _mark(value: float, met: bool) -> str:
+    return f"{value:.3f}×" + ("" if met else " (**no**)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--share", type=float, default=0.5, help="open-loop rate as a share of the floor's maximum")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    options = parser.parse_args()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pdp-check-floor-") as folder:
+        results = measure(options, Path(folder))
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    options.out.mkdir(parents=True, exist_ok=True)
+    stem = options.out / f"{dt.date.today().isoformat()}-check-floor"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    stem.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
