@@ -1,6 +1,7 @@
 """`pdp serve --processes 2` against `--processes 1`: closed-loop Check, side by side.
 
     python -m benchmarks.processes [--repeats 5] [--seconds 5] [--connections 8] [--in-flight 32] [--json]
+    python -m benchmarks.processes --activations 5 [--rules 10000]
 
 Each repeat starts a real `pdp serve` on loopback TCP (port 0) with one process,
 then with two (the order swaps every repeat, ABBA, so drift over the run cancels),
@@ -10,6 +11,14 @@ runs in this process and shares the machine's cores with the server, as the
 issue asks. Printed per repeat: both rates, their ratio, each worker's share of
 the server CPU (from /proc/PID/stat) and of 32 fresh connections (which worker
 answered GetStatus on each); then the median ratio and the load average.
+
+``--activations K`` measures instead what each worker following the store costs
+(README, "Serving on every core"): two workers follow one file snapshot of
+``--rules`` rules; per one-rule change, each worker's CPU, the time between the
+first and the last worker serving it (the consistency window), each process's
+RSS; and, for the design not taken (one reloader compiling once and handing the
+compiled policy over), what pickling and unpickling the compiled policy costs
+next to compiling it.
 """
 
 from __future__ import annotations
@@ -55,9 +64,9 @@ def cpu_seconds(pid: int) -> float:
 class Served:
     """A `pdp serve --processes N` on 127.0.0.1:0, up once it prints its banner."""
 
-    def __init__(self, processes: int, rules: Path) -> None:
+    def __init__(self, processes: int, rules: Path, *extra: str) -> None:
         argv = [sys.executable, "-m", "pdp", "serve", "--listen", "127.0.0.1:0", "--snapshot", str(rules)]
-        argv += ["--geoip-db", str(CITY_DB), "--processes", str(processes), "--log-level", "warning"]
+        argv += ["--geoip-db", str(CITY_DB), "--processes", str(processes), "--log-level", "warning", *extra]
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.process.stdout is not None
         banner = self.process.stdout.readline()
@@ -81,6 +90,103 @@ class Served:
     def stop(self) -> None:
         self.process.terminate()
         self.process.communicate(timeout=60)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def one_activation(served: Served, channels: list[grpc.Channel], path: Path, version: int) -> dict[str, Any]:
+    """Publish ``version`` (one rule changed) by rename; time each worker's switch and CPU."""
+    document = json.loads(path.read_bytes())
+    document["version"] = version
+    document["rules"][version % len(document["rules"])]["legal_basis"] += " (amended)"
+    staged = path.with_name(".staged")
+    staged.write_text(json.dumps(document))
+    before = [cpu_seconds(pid) for pid in served.pids]
+    published = time.perf_counter()
+    staged.replace(path)
+    seen: dict[int, float] = {}
+    deadline = published + 60
+    while len(seen) < len(channels) and time.perf_counter() < deadline:
+        for index, on in enumerate(channels):
+            if index not in seen:
+                answer = pb_grpc.AdmissionServiceStub(on).GetStatus(pb.GetStatusRequest(), timeout=10)
+                if answer.policy_version == version:
+                    seen[index] = time.perf_counter() - published
+        time.sleep(0.002)  # the probe's own pace; each worker's switch time is what is read
+    return {
+        "seconds_to_serve": [round(seen.get(i, -1), 3) for i in range(len(channels))],
+        "window_s": round(max(seen.values()) - min(seen.values()), 3),
+        "worker_cpu_s": [round(cpu_seconds(pid) - start, 3) for pid, start in zip(served.pids, before, strict=True)],
+    }
+
+
+def handoff_cost(data: bytes) -> dict[str, float]:
+    """CPU seconds to compile the snapshot, and to pickle and unpickle the compiled policy (the design not taken)."""
+    import pickle
+
+    from pdp.rules import parse_policy
+
+    started = time.process_time()
+    policy = parse_policy(data, "handoff.json")
+    compiled = time.process_time() - started
+    started = time.process_time()
+    blob = pickle.dumps(policy, protocol=pickle.HIGHEST_PROTOCOL)
+    dumped = time.process_time() - started
+    started = time.process_time()
+    pickle.loads(blob)  # noqa: S301 - bytes this function has just made
+    loaded = time.process_time() - started
+    return {"compile_s": round(compiled, 3), "pickle_s": round(dumped, 3), "unpickle_s": round(loaded, 3),
+            "pickle_mb": round(len(blob) / 1e6, 1)}  # fmt: skip
+
+
+def activations(options: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.inprocess import make_rules
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rules.json"
+        data = make_rules(options.rules)
+        path.write_bytes(data)
+        single = Served(1, path)
+        single_rss = rss_mib(single.pids[0])
+        single.stop()
+        served = Served(2, path)
+        try:
+            supervisor_rss = rss_mib(served.process.pid)
+            channels = [channel for _, channel in sorted(worker_channels(served.target).items())]
+            runs = [one_activation(served, channels, path, version) for version in range(2, 2 + options.activations)]
+            worker_rss = [rss_mib(pid) for pid in served.pids]
+        finally:
+            served.stop()
+    return {
+        "rules": options.rules,
+        "runs": runs,
+        "median_window_s": statistics.median(run["window_s"] for run in runs),
+        "median_worker_cpu_s": statistics.median(cpu for run in runs for cpu in run["worker_cpu_s"]),
+        "rss_mib": {"one_process": single_rss, "supervisor": supervisor_rss, "workers": worker_rss},
+        "handoff": handoff_cost(data),
+        "loadavg": [round(value, 2) for value in os.getloadavg()],
+    }
+
+
+def worker_channels(target: str) -> dict[int, grpc.Channel]:
+    """One open connection per worker, found by opening connections until each index answered."""
+    found: dict[int, grpc.Channel] = {}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        candidate = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        answer = pb_grpc.AdmissionServiceStub(candidate).GetStatus(pb.GetStatusRequest(), timeout=10)
+        if answer.worker_index in found:
+            candidate.close()
+        else:
+            found[answer.worker_index] = candidate
+        if len(found) == answer.worker_count:
+            return found
+    raise RuntimeError(f"only workers {sorted(found)} answered in 30 s")
 
 
 def get_status(target: str) -> Any:
@@ -111,6 +217,7 @@ def measure(processes: int, rules: Path, options: argparse.Namespace) -> dict[st
         "errors": figures["errors"],
         "p50_us": figures["latency_us"].get("p50"),
         "worker_cpu_s": [round(value, 2) for value in cpu],
+        "calls_per_server_cpu_s": round(figures["calls"] / sum(cpu), 1) if sum(cpu) else 0.0,
         "connections_by_worker": [spread.get(index, 0) for index in range(processes)],
     }
 
@@ -122,7 +229,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--activations", type=int, default=0, help="measure following the store instead")
+    parser.add_argument("--rules", type=int, default=10_000, help="--activations: rules in the snapshot")
     options = parser.parse_args()
+    if options.activations:
+        print(json.dumps(activations(options), indent=2))
+        return
     load_before = os.getloadavg()
     pairs = []
     with tempfile.TemporaryDirectory() as folder:
@@ -137,7 +249,8 @@ def main() -> None:
                 two = results[2]
                 print(
                     f"repeat {repeat + 1}: 1 process {results[1]['rate']:,.0f}/s, 2 processes {two['rate']:,.0f}/s,"
-                    f" ratio {pair['ratio']:.2f}; 2 workers' CPU {two['worker_cpu_s']} s, 32 connections by worker"
+                    f" ratio {pair['ratio']:.2f}; calls per server CPU-second {results[1]['calls_per_server_cpu_s']:,.0f}"
+                    f" / {two['calls_per_server_cpu_s']:,.0f}; 2 workers' CPU {two['worker_cpu_s']} s, 32 connections by worker"
                     f" {two['connections_by_worker']}, errors {results[1]['errors'] or 0} / {two['errors'] or 0}",
                     flush=True,
                 )

@@ -48,7 +48,8 @@ def parse_cfs(quota_text: str, period_text: str) -> float | None:
     try:
         quota, period = int(quota_text.strip()), int(period_text.strip())
     except ValueError:
-        raise ValueError(f"cfs quota {quota_text.strip()!r} / period {period_text.strip()!r} are not integers") from None
+        shown = f"{quota_text.strip()!r} / period {period_text.strip()!r}"
+        raise ValueError(f"cfs quota {shown} are not integers") from None
     if period <= 0:
         raise ValueError(f"cfs period {period} is not positive")
     return None if quota <= 0 else quota / period
@@ -62,7 +63,7 @@ def _own_cgroups(proc_cgroup: Path) -> dict[str, str]:
     except OSError:
         return paths
     for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        _, controllers, path = [*line.split(":", 2), "", ""][:3]
         for controller in controllers.split(",") if controllers else [""]:
             paths[controller] = path
     return paths

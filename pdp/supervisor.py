@@ -8,6 +8,7 @@ forked from a process whose gRPC core never ran.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -149,10 +150,8 @@ class _Supervisor:
 
     def signal_all(self, signum: int) -> None:
         for pid in self.children:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # exited: reaped at the next step
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     def step(self, wake: int, timeout: float | None) -> None:
         """Wait for a signal, a child's exit or a start-up report (or ``timeout``), then handle them."""
@@ -223,7 +222,7 @@ class _Supervisor:
         while self.deaths and self.deaths[0] < now - RESTART_WINDOW_S:
             self.deaths.popleft()
         if len(self.deaths) > RESTARTS:
-            self.failed = f"worker {child.index} exited with {how}: more than {RESTARTS} deaths in {RESTART_WINDOW_S:g} s"
+            self.failed = f"worker {child.index} exited with {how}: over {RESTARTS} deaths in {RESTART_WINDOW_S:g} s"
             log.error("%s; stopping every worker", self.failed)
             return
         log.warning("worker %d (pid %d) exited with %s; starting it again", child.index, child.pid, how)
@@ -244,9 +243,7 @@ class _Supervisor:
         return all(code == 0 for code in self.exits)
 
 
-def supervise(
-    config: ServeConfig, describe: Callable[[Sidecar], list[str]], ready: Callable[[list[str]], None]
-) -> int:
+def supervise(config: ServeConfig, describe: Callable[[Sidecar], list[str]], ready: Callable[[list[str]], None]) -> int:
     """Run ``config.processes`` workers until SIGTERM or SIGINT; return the exit status
     (0: every worker drained and exited cleanly, 1: a worker failed or kept dying).
 
@@ -306,7 +303,8 @@ def _serve(supervisor: _Supervisor, wake: int, ready: Callable[[list[str]], None
     if not supervisor.stopping:
         first = next(child for child in supervisor.children.values() if child.index == 0)
         pids = ", ".join(str(child.pid) for child in sorted(supervisor.children.values(), key=lambda c: c.index))
-        where = "one SO_REUSEPORT port" if supervisor.reuseport else f"{supervisor.config.listen.removeprefix('unix:')}.K"
+        path = supervisor.config.listen.removeprefix("unix:")
+        where = "one SO_REUSEPORT port" if supervisor.reuseport else f"{path}.K"
         ready([*first.lines[:2], f"{supervisor.count} worker processes on {where} (pids {pids})", *first.lines[2:]])
     while not supervisor.failed and not supervisor.stopping:
         supervisor.step(wake, None)

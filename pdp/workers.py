@@ -84,7 +84,7 @@ def current() -> tuple[int, int]:
     return (_current.index, _current.count) if _current is not None else (0, 1)
 
 
-class SharedHealth(health.HealthServicer):  # type: ignore[misc]
+class SharedHealth(health.HealthServicer):
     """grpc.health.v1 for one worker: SERVING only while this worker and every other one is."""
 
     def __init__(self, worker: Worker, services: tuple[str, ...]) -> None:
@@ -113,7 +113,7 @@ class SharedHealth(health.HealthServicer):  # type: ignore[misc]
         for service in self._services:
             self.set(service, status)  # ignored once shutting down
 
-    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - gRPC's name
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.refresh()  # exact for Check; Watch streams learn of other workers within _REFRESH_S
         return super().Check(request, context)
 

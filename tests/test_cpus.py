@@ -121,7 +121,10 @@ def test_usable_cpus_on_this_machine_reads_its_real_files() -> None:
 
 def test_auto_follows_the_affinity_it_is_given() -> None:
     # A real process pinned to one CPU (as taskset does) resolves auto to 1.
-    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); from pdp.cpus import usable_cpus; print(usable_cpus())"
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from pdp.cpus import usable_cpus; print(usable_cpus())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
 

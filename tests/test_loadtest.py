@@ -171,4 +171,5 @@ def test_loadtest_command_with_several_connections(module_server: tuple[str, obj
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     assert figures["connections"] == 4
-    assert figures["ok"] > 0 and figures["errors"] == {}
+    assert figures["ok"] > 0
+    assert figures["errors"] == {}

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from pdp._proto import admission_pb2 as pb
 from pdp._proto import admission_pb2_grpc as pb_grpc
@@ -93,7 +93,21 @@ def status(on: grpc.Channel) -> Any:
 
 
 def health(on: grpc.Channel) -> int:
-    return int(health_pb2_grpc.HealthStub(on).Check(health_pb2.HealthCheckRequest(), timeout=10).status)
+    check = on.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    return int(check(health_pb2.HealthCheckRequest(), timeout=10).status)
+
+
+def watch(on: grpc.Channel) -> Any:
+    stream = on.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    return stream(health_pb2.HealthCheckRequest(), timeout=60)
 
 
 def by_worker(target: str, count: int = 2) -> dict[int, grpc.Channel]:
@@ -161,7 +175,8 @@ def test_a_unix_socket_per_worker_and_the_configured_path_for_worker_0(
         with channel(f"unix:{name}") as on:
             assert (status(on).worker_index, health(on)) == (index, SERVING), name
     assert served.finish() == 0
-    assert not path.exists() and not Path(f"{path}.1").exists()
+    assert not path.exists()
+    assert not Path(f"{path}.1").exists()
 
 
 def test_health_is_serving_only_while_every_worker_is(serve: Callable[..., Served]) -> None:
@@ -180,7 +195,8 @@ def test_health_is_serving_only_while_every_worker_is(serve: Callable[..., Serve
     restarted = by_worker(served.target)
     assert status(restarted[1]).worker_pid not in served.pids
     assert served.finish() == 0
-    assert "worker 1 (pid" in served.stderr and "starting it again" in served.stderr
+    assert "worker 1 (pid" in served.stderr
+    assert "starting it again" in served.stderr
 
 
 def test_a_killed_worker_is_started_again(serve: Callable[..., Served]) -> None:
@@ -233,7 +249,11 @@ def test_zero_failed_calls_through_20_activations_and_2_database_swaps(
     try:
         for version in range(8, 28):
             replace_file(served.rules, rules(version).encode())
-            wait_for(lambda: all(status(on).policy_version == version for on in workers.values()), f"v{version}")
+
+            def current(v: int = version) -> bool:
+                return all(status(on).policy_version == v for on in workers.values())
+
+            wait_for(current, f"v{version}")
             if version in (14, 21):
                 reloads = {index: status(on).geoip_reloads for index, on in workers.items()}
                 staged = tmp_path / "city.staged"
@@ -247,7 +267,8 @@ def test_zero_failed_calls_through_20_activations_and_2_database_swaps(
         stop.set()
         caller.join()
     assert failures == []
-    assert counts["failed"] == 0 and counts["ok"] > 100
+    assert counts["failed"] == 0
+    assert counts["ok"] > 100
     assert all(status(on).activations == 21 for on in workers.values())  # the first one and 20 more
     assert served.finish() == 0
 
@@ -259,9 +280,7 @@ def test_zero_failed_calls_through_20_activations_and_2_database_swaps(
         (["--audit-log", "stdout"], "--audit-log stdout needs --processes 1"),
     ],
 )
-def test_a_worker_that_cannot_start_stops_the_whole_and_says_why(
-    tmp_path: Path, args: list[str], message: str
-) -> None:
+def test_a_worker_that_cannot_start_stops_the_whole_and_says_why(tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "rules.yaml").write_text(rules(7))
     argv = [*PDP, "serve", "--listen", "127.0.0.1:0", "--snapshot", str(tmp_path / "rules.yaml"), "--processes", "2"]
     if "--geoip-db" not in args:
@@ -296,16 +315,16 @@ def test_shared_health_follows_the_board(tmp_path: Path) -> None:
     running = start_server(ServeConfig(listen=f"unix:{tmp_path}/w.sock"), holder, worker=Worker(0, 2, board))
     try:
         with channel(running.address) as on:
-            watch = health_pb2_grpc.HealthStub(on).Watch(health_pb2.HealthCheckRequest(), timeout=60)
-            assert next(watch).status == NOT_SERVING
+            stream = watch(on)
+            assert next(stream).status == NOT_SERVING
             holder.activate(policy_from(CN_MEMORIAL), GeoDatabase(CITY_DB, 1000), "test.yaml")
             assert health(on) == NOT_SERVING  # worker 1 is not serving yet
             board.mark(1, True)
             assert health(on) == SERVING
-            assert next(watch).status == SERVING  # Watch learns of the other worker too
+            assert next(stream).status == SERVING  # Watch learns of the other worker too
             board.mark(1, False)
             assert health(on) == NOT_SERVING
-            watch.cancel()
+            stream.cancel()
     finally:
         running.stop(grace=0)
     assert board.all_serving() is False

@@ -124,7 +124,12 @@ def open_loop(connection: Connection | Pool, messages: list[bytes], rate: float,
 
 
 def closed_loop(
-    connection: Connection | Pool, messages: list[bytes], in_flight: int, seconds: float, drain: float, max_calls: int = 0
+    connection: Connection | Pool,
+    messages: list[bytes],
+    in_flight: int,
+    seconds: float,
+    drain: float,
+    max_calls: int = 0,
 ) -> float:
     """Keep ``in_flight`` calls outstanding until ``seconds`` or ``max_calls``; return the elapsed time."""
     started = time.perf_counter()
@@ -156,11 +161,13 @@ def run(settings: LoadSettings, on_progress: Callable[[str], None] | None = None
     messages = [grpc_message(request) for request in build_requests(settings.addresses, settings.batch, settings.tags)]
     path = "/pdp.v1.AdmissionService/" + ("CheckBatch" if settings.batch > 0 else "Check")
     warm, recorder = Recorder(), Recorder()
-    connection: Connection | Pool = Connection(settings.target, path, warm.done, timeout_s=CALL_TIMEOUT_S)
-    if settings.connections > 1:
-        members = [connection]
+    connection: Connection | Pool
+    if settings.connections == 1:
+        connection = Connection(settings.target, path, warm.done, timeout_s=CALL_TIMEOUT_S)
+    else:
+        members = [Connection(settings.target, path, warm.done, timeout_s=CALL_TIMEOUT_S)]
         try:
-            for _ in range(settings.connections - 1):
+            while len(members) < settings.connections:
                 members.append(Connection(settings.target, path, warm.done, timeout_s=CALL_TIMEOUT_S))
         except OSError:
             for member in members:
