@@ -222,6 +222,15 @@ def measure(processes: int, rules: Path, options: argparse.Namespace) -> dict[st
     }
 
 
+def _pair_line(number: int, one: dict[str, Any], two: dict[str, Any], ratio: float) -> str:
+    return (
+        f"repeat {number}: 1 process {one['rate']:,.0f}/s, 2 processes {two['rate']:,.0f}/s, ratio {ratio:.2f};"
+        f" calls per server CPU-second {one['calls_per_server_cpu_s']:,.0f} / {two['calls_per_server_cpu_s']:,.0f};"
+        f" 2 workers' CPU {two['worker_cpu_s']} s, 32 connections by worker {two['connections_by_worker']},"
+        f" errors {one['errors'] or 0} / {two['errors'] or 0}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -246,14 +255,7 @@ def main() -> None:
             pair = {"one": results[1], "two": results[2], "ratio": round(results[2]["rate"] / results[1]["rate"], 3)}
             pairs.append(pair)
             if not options.json:
-                two = results[2]
-                print(
-                    f"repeat {repeat + 1}: 1 process {results[1]['rate']:,.0f}/s, 2 processes {two['rate']:,.0f}/s,"
-                    f" ratio {pair['ratio']:.2f}; calls per server CPU-second {results[1]['calls_per_server_cpu_s']:,.0f}"
-                    f" / {two['calls_per_server_cpu_s']:,.0f}; 2 workers' CPU {two['worker_cpu_s']} s, 32 connections by worker"
-                    f" {two['connections_by_worker']}, errors {results[1]['errors'] or 0} / {two['errors'] or 0}",
-                    flush=True,
-                )
+                print(_pair_line(repeat + 1, results[1], results[2], pair["ratio"]), flush=True)
     summary = {
         "pairs": pairs,
         "median_ratio": statistics.median(pair["ratio"] for pair in pairs),
