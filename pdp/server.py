@@ -157,7 +157,8 @@ def start_server(
         # Only Health here: this address may be the pod IP, reachable by the kubelet and others.
         probe_guard = ReceiveGuard(limit=8, timeout=config.receive_timeout, name="pdp-health-receive-guard")
         probe_pool = futures.ThreadPoolExecutor(max_workers=2 + probe_guard.limit, thread_name_prefix="pdp-health")
-        probe_server = grpc.server(probe_pool, options=grpc_options(config))
+        shared = worker is not None and worker.health_reuseport
+        probe_server = grpc.server(probe_pool, options=grpc_options(config, reuseport=shared))
         running.pools.append(probe_pool)
         probe_server.add_generic_rpc_handlers((GuardedHandlers(health_handlers.handlers, probe_guard),))
         try:

@@ -118,7 +118,9 @@ class _Supervisor:
         self.exits: list[int] = []
         self.listen = config.listen
         self.reuseport = False
-        self.holder: socket.socket | None = None  # the reserved port; closed in every child
+        self.health_listen = ""
+        self.health_reuseport = False
+        self.holders: list[socket.socket] = []  # the reserved ports; closed in every child
         self.wake_fds: tuple[int, ...] = ()
 
     def fork(self, index: int) -> None:
@@ -134,12 +136,13 @@ class _Supervisor:
                 os.close(read)
                 for fd in self.wake_fds:
                     os.close(fd)
-                if self.holder is not None:
-                    self.holder.close()
+                for holder in self.holders:
+                    holder.close()
                 _die_with_parent(supervisor)
                 also = f"{self.config.listen}.0" if index == 0 and not self.reuseport else ""
-                worker = Worker(index, self.count, self.board, self.reuseport, also)
-                code = _run_worker(worker, worker_config(self.config, self.listen, index), write, self.describe)
+                worker = Worker(index, self.count, self.board, self.reuseport, also, self.health_reuseport)
+                config = worker_config(self.config, self.listen, index, self.health_listen)
+                code = _run_worker(worker, config, write, self.describe)
             except BaseException:
                 log.exception("worker %d failed", index)
             finally:
@@ -240,7 +243,8 @@ class _Supervisor:
             self.signal_all(signal.SIGKILL)
             while self.children:
                 self.step(wake, 1.0)
-        return all(code == 0 for code in self.exits)
+        # A worker stopped while it was still starting ends by the signal itself: clean too.
+        return all(code in (0, -signal.SIGTERM) for code in self.exits)
 
 
 def supervise(config: ServeConfig, describe: Callable[[Sidecar], list[str]], ready: Callable[[list[str]], None]) -> int:
@@ -256,12 +260,19 @@ def supervise(config: ServeConfig, describe: Callable[[Sidecar], list[str]], rea
 
     if config.audit_log == "stdout":
         raise SetupError("--audit-log stdout needs --processes 1: give a file, each worker K writes FILE.K")
-    try:
-        listen, holder = _reserve(config.listen)
-    except OSError as error:
-        raise SetupError(str(error)) from None
     supervisor = _Supervisor(config, describe)
-    supervisor.listen, supervisor.reuseport, supervisor.holder = listen, holder is not None, holder
+    try:
+        supervisor.listen, holder = _reserve(config.listen)
+        supervisor.reuseport = holder is not None
+        supervisor.holders += [holder] if holder is not None else []
+        if config.health_listen:
+            supervisor.health_listen, holder = _reserve(config.health_listen)
+            supervisor.health_reuseport = holder is not None
+            supervisor.holders += [holder] if holder is not None else []
+    except OSError as error:
+        for each in supervisor.holders:
+            each.close()
+        raise SetupError(str(error)) from None
     wake, wake_in = os.pipe()
     supervisor.wake_fds = (wake, wake_in)
     os.set_blocking(wake, False)
@@ -283,8 +294,8 @@ def supervise(config: ServeConfig, describe: Callable[[Sidecar], list[str]], rea
             signal.signal(signum, handler)
         os.close(wake)
         os.close(wake_in)
-        if holder is not None:
-            holder.close()
+        for each in supervisor.holders:
+            each.close()
 
 
 def _serve(supervisor: _Supervisor, wake: int, ready: Callable[[list[str]], None]) -> int:

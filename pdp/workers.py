@@ -60,14 +60,15 @@ class Board:
 @dataclass(frozen=True, slots=True)
 class Worker:
     """What a worker knows of itself: its index among ``count``, the board, and
-    its listener: ``reuseport`` on a shared TCP port, ``also`` the configured
-    Unix socket (worker 0)."""
+    its listeners: ``reuseport`` on a shared TCP port, ``also`` the second Unix
+    socket of worker 0 (``PATH.0``), ``health_reuseport`` for the health port."""
 
     index: int
     count: int
     board: Board
     reuseport: bool = False
     also: str = ""
+    health_reuseport: bool = False  # the --health-listen TCP port is shared too
 
 
 _current: Worker | None = None
@@ -127,9 +128,10 @@ class SharedHealth(health.HealthServicer):
             self.refresh()
 
 
-def worker_config(config: ServeConfig, listen: str, index: int) -> ServeConfig:
-    """Worker ``index``'s settings: its own listener and audit file; the extra
-    listeners (health port, AuthZEN) on worker 0 only."""
+def worker_config(config: ServeConfig, listen: str, index: int, health_listen: str = "") -> ServeConfig:
+    """Worker ``index``'s settings: its own listener and audit file. A TCP health
+    port (``health_listen``, its port resolved) is shared by every worker, as the
+    main one is; a Unix one, and AuthZEN, are worker 0's only."""
     host, port = parse_listen(listen)
     own = listen if port is not None or index == 0 else f"unix:{host}.{index}"  # worker 0: PATH and PATH.0
     audit = f"{config.audit_log}.{index}" if config.audit_log else ""
@@ -138,6 +140,14 @@ def worker_config(config: ServeConfig, listen: str, index: int) -> ServeConfig:
         config,
         listen=own,
         audit_log=audit,
-        health_listen=config.health_listen if first else "",
+        health_listen=_health_listen(config.health_listen, health_listen, first),
         http_listen=config.http_listen if first else "",
     )
+
+
+def _health_listen(configured: str, resolved: str, first: bool) -> str:
+    if not configured:
+        return ""
+    if parse_listen(configured)[1] is not None:
+        return resolved or configured  # every worker, one SO_REUSEPORT port
+    return configured if first else ""
