@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -64,10 +65,12 @@ def cpu_seconds(pid: int) -> float:
 class Served:
     """A `pdp serve --processes N` on 127.0.0.1:0, up once it prints its banner."""
 
-    def __init__(self, processes: int, rules: Path, *extra: str) -> None:
+    def __init__(self, processes: int, rules: Path, log: Path | None = None) -> None:
         argv = [sys.executable, "-m", "pdp", "serve", "--listen", "127.0.0.1:0", "--snapshot", str(rules)]
-        argv += ["--geoip-db", str(CITY_DB), "--processes", str(processes), "--log-level", "warning", *extra]
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        argv += ["--geoip-db", str(CITY_DB), "--processes", str(processes), "--log-format", "text"]
+        argv += ["--log-level", "info" if log else "warning"]
+        errors = log.open("w") if log else subprocess.DEVNULL
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True)
         assert self.process.stdout is not None
         banner = self.process.stdout.readline()
         if " listening on " not in banner:
@@ -99,29 +102,42 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _watch(channels: list[grpc.Channel], version: int, seconds: float) -> dict[int, float]:
+    """Ask every worker's GetStatus each 10 ms until all serve ``version`` or ``seconds`` pass:
+    index -> seconds until it did."""
+    started = time.perf_counter()
+    seen: dict[int, float] = {}
+    while len(seen) < len(channels) and time.perf_counter() < started + seconds:
+        for index, on in enumerate(channels):
+            if index not in seen:
+                answer = pb_grpc.AdmissionServiceStub(on).GetStatus(pb.GetStatusRequest(), timeout=10)
+                if answer.policy_version == version:
+                    seen[index] = time.perf_counter() - started
+        time.sleep(0.01)  # the probe's pace (the window's resolution), not a synchronisation
+    return seen
+
+
 def one_activation(served: Served, channels: list[grpc.Channel], path: Path, version: int) -> dict[str, Any]:
-    """Publish ``version`` (one rule changed) by rename; time each worker's switch and CPU."""
+    """Publish ``version`` (one rule changed) by rename; time each worker's switch, and its CPU
+    beyond what it spends idle under the same probe (measured for a second just before)."""
     document = json.loads(path.read_bytes())
     document["version"] = version
     document["rules"][version % len(document["rules"])]["legal_basis"] += " (amended)"
     staged = path.with_name(".staged")
     staged.write_text(json.dumps(document))
     before = [cpu_seconds(pid) for pid in served.pids]
+    _watch(channels, -1, 1.0)
+    idle = [cpu_seconds(pid) - start for pid, start in zip(served.pids, before, strict=True)]  # per second
+    before = [cpu_seconds(pid) for pid in served.pids]
     published = time.perf_counter()
     staged.replace(path)
-    seen: dict[int, float] = {}
-    deadline = published + 60
-    while len(seen) < len(channels) and time.perf_counter() < deadline:
-        for index, on in enumerate(channels):
-            if index not in seen:
-                answer = pb_grpc.AdmissionServiceStub(on).GetStatus(pb.GetStatusRequest(), timeout=10)
-                if answer.policy_version == version:
-                    seen[index] = time.perf_counter() - published
-        time.sleep(0.002)  # the probe's own pace; each worker's switch time is what is read
+    seen = _watch(channels, version, 60)
+    elapsed = time.perf_counter() - published
+    spent = [cpu_seconds(pid) - start for pid, start in zip(served.pids, before, strict=True)]
     return {
         "seconds_to_serve": [round(seen.get(i, -1), 3) for i in range(len(channels))],
         "window_s": round(max(seen.values()) - min(seen.values()), 3),
-        "worker_cpu_s": [round(cpu_seconds(pid) - start, 3) for pid, start in zip(served.pids, before, strict=True)],
+        "worker_cpu_s": [round(max(cpu - rate * elapsed, 0.0), 3) for cpu, rate in zip(spent, idle, strict=True)],
     }
 
 
@@ -154,7 +170,8 @@ def activations(options: argparse.Namespace) -> dict[str, Any]:
         single = Served(1, path)
         single_rss = rss_mib(single.pids[0])
         single.stop()
-        served = Served(2, path)
+        log = Path(folder) / "serve.log"
+        served = Served(2, path, log)
         try:
             supervisor_rss = rss_mib(served.process.pid)
             channels = [channel for _, channel in sorted(worker_channels(served.target).items())]
@@ -162,11 +179,18 @@ def activations(options: argparse.Namespace) -> dict[str, Any]:
             worker_rss = [rss_mib(pid) for pid in served.pids]
         finally:
             served.stop()
+        compiled = [
+            int(ms) for ms in re.findall(r"activated policy version [0-9]+ .* compiled in ([0-9]+) ms", log.read_text())
+        ]
     return {
         "rules": options.rules,
         "runs": runs,
         "median_window_s": statistics.median(run["window_s"] for run in runs),
         "median_worker_cpu_s": statistics.median(cpu for run in runs for cpu in run["worker_cpu_s"]),
+        # each worker's own log line per activation ("compiled in N ms", wall time of the compile):
+        "compile_ms_first_then_changes": [*compiled[:2], statistics.median(compiled[2:])]
+        if len(compiled) > 2
+        else compiled,
         "rss_mib": {"one_process": single_rss, "supervisor": supervisor_rss, "workers": worker_rss},
         "handoff": handoff_cost(data),
         "loadavg": [round(value, 2) for value in os.getloadavg()],
