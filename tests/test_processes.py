@@ -366,3 +366,25 @@ def test_a_tcp_health_port_is_shared_by_every_worker(serve: Callable[..., Served
     with channel(f"127.0.0.1:{port}") as on:
         wait_for(lambda: health(on) == SERVING, "the health port to say SERVING again")
     assert served.finish() == 0, served.stderr
+
+
+def test_a_crash_loop_stops_everything_with_status_1(serve: Callable[..., Served], tmp_path: Path) -> None:
+    # Five deaths within a minute are restarted; the sixth hands over to the pod's restart policy.
+    served = serve(listen=f"unix:{tmp_path}/run/pdp.sock")
+    pid = served.pids[1]
+    for death in range(1, 7):
+        os.kill(pid, signal.SIGKILL)
+        if death == 6:
+            break
+        previous = pid
+
+        def replaced(previous: int = previous) -> bool:
+            with channel(f"unix:{tmp_path}/run/pdp.sock.1") as on:
+                return bool(status(on).worker_pid != previous)
+
+        wait_for(replaced, f"worker 1 started again after death {death}")
+        with channel(f"unix:{tmp_path}/run/pdp.sock.1") as on:
+            pid = status(on).worker_pid
+    assert served.process.wait(timeout=DEADLINE_S) == 1
+    _, stderr = served.process.communicate(timeout=DEADLINE_S)
+    assert "over 5 deaths in 60 s; stopping every worker" in stderr
