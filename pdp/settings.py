@@ -202,7 +202,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "receive_timeout",
         "longest a call may take to send its request message after its headers; one that sends nothing is"
-        " cancelled then, or sooner when 4 x --workers calls are waiting and it has waited longest",
+        " cancelled then, or sooner when 4 x --workers calls are waiting and it has waited longest (on the"
+        " AuthZEN listener: a request, from its connection or first byte, 408 beyond)",
         "SECONDS",
         _interval,
     ),

@@ -24,7 +24,8 @@ import pytest
 
 from pdp.app import SetupError
 from pdp.authzen import MAX_BODY_BYTES
-from pdp.authzen.server import MAX_HEAD_BYTES
+from pdp.authzen.protocol import MAX_HEAD_BYTES
+from pdp.authzen.server import MAX_CONNECTIONS
 from pdp.bounds import MAX_ID_LENGTH, MAX_TAGS
 from pdp.geo import GeoDatabase
 
@@ -683,6 +684,62 @@ def test_a_request_head_over_the_bound_is_431_and_the_connection_closed(pdp: Aut
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["status"] == 431
     assert sent < 100 * MAX_HEAD_BYTES  # answered long before the client gave up
+    assert pdp.evaluate(request(CN))["decision"] is True
+
+
+HALF_A_REQUEST = b"POST /access/v1/evaluation HTTP/1.1\r\nHost: pdp\r\n"
+
+
+def _until_closed(raw: socket.socket) -> bytes:
+    """Everything the server sends until it closes (the socket's timeout is the deadline)."""
+    answer = b""
+    while chunk := raw.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_crowd_of_half_sent_requests_never_keeps_an_evaluation_out(sidecars: SidecarFactory) -> None:
+    """Before: 1,024 connections that sent half a request line held every slot of
+    uvicorn's connection limit for good, and every evaluation after them was 503.
+    The receive deadline is far off here: what lets the evaluation in is that the
+    connection waiting longest for its request gives up its slot (408)."""
+    pdp = client_of(sidecars(receive_timeout=300))
+    host, port = pdp.url.removeprefix("http://").rsplit(":", 1)
+    crowd: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 10):
+            raw = socket.create_connection((host, int(port)), timeout=30)
+            raw.sendall(HALF_A_REQUEST)
+            crowd.append(raw)
+        assert pdp.evaluate(request(CN))["decision"] is True
+        assert pdp.evaluate(request(CN, tags=["memorial"]))["decision"] is False
+        answer = _until_closed(crowd[0])
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert "did not arrive whole" in json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+        crowd[-1].setblocking(False)
+        with pytest.raises(BlockingIOError):  # the newest still wait, unharmed: nothing to read, not closed
+            crowd[-1].recv(1)
+    finally:
+        for raw in crowd:
+            raw.close()
+
+
+def test_a_request_that_does_not_arrive_whole_within_the_receive_timeout_is_408(sidecars: SidecarFactory) -> None:
+    """--receive-timeout bounds an HTTP request as it bounds a gRPC call: a head
+    that stops halfway, or a body short of its Content-Length, is 408 and the
+    connection closed; a connection that sends nothing is closed."""
+    pdp = client_of(sidecars(receive_timeout=0.5))
+    host, port = pdp.url.removeprefix("http://").rsplit(":", 1)
+    short_body = b"POST /access/v1/evaluation HTTP/1.1\r\nHost: pdp\r\nContent-Type: application/json\r\n"
+    short_body += b"Content-Length: 100\r\n\r\n" + b'{"subject": '
+    for sent in (HALF_A_REQUEST, short_body):
+        with socket.create_connection((host, int(port)), timeout=30) as raw:
+            raw.sendall(sent)
+            answer = _until_closed(raw)
+        assert answer.startswith(b"HTTP/1.1 408 "), (sent, answer[:200])
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["status"] == 408
+    with socket.create_connection((host, int(port)), timeout=30) as silent:
+        assert _until_closed(silent) == b""
     assert pdp.evaluate(request(CN))["decision"] is True
 
 

@@ -367,6 +367,20 @@ def test_legal_basis_markup_is_text_not_html(hostile_log: Path) -> None:
     assert escaped in page
 
 
+def test_a_legal_basis_a_spreadsheet_would_run_is_text_in_the_csv(
+    served: tuple[Path, Path, Traffic], tmp_path: Path
+) -> None:
+    log, _, _ = served
+    formula = '=HYPERLINK("http://127.0.0.1:9/x","Order 17")'
+    index = first_index(log, rule_id="cn-memorial-17", mode="enforce")
+    report = build_report(load([rewritten(log, tmp_path / "formula.jsonl", index, legal_basis=formula)]))
+    rows = list(csv.DictReader(io.StringIO(render(report, "csv"))))
+    bases = {row["legal_basis"] for row in rows}
+    assert "'" + formula in bases
+    assert not any(basis.startswith(("=", "+", "-", "@")) for basis in bases)
+    assert formula in {row["legal_basis"] for row in json.loads(render(report, "json"))}  # JSON keeps the text
+
+
 # --------------------------------------------------------------------------- in a real browser
 
 PROBE = r"""

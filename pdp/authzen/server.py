@@ -18,7 +18,6 @@ and while reading), no policy yet 503, anything unexpected 500.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -31,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from pdp.authzen.answer import EVALUATION_PATH, EVALUATIONS_PATH, METADATA_PATH, error_body, metadata
+from pdp.authzen.protocol import MAX_HEAD_BYTES, bounded_protocol
 from pdp.authzen.service import AuthZen, Reply
 from pdp.config import ServeConfig, parse_listen
 from pdp.decisions import DecisionPath
@@ -46,14 +45,9 @@ log = logging.getLogger("pdp")
 # 1 MiB: a batch at the default --batch-limit (1000 items) with a subject and a
 # resource in each is about 250 KB; JSON parsing a full 1 MiB on the loop takes ms.
 MAX_BODY_BYTES = 1024 * 1024
-# A request's line and headers: bearer tokens and trace headers fit many times over. httptools
-# itself has no bound, so without this one a client could grow the sidecar by the gigabyte.
-MAX_HEAD_BYTES = 64 * 1024
-# Open connections plus requests in progress; beyond, uvicorn answers 503 and closes.
+# Open connections plus requests in progress; beyond, uvicorn answers 503 and closes (after
+# pdp.authzen.protocol has ended the connection waiting longest for its request, if any).
 MAX_CONNECTIONS = 1024
-# After a 431, how long what the client still sends is read and dropped before closing:
-# closing with unread data would reset the connection and could destroy the answer.
-_LINGER_SECONDS = 2.0
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -147,54 +141,6 @@ async def _read_body(headers: dict[bytes, bytes], receive: Receive) -> bytes | N
 # --------------------------------------------------------------------------- the listener
 
 
-class _HeadTooLargeError(Exception):
-    """Raised from a parser callback: httptools reports it as a parser error."""
-
-
-class _BoundedProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with :data:`MAX_HEAD_BYTES` on each request's
-    line and headers: beyond it, 431, then the rest is read and dropped until
-    the client closes (or :data:`_LINGER_SECONDS` pass) and the connection closes."""
-
-    _head_bytes = 0
-    _too_large = False
-
-    def data_received(self, data: bytes) -> None:
-        if not self._too_large:
-            super().data_received(data)
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._head_bytes = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._grow(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._grow(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
-    def _grow(self, size: int) -> None:
-        self._head_bytes += size
-        if self._head_bytes > MAX_HEAD_BYTES:
-            self._too_large = True
-            raise _HeadTooLargeError
-
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a parser error; 431 when the error is the bound's."""
-        if not self._too_large:
-            super().send_400_response(msg)
-            return
-        body = error_body(431, f"request line and headers longer than {MAX_HEAD_BYTES} bytes")
-        head = "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
-        head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-        self.transport.write(head.encode() + body)
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
-        asyncio.get_running_loop().call_later(_LINGER_SECONDS, self.transport.close)
-
-
 class _Server(uvicorn.Server):
     """uvicorn's server, telling the starting thread when it listens (or failed to)."""
 
@@ -250,7 +196,7 @@ def start_http(config: ServeConfig, path: DecisionPath) -> RunningHttp:
     app = _App(authzen, scheme, "localhost" if unix else address)
     uvicorn_config = uvicorn.Config(
         app,
-        http=_BoundedProtocol,
+        http=bounded_protocol(config.receive_timeout, MAX_CONNECTIONS),
         loop="asyncio",  # never uvloop implicitly
         lifespan="off",
         interface="asgi3",

@@ -2,7 +2,8 @@
 
 The columns are those of pdp 0.1; times are RFC 3339 to the second, in UTC.
 Markdown also states the period and the boundary check; CSV and JSON stay
-tables, and the command says on stderr when the boundary check failed.
+tables, and the command says on stderr when the boundary check failed. A CSV cell
+that a spreadsheet would run as a formula starts with ``'`` (JSON keeps the text).
 """
 
 from __future__ import annotations
@@ -50,9 +51,23 @@ def boundary_statement(boundary: Boundary) -> str:
     )
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV
+# Injection"): a legal basis is free text from the snapshot, and the CSV is made to be opened.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cells(row: Row) -> dict[str, str | int]:
     document = row.as_dict()
     return {**document, "located_in": " ".join(document["located_in"])}
+
+
+def _csv_cells(row: Row) -> dict[str, str | int]:
+    """The cells, a text that a spreadsheet would run as a formula led by a ``'``, which shows it as text."""
+    cells = _cells(row)
+    for column, cell in cells.items():
+        if isinstance(cell, str) and cell.startswith(_FORMULA_STARTS):
+            cells[column] = "'" + cell
+    return cells
 
 
 def _markdown(report: Report) -> str:
@@ -84,7 +99,7 @@ def render(report: Report, fmt: str) -> str:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(_cells(row) for row in report.rows)
+        writer.writerows(_csv_cells(row) for row in report.rows)
         return out.getvalue()
     if fmt == "md":
         return _markdown(report)

@@ -147,10 +147,7 @@ def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callab
     suffix_from = shift = 0
     if old_count:
         prefix = _common_prefix(old_text, text)
-        # Shared ends are sought up to the rules array's end, as if what follows it kept its length (the
-        # version, last in pdp.canonical's text); a wrong guess only shortens them: they are compared exactly.
-        end, new_end = base.rules_end, max(prefix, len(text) - (len(old_text) - base.rules_end))
-        suffix_from = end - _common_suffix(old_text[:end], text[:new_end], min(end, new_end) - prefix)
+        suffix_from = _shared_end_from(base, text, prefix)
         shift = len(text) - len(old_text)
         # Old rules wholly inside the shared beginning lie at the same offsets now.
         head = bisect.bisect_right(old_ends, prefix)
@@ -188,6 +185,19 @@ def _split_rules(text: str, position: int, base: JsonSource | None, pace: Callab
             rules.count, rules.rules_end = len(starts), -following
             return rules
         position = following
+
+
+def _shared_end_from(base: JsonSource, text: str, prefix: int) -> int:
+    """The offset in ``base.text`` from which its rules array's text is also the
+    end of ``text``'s (before the array's end), given the ``prefix`` both share.
+
+    Shared ends are sought up to the rules array's end, as if what follows it kept
+    its length (the version, last in pdp.canonical's text); a wrong guess only
+    shortens them: they are compared exactly.
+    """
+    old_text, end = base.text, base.rules_end
+    new_end = max(prefix, len(text) - (len(old_text) - end))
+    return end - _common_suffix(old_text[:end], text[:new_end], min(end, new_end) - prefix)
 
 
 def _after_comma(text: str, position: int) -> int:
