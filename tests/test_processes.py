@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -186,6 +187,9 @@ def test_a_unix_socket_per_worker_and_the_configured_path_for_worker_0(
     for name, index in ((path, 0), (Path(f"{path}.0"), 0), (Path(f"{path}.1"), 1)):
         with channel(f"unix:{name}") as on:
             assert (status(on).worker_index, health(on)) == (index, SERVING), name
+    shown = subprocess.run([*PDP, "status", "--target", f"unix:{path}.1", "--json"], capture_output=True, text=True)
+    document = json.loads(shown.stdout)
+    assert (document["worker_index"], document["worker_count"], document["worker_pid"]) == (1, 2, str(served.pids[1]))
     assert served.finish() == 0, served.stderr
     assert not path.exists()
     assert not Path(f"{path}.1").exists()
