@@ -62,9 +62,9 @@ class Served:
         assert pids is not None, self.lines
         self.pids = [int(pid) for pid in pids.group(1).split(", ")]
 
-    def finish(self, timeout: float = 60) -> int:
+    def finish(self, timeout: float = 60, signum: int = signal.SIGTERM) -> int:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signum)
         _, self.stderr = self.process.communicate(timeout=timeout)
         return self.process.returncode
 
@@ -175,6 +175,8 @@ def test_connections_spread_over_the_workers(serve: Callable[..., Served]) -> No
         with channel(served.target) as on:
             answered.add(status(on).worker_index)
     assert answered == {0, 1}
+    assert served.finish(signum=signal.SIGINT) == 0, served.stderr  # Ctrl-C drains as SIGTERM does
+    assert "SIGINT: stopping 2 workers" in served.stderr
 
 
 def test_a_unix_socket_per_worker_and_the_configured_path_for_worker_0(
