@@ -85,7 +85,7 @@ def _run_worker(worker: Worker, config: ServeConfig, report: int, describe: Call
     except OSError as error:
         _send(report, {"error": f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}"})
         return 2
-    _send(report, {"lines": describe(sidecar), "pid": os.getpid()})
+    _send(report, {"lines": describe(sidecar)})
     sidecar.run_until_signal()
     return 0
 
@@ -100,9 +100,8 @@ class _Child:
     index: int
     pid: int
     report: int  # read end of its start-up report
-    started: float
-    ready: bool = False
-    lines: list[str] = field(default_factory=list)
+    ready: bool = False  # its report was read (or it closed the pipe without one)
+    lines: list[str] = field(default_factory=list)  # set once it serves: what `pdp serve` prints
 
 
 class _Supervisor:
@@ -149,7 +148,7 @@ class _Supervisor:
                 logging.shutdown()
                 os._exit(code)
         os.close(write)
-        self.children[pid] = _Child(index, pid, read, time.monotonic())
+        self.children[pid] = _Child(index, pid, read)
 
     def signal_all(self, signum: int) -> None:
         for pid in self.children:
@@ -305,7 +304,8 @@ def _serve(supervisor: _Supervisor, wake: int, ready: Callable[[list[str]], None
     sys.stderr.flush()  # what is buffered now would otherwise be written again by every child
     for index in range(supervisor.count):
         supervisor.fork(index)
-    while not supervisor.failed and not supervisor.stopping and not all(c.ready for c in supervisor.children.values()):
+    # Until every worker serves; one that fails or dies first sets `failed`.
+    while not supervisor.failed and not supervisor.stopping and not all(c.lines for c in supervisor.children.values()):
         supervisor.step(wake, None)
     if supervisor.failed:
         supervisor.stop(wake)
