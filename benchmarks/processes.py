@@ -1,16 +1,18 @@
 """`pdp serve --processes 2` against `--processes 1`: closed-loop Check, side by side.
 
-    python -m benchmarks.processes [--repeats 5] [--seconds 5] [--connections 8] [--in-flight 32] [--json]
+    python -m benchmarks.processes [--repeats 5] [--slices 4] [--seconds 2] [--connections 8] [--in-flight 32] [--json]
     python -m benchmarks.processes --activations 5 [--rules 10000]
 
-Each repeat starts a real `pdp serve` on loopback TCP (port 0) with one process,
-then with two (the order swaps every repeat, ABBA, so drift over the run cancels),
-and drives it with `pdp loadtest`'s engine in closed loop over several HTTP/2
-connections (SO_REUSEPORT balances connections, not calls). The load generator
-runs in this process and shares the machine's cores with the server, as the
-issue asks. Printed per repeat: both rates, their ratio, each worker's share of
-the server CPU (from /proc/PID/stat) and of 32 fresh connections (which worker
-answered GetStatus on each); then the median ratio and the load average.
+Each repeat starts two real `pdp serve` on loopback TCP (port 0), one with
+`--processes 1` and one with `--processes 2`, and loads them in turn: ``--slices``
+closed-loop slices of ``--seconds`` each, alternating ABBA (the first server swaps
+every repeat), so that both see the same machine within seconds of each other
+(the one not loaded is idle). The load is `pdp loadtest`'s engine over several
+HTTP/2 connections (SO_REUSEPORT balances connections, not calls), run in this
+process: it shares the machine's cores with the servers, as issue 18 asks.
+Printed per repeat: both rates, their ratio, calls per server CPU-second, each
+worker's CPU (from /proc/PID/stat) and its share of 32 fresh connections (which
+worker answered GetStatus on each); then the median ratio and the load average.
 
 ``--activations K`` measures instead what each worker following the store costs
 (README, "Serving on every core"): two workers follow one file snapshot of
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,30 +222,59 @@ def get_status(target: str) -> Any:
         return pb_grpc.AdmissionServiceStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10)
 
 
-def measure(processes: int, rules: Path, options: argparse.Namespace) -> dict[str, Any]:
-    served = Served(processes, rules)
+def _slice(served: Served, options: argparse.Namespace) -> tuple[dict[str, Any], list[float]]:
+    """One closed-loop slice against ``served``: the load figures and each worker's CPU."""
+    before = [cpu_seconds(pid) for pid in served.pids]
+    settings = LoadSettings(
+        target=served.target,
+        seconds=options.seconds,
+        in_flight=options.in_flight,
+        connections=options.connections,
+        warmup=0.5,
+    )
+    figures = run(settings)
+    return figures, [cpu_seconds(pid) - start for pid, start in zip(served.pids, before, strict=True)]
+
+
+@dataclass
+class _Totals:
+    processes: int
+    calls: int = 0
+    seconds: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    cpu: list[float] = field(default_factory=list)
+
+    def add(self, figures: dict[str, Any], cpu: list[float]) -> None:
+        self.calls += figures["calls"]
+        self.seconds += figures["seconds"]
+        self.errors.update(figures["errors"])
+        self.cpu = [a + b for a, b in zip(self.cpu or [0.0] * len(cpu), cpu, strict=True)]
+
+
+def measure_pair(rules: Path, options: argparse.Namespace, first: int) -> dict[int, dict[str, Any]]:
+    """Both servers up at once, idle but for the slice that loads one of them: ``--slices``
+    slices each, alternating (ABBA from ``first``), so that the two see the same machine."""
+    served = {n: Served(n, rules) for n in (1, 2)}
+    totals = {n: _Totals(n) for n in (1, 2)}
     try:
-        spread = Counter(get_status(served.target).worker_index for _ in range(32))
-        before = [cpu_seconds(pid) for pid in served.pids]
-        settings = LoadSettings(
-            target=served.target,
-            seconds=options.seconds,
-            in_flight=options.in_flight,
-            connections=options.connections,
-            warmup=1.0,
-        )
-        figures = run(settings)
-        cpu = [cpu_seconds(pid) - start for pid, start in zip(served.pids, before, strict=True)]
+        spread = Counter(get_status(served[2].target).worker_index for _ in range(32))
+        for number in range(options.slices):
+            order = (first, 3 - first) if number % 2 == 0 else (3 - first, first)
+            for n in order:
+                totals[n].add(*_slice(served[n], options))
     finally:
-        served.stop()
+        for each in served.values():
+            each.stop()
     return {
-        "processes": processes,
-        "rate": figures["achieved_rate"],
-        "errors": figures["errors"],
-        "p50_us": figures["latency_us"].get("p50"),
-        "worker_cpu_s": [round(value, 2) for value in cpu],
-        "calls_per_server_cpu_s": round(figures["calls"] / sum(cpu), 1) if sum(cpu) else 0.0,
-        "connections_by_worker": [spread.get(index, 0) for index in range(processes)],
+        n: {
+            "processes": n,
+            "rate": round(total.calls / total.seconds, 1),
+            "errors": dict(total.errors),
+            "worker_cpu_s": [round(value, 2) for value in total.cpu],
+            "calls_per_server_cpu_s": round(total.calls / sum(total.cpu), 1) if sum(total.cpu) else 0.0,
+            "connections_by_worker": [spread.get(index, 0) for index in range(n)] if n == 2 else [32],
+        }
+        for n, total in totals.items()
     }
 
 
@@ -258,7 +290,8 @@ def _pair_line(number: int, one: dict[str, Any], two: dict[str, Any], ratio: flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one slice")
+    parser.add_argument("--slices", type=int, default=4, help="slices per server per repeat")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--json", action="store_true")
@@ -274,8 +307,7 @@ def main() -> None:
         rules = Path(folder) / "rules.yaml"
         rules.write_text(RULES)
         for repeat in range(options.repeats):
-            order = (1, 2) if repeat % 2 == 0 else (2, 1)
-            results = {n: measure(n, rules, options) for n in order}
+            results = measure_pair(rules, options, first=1 if repeat % 2 == 0 else 2)
             pair = {"one": results[1], "two": results[2], "ratio": round(results[2]["rate"] / results[1]["rate"], 3)}
             pairs.append(pair)
             if not options.json:
@@ -285,7 +317,12 @@ def main() -> None:
         "median_ratio": statistics.median(pair["ratio"] for pair in pairs),
         "loadavg_before": [round(value, 2) for value in load_before],
         "loadavg_after": [round(value, 2) for value in os.getloadavg()],
-        "settings": {"seconds": options.seconds, "connections": options.connections, "in_flight": options.in_flight},
+        "settings": {
+            "seconds": options.seconds,
+            "slices": options.slices,
+            "connections": options.connections,
+            "in_flight": options.in_flight,
+        },
     }
     if options.json:
         print(json.dumps(summary, indent=2))
