@@ -129,7 +129,7 @@ def start_server(
     """Build and start the server on ``config.listen``; health starts NOT_SERVING.
 
     As one of ``--processes N`` (``worker``), it shares its TCP port with the
-    others, worker 0 also listens on the configured Unix socket, and health
+    others, worker 0 also listens on PATH.0 beside a Unix PATH, and health
     says SERVING only while every worker serves.
 
     :raises OSError: the address cannot be bound (in use, bad path, no permission).
