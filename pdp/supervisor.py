@@ -21,10 +21,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pdp.config import ServeConfig, parse_listen
 from pdp.errors import PdpError
+from pdp.listen import prepare_unix_socket
 from pdp.workers import Board, Worker, worker_config
 
 if TYPE_CHECKING:
@@ -38,12 +40,16 @@ _STOP_MARGIN_S = 10.0  # beyond the grace: gRPC's own shutdown bound twice, and 
 
 
 def _reserve(listen: str) -> tuple[str, socket.socket | None]:
-    """The TCP address with its port resolved, and the socket holding it; Unix: as given, None.
+    """The TCP address with its port resolved, and the socket holding it; Unix: as given
+    (its directory prepared), None.
 
-    :raises OSError: the port is in use (by anyone, with or without SO_REUSEPORT).
+    :raises OSError: the port is in use (by anyone, with or without SO_REUSEPORT), or the
+        socket's directory is not pdp's own.
     """
     host, port = parse_listen(listen)
     if port is None:
+        # Here, not in N workers at once: they would race to create the directory.
+        prepare_unix_socket(Path(host))
         return listen, None
     bare = host.strip("[]")
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
