@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2
 
 from pdp._proto import admission_pb2 as pb
 from pdp._proto import admission_pb2_grpc as pb_grpc
+from pdp.client import Client
 from pdp.config import ServeConfig
 from pdp.geo import GeoDatabase
 from pdp.server import start_server
@@ -177,6 +178,19 @@ def test_connections_spread_over_the_workers(serve: Callable[..., Served]) -> No
     assert answered == {0, 1}
     assert served.finish(signum=signal.SIGINT) == 0, served.stderr  # Ctrl-C drains as SIGTERM does
     assert "SIGINT: stopping 2 workers" in served.stderr
+
+
+def test_clients_open_at_once_each_have_a_connection_of_their_own(serve: Callable[..., Served]) -> None:
+    # gRPC Python shares one connection among channels to one target unless told not to: 64
+    # pdp.client.Client objects open together reached one worker before, so a pool spread nothing.
+    served = serve()
+    clients = [Client(served.target, timeout=30) for _ in range(64)]
+    try:
+        assert {client.status().worker_index for client in clients} == {0, 1}
+    finally:
+        for client in clients:
+            client.close()
+    assert served.finish() == 0, served.stderr
 
 
 def test_a_unix_socket_per_worker_and_the_configured_path_for_worker_0(
