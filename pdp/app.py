@@ -29,6 +29,7 @@ from pdp.signing import SignatureError, TrustedKeys
 from pdp.sources import Source, SourceOptions, open_source
 from pdp.state import PolicyHolder
 from pdp.telemetry import Telemetry, TelemetryError, configure_from_environment, wanted
+from pdp.workers import Worker
 
 if TYPE_CHECKING:
     from pdp.authzen import RunningHttp
@@ -80,8 +81,11 @@ class Sidecar:
     telemetry exporter) are set.
     """
 
-    def __init__(self, config: ServeConfig, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, config: ServeConfig, environ: Mapping[str, str] | None = None, worker: Worker | None = None
+    ) -> None:
         self.config = config
+        self.worker = worker  # one of --processes N (pdp.supervisor)
         self.environ = os.environ if environ is None else environ
         self.holder = PolicyHolder()
         self.running: RunningServer | None = None
@@ -208,7 +212,12 @@ class Sidecar:
                 if self._telemetry is not None:
                     self.candidate.instrument(self._telemetry.meter_provider.get_meter("pdp.candidate"))
             self.running = start_server(
-                config, self.holder, telemetry=self._telemetry, audit=self._audit, candidate=self.candidate
+                config,
+                self.holder,
+                telemetry=self._telemetry,
+                audit=self._audit,
+                candidate=self.candidate,
+                worker=self.worker,
             )
             if config.http_listen:
                 from pdp.authzen import start_http  # uvicorn is imported only when it serves

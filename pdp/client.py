@@ -76,6 +76,12 @@ class CheckResult:
         )
 
 
+# gRPC Python shares one connection among the channels to one target unless each has a
+# subchannel pool of its own: without this, every Client of a process reached the one worker
+# of `pdp serve --processes N` that connection was hashed to.
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
 class Client:
     """Client for one sidecar at ``target`` (``127.0.0.1:50051`` or ``unix:/path``).
 
@@ -104,10 +110,10 @@ class Client:
                 private_key=Path(tls_key).read_bytes() if tls_key else None,
                 certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
             )
-            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            options = [*_OWN_CONNECTION, *([("grpc.ssl_target_name_override", server_name)] if server_name else [])]
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options=_OWN_CONNECTION)
         self._stub = pb_grpc.AdmissionServiceStub(self._channel)
 
     def check(

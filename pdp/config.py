@@ -40,6 +40,7 @@ class ServeConfig:
     batch_limit: int = 1000
     max_message_bytes: int = 4 * 1024 * 1024
     workers: int = 8
+    processes: int = 1
     receive_timeout: float = 2.0
     grace_seconds: float = 5.0
     log_level: str = "info"

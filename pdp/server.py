@@ -41,6 +41,7 @@ from pdp.listen import SOCKET_UMASK, prepare_unix_socket, refuse_insecure_remote
 from pdp.receiving import GuardedHandlers, ReceiveGuard
 from pdp.servicer import SERVICE_NAME, AdmissionServicer, admission_handlers
 from pdp.state import PolicyHolder
+from pdp.workers import SharedHealth, Worker
 
 if TYPE_CHECKING:
     from pdp.audit import AuditLog
@@ -73,6 +74,9 @@ class RunningServer:
     guards: list[ReceiveGuard] = field(default_factory=list)
 
     def set_serving(self, serving: bool) -> None:
+        if isinstance(self.health, SharedHealth):
+            self.health.own(serving)
+            return
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
@@ -99,13 +103,17 @@ class RunningServer:
             pool.shutdown(wait=finished)  # every call has ended: the workers exit at once
 
 
-def grpc_options(config: ServeConfig) -> list[tuple[str, int]]:
-    """Channel options shared by `pdp serve` and the benchmarks' floor server."""
+def grpc_options(config: ServeConfig, *, reuseport: bool = False) -> list[tuple[str, int]]:
+    """Channel options shared by `pdp serve` and the benchmarks' floor server.
+
+    ``reuseport`` only for the workers of ``--processes N``, whose supervisor
+    has made sure nobody else holds the port (:mod:`pdp.supervisor`).
+    """
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", max(config.max_message_bytes, 64 * 1024 * 1024)),
         # Without this, a second server on the same port would silently share it.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuseport else 0),
     ]
 
 
@@ -116,17 +124,22 @@ def start_server(
     telemetry: Telemetry | None = None,
     audit: AuditLog | None = None,
     candidate: CandidateShadow | None = None,
+    worker: Worker | None = None,
 ) -> RunningServer:
     """Build and start the server on ``config.listen``; health starts NOT_SERVING.
+
+    As one of ``--processes N`` (``worker``), it shares its TCP port with the
+    others, worker 0 also listens on PATH.0 beside a Unix PATH, and health
+    says SERVING only while every worker serves.
 
     :raises OSError: the address cannot be bound (in use, bad path, no permission).
     """
     # --workers threads decide; four times as many may wait for request messages (pdp.receiving).
     guard = ReceiveGuard(limit=4 * config.workers, timeout=config.receive_timeout)
     pool = futures.ThreadPoolExecutor(max_workers=config.workers + guard.limit, thread_name_prefix="pdp-rpc")
-    server = grpc.server(pool, options=grpc_options(config))
+    server = grpc.server(pool, options=grpc_options(config, reuseport=worker is not None and worker.reuseport))
     handlers, names = _services(config, DecisionPath(holder, telemetry, audit, candidate))
-    health_servicer = health.HealthServicer()
+    health_servicer = health.HealthServicer() if worker is None else SharedHealth(worker, ("", SERVICE_NAME))
     health_handlers = _Collected()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_handlers)  # type: ignore[arg-type]
     names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -135,6 +148,8 @@ def start_server(
     every = [*handlers, *health_handlers.handlers, *reflection_handlers.handlers]
     server.add_generic_rpc_handlers((GuardedHandlers(every, guard),))
     address = _bind(server, config.listen, config)
+    if worker is not None and worker.also:
+        _bind(server, worker.also, config)
     server.start()
     guard.start()
     running = RunningServer(server, health_servicer, address, config.grace_seconds, pools=[pool], guards=[guard])
@@ -142,7 +157,8 @@ def start_server(
         # Only Health here: this address may be the pod IP, reachable by the kubelet and others.
         probe_guard = ReceiveGuard(limit=8, timeout=config.receive_timeout, name="pdp-health-receive-guard")
         probe_pool = futures.ThreadPoolExecutor(max_workers=2 + probe_guard.limit, thread_name_prefix="pdp-health")
-        probe_server = grpc.server(probe_pool, options=grpc_options(config))
+        shared = worker is not None and worker.health_reuseport
+        probe_server = grpc.server(probe_pool, options=grpc_options(config, reuseport=shared))
         running.pools.append(probe_pool)
         probe_server.add_generic_rpc_handlers((GuardedHandlers(health_handlers.handlers, probe_guard),))
         try:

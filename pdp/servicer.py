@@ -9,6 +9,7 @@ holder. The transport (binding, TLS, health, signals) is :mod:`pdp.server`.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from pdp import __version__
+from pdp import __version__, workers
 from pdp._proto import admission_pb2 as pb
 from pdp.batch import ReadParticipants
 from pdp.bounds import MAX_ID_LENGTH, ParticipantFields
@@ -121,6 +122,7 @@ class AdmissionServicer:
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
         active = self._holder.active
         status = self._holder.status
+        worker_index, worker_count = workers.current()
         response = pb.GetStatusResponse(
             serving=active is not None,
             policy_source=status.source,
@@ -135,6 +137,9 @@ class AdmissionServicer:
             delta_activations=status.delta_activations,
             delta_fallbacks=status.delta_fallbacks,
             last_delta_fallback=status.last_delta_fallback,
+            worker_index=worker_index,
+            worker_count=worker_count,
+            worker_pid=os.getpid(),
         )
         if status.last_fetch_at:
             response.last_fetch_at.FromDatetime(datetime.fromtimestamp(status.last_fetch_at, UTC))

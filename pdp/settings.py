@@ -94,6 +94,14 @@ def _boolean(text: str) -> bool:
     raise ValueError(f"{text!r} is not true or false (nor 1/0, yes/no, on/off)")
 
 
+def _processes(text: str) -> int:
+    if text.strip().lower() == "auto":
+        from pdp.cpus import usable_cpus
+
+        return usable_cpus()
+    return _positive(text)
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ValueError(f"{text!r} is not one of debug, info, warning, error")
@@ -183,6 +191,13 @@ SETTINGS: tuple[Setting, ...] = (
         "gRPC server threads that decide (more wait for requests still coming, see --receive-timeout)",
         "N",
         _positive,
+    ),
+    Setting(
+        "processes",
+        "worker processes serving the one listener (TCP: SO_REUSEPORT; a Unix socket: PATH plus PATH.0..PATH.N-1),"
+        " or auto for the cores this process may use (affinity and cgroup CPU quota)",
+        "N|auto",
+        _processes,
     ),
     Setting(
         "receive_timeout",

@@ -245,6 +245,8 @@ def with_values(**changes: Any) -> dict[str, Any]:
         ({"snapshot__url": "ftp://store/rules"}, "url"),
         ({"logLevel": "verbose"}, "logLevel"),
         ({"workers": 1}, "workers"),
+        ({"processes": 0}, "processes"),
+        ({"processes": "all"}, "processes"),
         ({"colour": "blue"}, "colour"),
         ({"geoip__file": "GeoLite2-City.tar.gz"}, "file"),
         ({"geoip__sha256File": "../etc/digest"}, "sha256File"),
@@ -339,3 +341,15 @@ def test_every_value_is_commented_and_in_the_chart_readme() -> None:
     assert module.table(text) in (CHART / "README.md").read_text()
     documented = {path.split(".")[0] for path, _, _ in module.documented_values(text)}
     assert set(yaml.safe_load(text)) == documented, "every top-level key needs a `# --` comment on it or a child"
+
+
+@pytest.mark.parametrize(("processes", "expected"), [(1, 1), (2, 2), ("auto", None)])
+def test_processes_reach_pdp_serve_as_its_setting(processes: int | str, expected: int | None) -> None:
+    from pdp.cpus import usable_cpus
+
+    resources = {"limits": {"cpu": "2"}}
+    documents = render(with_values(processes=processes, resources=resources))
+    (config_map,) = [d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    assert config_map["data"]["PDP_PROCESSES"] == str(processes)
+    config = resolve({}, dict(config_map["data"]))
+    assert config.processes == (expected if expected is not None else usable_cpus())

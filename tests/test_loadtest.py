@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pdp._proto import admission_pb2 as pb
-from pdp.loadtest.h2 import Connection, grpc_message
+from pdp.loadtest.h2 import Connection, Pool, grpc_message
 from pdp.loadtest.run import Recorder, build_requests, closed_loop, open_loop, read_participants
 
 ADDRESSES = ["175.16.199.1", "81.2.69.142", "2001:220::1", "10.0.0.1"]
@@ -143,3 +143,33 @@ def test_participants_file_errors_name_the_line(tmp_path: Path) -> None:
         read_participants(path)
     result = pdp_loadtest("--target", "127.0.0.1:1", "--rate", "10", "--participants", str(path))
     assert (result.returncode, "--participants:" in result.stderr) == (2, True)
+
+
+def test_a_pool_spreads_calls_over_its_connections(module_server: tuple[str, object]) -> None:
+    # Several connections are what lets SO_REUSEPORT reach every worker of --processes N.
+    address, _ = module_server
+    recorder = Recorder()
+    messages = [grpc_message(request) for request in build_requests(ADDRESSES, 0)]
+    members = [Connection(address, "/pdp.v1.AdmissionService/Check", recorder.done) for _ in range(3)]
+    pool = Pool(members)
+    try:
+        closed_loop(pool, messages, in_flight=6, seconds=60, drain=5, max_calls=300)
+    finally:
+        pool.close()
+    assert recorder.calls == 300
+    assert recorder.errors == {}
+    assert all(member.next_stream > 2 * 50 for member in members)  # each carried a share of the calls
+
+
+def test_loadtest_command_with_several_connections(module_server: tuple[str, object]) -> None:
+    address, _ = module_server
+    result = subprocess.run(
+        [sys.executable, "-m", "pdp", "loadtest", "--target", address, "--closed", "--connections", "4",
+         "--duration", "0.3", "--warmup", "0", "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["connections"] == 4
+    assert figures["ok"] > 0
+    assert figures["errors"] == {}

@@ -138,3 +138,26 @@ def test_nat64_prefixes_reach_pdp_serve_as_its_setting() -> None:
             d for d in render(with_values()) if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")
         )["data"]
     )
+
+
+@pytest.mark.parametrize(
+    ("changes", "processes"),
+    [
+        ({"processes": 2}, 2),
+        ({"processes": 4}, 4),
+        ({"processes": "auto", "resources": {"limits": {"cpu": "1500m"}}}, 2),
+        ({"processes": "auto", "resources": {"limits": {"cpu": "3"}}}, 3),
+    ],
+)
+def test_memory_is_sized_per_worker_process(changes: dict[str, Any], processes: int) -> None:
+    # Each worker holds its own policy, database copy and cache; the supervisor takes about 48 MiB.
+    resources = pdp_resources(with_values(**changes))
+    assert resources["limits"]["memory"] == f"{48 + processes * memory_mib(10_000, 100_000, 64)}Mi"
+
+
+def test_auto_processes_without_a_cpu_limit_needs_a_given_memory_limit() -> None:
+    with pytest.raises(helm.HelmError) as caught:
+        render(with_values(processes="auto", mode="daemonset"))
+    assert "processes: auto needs resources.limits.cpu" in str(caught.value)
+    given = pdp_resources(with_values(processes="auto", resources={"limits": {"memory": "1Gi"}}))
+    assert given["limits"] == {"memory": "1Gi"}

@@ -419,6 +419,9 @@ class GetStatusResponse(_message.Message):
     DELTA_FALLBACKS_FIELD_NUMBER: _builtins.int
     LAST_DELTA_FALLBACK_FIELD_NUMBER: _builtins.int
     CANDIDATE_FIELD_NUMBER: _builtins.int
+    WORKER_INDEX_FIELD_NUMBER: _builtins.int
+    WORKER_COUNT_FIELD_NUMBER: _builtins.int
+    WORKER_PID_FIELD_NUMBER: _builtins.int
     serving: _builtins.bool
     """True when both a policy and a GeoIP database are loaded."""
     policy_version: _builtins.int
@@ -464,6 +467,13 @@ class GetStatusResponse(_message.Message):
     """
     delta_fallbacks: _builtins.int
     last_delta_fallback: _builtins.str
+    worker_index: _builtins.int
+    """Which process answered: with `pdp serve --processes N`, the worker's index
+    (0 .. N-1), N, and its process id; with one process, 0, 1 and its pid.
+    Each worker follows the store itself, so the fields above are that worker's.
+    """
+    worker_count: _builtins.int
+    worker_pid: _builtins.int
     @_builtins.property
     def policy_activated_at(self) -> _timestamp_pb2.Timestamp:
         """When the active policy was activated on this sidecar."""
@@ -511,10 +521,13 @@ class GetStatusResponse(_message.Message):
         delta_fallbacks: _builtins.int = ...,
         last_delta_fallback: _builtins.str = ...,
         candidate: Global___CandidateStatus | None = ...,
+        worker_index: _builtins.int = ...,
+        worker_count: _builtins.int = ...,
+        worker_pid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "last_fetch_at", b"last_fetch_at", "policy_activated_at", b"policy_activated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "cache_capacity", b"cache_capacity", "cache_hits", b"cache_hits", "cache_misses", b"cache_misses", "cache_size", b"cache_size", "candidate", b"candidate", "delta_activations", b"delta_activations", "delta_fallbacks", b"delta_fallbacks", "geoip_build", b"geoip_build", "geoip_lookup_errors", b"geoip_lookup_errors", "geoip_path", b"geoip_path", "geoip_rejections", b"geoip_rejections", "geoip_reloads", b"geoip_reloads", "geoip_type", b"geoip_type", "last_delta_fallback", b"last_delta_fallback", "last_error", b"last_error", "last_fetch_at", b"last_fetch_at", "last_fetch_result", b"last_fetch_result", "policy_activated_at", b"policy_activated_at", "policy_sha256", b"policy_sha256", "policy_source", b"policy_source", "policy_version", b"policy_version", "rejections", b"rejections", "rule_count", b"rule_count", "server_version", b"server_version", "serving", b"serving", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activations", b"activations", "cache_capacity", b"cache_capacity", "cache_hits", b"cache_hits", "cache_misses", b"cache_misses", "cache_size", b"cache_size", "candidate", b"candidate", "delta_activations", b"delta_activations", "delta_fallbacks", b"delta_fallbacks", "geoip_build", b"geoip_build", "geoip_lookup_errors", b"geoip_lookup_errors", "geoip_path", b"geoip_path", "geoip_rejections", b"geoip_rejections", "geoip_reloads", b"geoip_reloads", "geoip_type", b"geoip_type", "last_delta_fallback", b"last_delta_fallback", "last_error", b"last_error", "last_fetch_at", b"last_fetch_at", "last_fetch_result", b"last_fetch_result", "policy_activated_at", b"policy_activated_at", "policy_sha256", b"policy_sha256", "policy_source", b"policy_source", "policy_version", b"policy_version", "rejections", b"rejections", "rule_count", b"rule_count", "server_version", b"server_version", "serving", b"serving", "stale", b"stale", "worker_count", b"worker_count", "worker_index", b"worker_index", "worker_pid", b"worker_pid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,6 +34,12 @@ def cmd_serve(options: argparse.Namespace) -> int:
     config = resolve(vars(options))
     logs.setup(config.log_format, config.log_level)
     log.info("starting pdp %s with %s", __version__, json.dumps(describe(config)))
+    if config.processes > 1:
+        from pdp.supervisor import supervise
+
+        code = supervise(config, _serving_lines, ready=lambda lines: print("\n".join(lines), flush=True))
+        log.info("shutdown complete")
+        return code
     sidecar = Sidecar(config)
     sidecar.start()
     for exporter in sidecar.exporters:

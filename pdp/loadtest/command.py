@@ -25,7 +25,7 @@ that stalls shows in the percentiles (no coordinated omission). Closed loop
 (--closed): --in-flight callers each send the next call when the previous one
 returns; it finds the maximum rate, not the latency under load.
 
-The client is one thread on one HTTP/2 connection without TLS (loopback TCP or a
+The client is one thread on one HTTP/2 connection (--connections N for more) without TLS (loopback TCP or a
 Unix socket, as meeting nodes use); run it on its own core (taskset -c 1 ...) so
 it never sets the pace. --repeat N with --json gives the repeats that
 `python -m benchmarks.compare` needs to tell a regression from noise.
@@ -73,6 +73,14 @@ def add_parser(commands: Any) -> None:
     loop.add_argument("--closed", action="store_true", help="closed loop: find the maximum rate instead")
     parser.add_argument("--in-flight", type=_count, default=16, help="--closed: concurrent callers (default 16)")
     parser.add_argument(
+        "--connections",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="HTTP/2 connections to spread the calls over (default 1); several reach every worker of"
+        " `pdp serve --processes N` on TCP",
+    )
+    parser.add_argument(
         "--duration", type=_positive_float, default=10.0, metavar="SECONDS", help="measured time (default 10)"
     )
     parser.add_argument("--warmup", type=float, default=1.0, metavar="SECONDS", help="unmeasured warm-up (default 1)")
@@ -113,6 +121,7 @@ def cmd_loadtest(options: argparse.Namespace) -> int:
         addresses=addresses,
         warmup=max(options.warmup, 0.0),
         tags=tuple(options.tag or ("memorial",)),
+        connections=options.connections,
     )
     progress = None if options.json else (lambda text: print(f"pdp loadtest: {text}", file=sys.stderr))
     runs = []

@@ -1,5 +1,6 @@
-"""A lean gRPC client for load generation: one HTTP/2 connection on a plain
-socket, request frames encoded once, one thread, no grpc runtime.
+"""A lean gRPC client for load generation: HTTP/2 connections on plain
+sockets (one, or a :class:`Pool` of several), request frames encoded once, one
+thread, no grpc runtime.
 
 Used by ``pdp loadtest`` and the benchmark suite; needs the ``loadtest`` extra (hpack).
 
@@ -30,7 +31,7 @@ from typing import Any
 import grpc
 import hpack
 
-__all__ = ["Connection", "ProtocolError", "grpc_message"]
+__all__ = ["Connection", "Pool", "ProtocolError", "grpc_message"]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
@@ -167,8 +168,18 @@ class Connection:
         """Wait up to ``timeout`` seconds for data, then handle what arrived."""
         self.flush()
         readable, _, _ = select.select((self.sock,), (), (), max(timeout, 0.0))
-        if not readable:
-            return
+        if readable:
+            self.receive()
+
+    def abandon(self, now: float) -> None:
+        """Report every call still out as UNFINISHED and forget it."""
+        for started in [*self.open.values(), *(started for _, started in self.blocked)]:
+            self.on_done(now - started, "UNFINISHED")
+        self.open.clear()
+        self.blocked.clear()
+
+    def receive(self) -> None:
+        """Read what the socket holds (it is readable) and handle it."""
         data = self.sock.recv(1 << 20)
         if not data:
             raise ProtocolError("the server closed the connection")
@@ -259,6 +270,52 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Pool:
+    """Several connections to one target, used as one :class:`Connection`: each call
+    goes to the connection with the fewest calls out. Several TCP connections let
+    the kernel spread them over the workers of ``pdp serve --processes N``
+    (SO_REUSEPORT balances connections, not calls)."""
+
+    def __init__(self, members: list[Connection]) -> None:
+        self.members = members
+        self._sockets = {member.sock: member for member in members}
+
+    @property
+    def in_flight(self) -> int:
+        return sum(member.in_flight for member in self.members)
+
+    @property
+    def on_done(self) -> Callable[[float, str], None]:
+        return self.members[0].on_done
+
+    @on_done.setter
+    def on_done(self, callback: Callable[[float, str], None]) -> None:
+        for member in self.members:
+            member.on_done = callback
+
+    def call(self, message: bytes, started: float) -> None:
+        min(self.members, key=_calls_out).call(message, started)
+
+    def poll(self, timeout: float) -> None:
+        for member in self.members:
+            member.flush()
+        readable, _, _ = select.select(list(self._sockets), (), (), max(timeout, 0.0))
+        for sock in readable:
+            self._sockets[sock].receive()
+
+    def abandon(self, now: float) -> None:
+        for member in self.members:
+            member.abandon(now)
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
+
+
+def _calls_out(connection: Connection) -> int:
+    return connection.in_flight
 
 
 def _strip_headers_padding(flags: int, payload: bytes) -> bytes:

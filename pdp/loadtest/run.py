@@ -24,7 +24,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from pdp._proto import admission_pb2 as pb
-from pdp.loadtest.h2 import Connection, grpc_message
+from pdp.loadtest.h2 import Connection, Pool, grpc_message
 
 PERCENTILES = (50, 90, 99, 99.9)
 CURVE = (1, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9)
@@ -47,6 +47,7 @@ class LoadSettings:
     warmup: float = 1.0
     max_calls: int = 0  # closed loop: stop after this many calls (0: no limit)
     tags: tuple[str, ...] = ("memorial",)
+    connections: int = 1  # HTTP/2 connections the calls are spread over
 
 
 def read_participants(path: str | Path) -> tuple[str, ...]:
@@ -101,7 +102,7 @@ class Recorder:
             self.errors[status] += 1
 
 
-def open_loop(connection: Connection, messages: list[bytes], rate: float, seconds: float, drain: float) -> float:
+def open_loop(connection: Connection | Pool, messages: list[bytes], rate: float, seconds: float, drain: float) -> float:
     """Send ``rate`` calls a second for ``seconds``; return the elapsed time.
 
     Calls that fell due while the loop was busy leave together, still timed from
@@ -123,7 +124,12 @@ def open_loop(connection: Connection, messages: list[bytes], rate: float, second
 
 
 def closed_loop(
-    connection: Connection, messages: list[bytes], in_flight: int, seconds: float, drain: float, max_calls: int = 0
+    connection: Connection | Pool,
+    messages: list[bytes],
+    in_flight: int,
+    seconds: float,
+    drain: float,
+    max_calls: int = 0,
 ) -> float:
     """Keep ``in_flight`` calls outstanding until ``seconds`` or ``max_calls``; return the elapsed time."""
     started = time.perf_counter()
@@ -139,16 +145,12 @@ def closed_loop(
     return time.perf_counter() - started
 
 
-def _drain(connection: Connection, seconds: float) -> None:
+def _drain(connection: Connection | Pool, seconds: float) -> None:
     """Wait for the calls still out; those unanswered by then count as UNFINISHED."""
     deadline = time.perf_counter() + seconds
     while connection.in_flight and (left := deadline - time.perf_counter()) > 0:
         connection.poll(left)
-    now = time.perf_counter()
-    for started in [*connection.open.values(), *(started for _, started in connection.blocked)]:
-        connection.on_done(now - started, "UNFINISHED")
-    connection.open.clear()
-    connection.blocked.clear()
+    connection.abandon(time.perf_counter())
 
 
 def run(settings: LoadSettings, on_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -159,7 +161,19 @@ def run(settings: LoadSettings, on_progress: Callable[[str], None] | None = None
     messages = [grpc_message(request) for request in build_requests(settings.addresses, settings.batch, settings.tags)]
     path = "/pdp.v1.AdmissionService/" + ("CheckBatch" if settings.batch > 0 else "Check")
     warm, recorder = Recorder(), Recorder()
-    connection = Connection(settings.target, path, warm.done, timeout_s=CALL_TIMEOUT_S)
+    connection: Connection | Pool
+    if settings.connections == 1:
+        connection = Connection(settings.target, path, warm.done, timeout_s=CALL_TIMEOUT_S)
+    else:
+        members = [Connection(settings.target, path, warm.done, timeout_s=CALL_TIMEOUT_S)]
+        try:
+            while len(members) < settings.connections:
+                members.append(Connection(settings.target, path, warm.done, timeout_s=CALL_TIMEOUT_S))
+        except OSError:
+            for member in members:
+                member.close()
+            raise
+        connection = Pool(members)
     try:
         if settings.warmup > 0:
             if on_progress:
@@ -191,6 +205,7 @@ def _figures(settings: LoadSettings, recorder: Recorder, elapsed: float) -> dict
         "batch": per_call,
         "requested_rate": settings.rate if settings.rate > 0 else None,
         "in_flight": None if settings.rate > 0 else settings.in_flight,
+        "connections": settings.connections,
         "seconds": round(elapsed, 3),
         "calls": recorder.calls,
         "ok": ok_calls,

@@ -133,7 +133,27 @@ entries + the database twice (the serving copy and its replacement), each term r
 {{- define "pdp.memoryMiB" -}}
 {{- $rules := div (add (mul (int .Values.sizing.rules) 30) 9999) 10000 -}}
 {{- $cache := div (add (mul (int .Values.cacheSize) 53) 99999) 100000 -}}
-{{- add 48 $rules $cache (mul 2 (int .Values.sizing.geoipMiB)) -}}
+{{- $one := add 48 $rules $cache (mul 2 (int .Values.sizing.geoipMiB)) -}}
+{{- $processes := int (include "pdp.processCount" .) -}}
+{{- if eq $processes 1 -}}{{ $one }}{{- else -}}{{ add 48 (mul $processes $one) }}{{- end -}}
+{{- end -}}
+
+{{/* The worker processes memory is sized for: .Values.processes, or for "auto" the cores of
+     resources.limits.cpu ("2", "1500m": rounded up, as pdp rounds a CFS quota up). */}}
+{{- define "pdp.processCount" -}}
+{{- if eq (toString .Values.processes) "auto" -}}
+{{- $cpu := toString (dig "limits" "cpu" "" .Values.resources) -}}
+{{- if not $cpu -}}
+{{- fail "processes: auto needs resources.limits.cpu (the cores memory is sized for) or resources.limits.memory" -}}
+{{- end -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- div (add (int (trimSuffix "m" $cpu)) 999) 1000 -}}
+{{- else -}}
+{{- ceil (float64 $cpu) | int -}}
+{{- end -}}
+{{- else -}}
+{{- int .Values.processes -}}
+{{- end -}}
 {{- end -}}
 
 {{/* resources, with a memory limit (and request) sized from .Values.sizing where not given. */}}
