@@ -32,16 +32,19 @@ class Server:
     log: Path
 
     @classmethod
-    def start(cls, argv: Sequence[str], *, env: dict[str, str] | None = None, ready: str = "listening on") -> Server:
+    def start(
+        cls, argv: Sequence[str], *, env: dict[str, str] | None = None, ready: str = "listening on", cwd: Path = ROOT
+    ) -> Server:
         log = Path(tempfile.mkstemp(prefix="pdp-bench-", suffix=".log")[1])
-        process = subprocess.Popen(
-            pinned(SERVER_CORE, argv),
-            stdout=subprocess.PIPE,
-            stderr=log.open("w"),
-            text=True,
-            env={**os.environ, **(env or {})},
-            cwd=ROOT,
-        )
+        with log.open("w") as errors:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(
+                pinned(SERVER_CORE, argv),
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+            )
         assert process.stdout is not None
         line = process.stdout.readline()
         if ready not in line:

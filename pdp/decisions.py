@@ -14,9 +14,11 @@ and :class:`RequestError` (a field is missing or out of bounds; gRPC
 INVALID_ARGUMENT, HTTP 400). Adapters never observe calls themselves.
 
 The presenter is called inside the path, so the observed duration covers the
-whole answer, and a batch calls it once per distinct location: participants
-at one place in one meeting share one decision and one encoded result. No
-value is allocated per call beyond what the decision itself needs.
+whole answer, and a batch calls it at most once per distinct location:
+participants at one place in one meeting share one decision and one encoded
+result, and answers that are bytes are remembered for later batches of the
+same kind of meeting (:mod:`pdp.batch`). No value is allocated per call beyond
+what the decision itself needs.
 
 The request bounds the path applies are :mod:`pdp.bounds`, one function
 each; an adapter that checks a field of its own before calling the path uses
@@ -27,6 +29,7 @@ the same functions. ``MeetingFields``, ``ParticipantFields`` and
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from opentelemetry.trace import Span, SpanKind
 
+from pdp.batch import ReadParticipants, decide_places
 from pdp.bounds import (
     MAX_ID_LENGTH,
     MeetingFields,
@@ -69,6 +73,8 @@ __all__ = [
 T = TypeVar("T")
 Presenter = Callable[[Decision, Location, Active], T]
 _VERDICT_NAMES = {Verdict.ALLOW: "ALLOW", Verdict.DENY: "DENY"}
+_PARTICIPANT_FIELDS = operator.attrgetter("ip", "user_id", "account_id")
+_DECISION, _ANSWER = operator.itemgetter(0), operator.itemgetter(1)  # of a batch entry
 
 
 class NotReadyError(PdpError):
@@ -291,27 +297,21 @@ class DecisionPath:
         if active is None:
             raise NotReadyError
         checked = checked_meeting(meeting, action)
-        for position, participant in enumerate(participants):
-            if len(participant.user_id) > MAX_ID_LENGTH or len(participant.account_id) > MAX_ID_LENGTH:
-                check_participant(participant.user_id, participant.account_id, f"participants[{position}]")
+        if type(participants) is ReadParticipants:  # the adapter read the addresses and bounded the ids
+            addresses: Sequence[str] = participants.addresses
+        else:  # one pass over the participants for their addresses and the ids' bounds
+            addresses, user_ids, account_ids = zip(*map(_PARTICIPANT_FIELDS, participants), strict=True)
+            if max(map(len, user_ids)) > MAX_ID_LENGTH or max(map(len, account_ids)) > MAX_ID_LENGTH:
+                for position, participant in enumerate(participants):
+                    check_participant(participant.user_id, participant.account_id, f"participants[{position}]")
         try:
-            locations = active.geo.locate_many([participant.ip for participant in participants])
+            locations = active.geo.locate_many(addresses)
         except InvalidAddressError as error:
             raise RequestError(f"participants[{error.position}].ip", str(error)) from None
-        decide, now = active.policy.decide, time.time()
-        decisions: list[Decision] = []
-        results: list[T] = []
-        # One meeting, one action, one moment: the decision depends on the
-        # location alone, and locations are interned, so decide once per place.
-        by_location: dict[int, tuple[Decision, T]] = {}
-        for location in locations:
-            known = by_location.get(id(location))
-            if known is None:
-                decision = decide(location, action, checked, now)
-                known = by_location[id(location)] = (decision, present(decision, location, active))
-            decisions.append(known[0])
-            results.append(known[1])
-        return Batch(results, decisions, locations, active)
+        # One meeting, one action, one moment: the decision depends on the place
+        # alone, and places are interned; the memo keeps them per kind of meeting.
+        entries = decide_places(active, locations, checked, action, time.time(), present)
+        return Batch(list(map(_ANSWER, entries)), list(map(_DECISION, entries)), locations, active)
 
     # ------------------------------------------------------------------ observation
 

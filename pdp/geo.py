@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
 
 import cachetools
@@ -126,6 +128,7 @@ class GeoDatabase:
         self._ipv4_only = loaded.ip_version == 4
         self._subdivision_paths = SUBDIVISIONS if "Country" not in self.database_type else ()
         self._cache: cachetools.LRUCache[str, Location] = cachetools.LRUCache(maxsize=max(cache_size, 1))
+        self._lru = _lru_parts(self._cache)
         self._lock = threading.Lock()
         # Many addresses share a location: keep one object per distinct location.
         self._interned: dict[tuple[object, ...], Location] = {}
@@ -156,10 +159,12 @@ class GeoDatabase:
 
         :raises InvalidAddressError: with ``position`` set to the bad address's index.
         """
-        found: list[Location | None]
         with self._lock:
-            get = self._cache.get
-            found = [get(address) for address in addresses]
+            found: list[Location | None] = self._hits(addresses)
+        if all(found):  # every one a hit (a location is always true, a miss None)
+            with self._lock:
+                self.hits += len(addresses)
+            return found  # type: ignore[return-value]  # no None in it
         missing = [position for position, location in enumerate(found) if location is None]
         resolved = []
         for position in missing:
@@ -175,6 +180,18 @@ class GeoDatabase:
             for position, location in zip(missing, resolved, strict=True):
                 found[position] = self._cache[addresses[position]] = location
         return found  # type: ignore[return-value]  # every None was filled above
+
+    def _hits(self, addresses: Sequence[str]) -> list[Location | None]:
+        """Each address's cached location or None, every hit made most recent, as
+        the cache's own lookup does; the caller holds the lock."""
+        if self._lru is None:
+            get = self._cache.get
+            return [get(address) for address in addresses]
+        entries, order = self._lru
+        found = list(map(entries.get, addresses))
+        # Every hit in order, in C: a location is always true, a miss (None) false.
+        deque(map(order.move_to_end, compress(addresses, found)), maxlen=0)
+        return found
 
     def lookup_uncached(self, address: str) -> Location:
         """Like :meth:`locate`, bypassing (and not filling) the cache."""
@@ -238,6 +255,17 @@ class GeoDatabase:
 
     def __repr__(self) -> str:
         return f"<GeoDatabase {self.path} type={self.database_type} build={self.build_epoch}>"
+
+
+def _lru_parts(cache: cachetools.LRUCache[str, Location]) -> tuple[dict[str, Location], OrderedDict[str, None]] | None:
+    """The dict and the recency order inside cachetools' LRUCache, for batches:
+    a hit through its Python methods costs about 1 us, through these C objects a
+    tenth of that, with the same effect. None (use the methods) if a cachetools
+    release keeps them otherwise."""
+    entries, order = getattr(cache, "_Cache__data", None), getattr(cache, "_LRUCache__order", None)
+    if type(entries) is dict and type(order) is OrderedDict and not entries and not order:
+        return entries, order
+    return None
 
 
 def _location(codes: tuple[object, ...]) -> Location:

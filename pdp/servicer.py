@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -22,10 +22,12 @@ from google.protobuf.message import DecodeError
 
 from pdp import __version__, workers
 from pdp._proto import admission_pb2 as pb
+from pdp.batch import ReadParticipants
+from pdp.bounds import MAX_ID_LENGTH, ParticipantFields
 from pdp.decisions import DecisionPath, Endpoint, NotReadyError, RequestError
 from pdp.errors import PdpError
 from pdp.state import Active
-from pdp.wire import encode_batch, encode_check, encode_result
+from pdp.wire import batch_addresses, encode_batch, encode_check, encode_result
 
 if TYPE_CHECKING:
     from pdp.candidate import CandidateState
@@ -74,11 +76,19 @@ class AdmissionServicer:
         except (RequestError, NotReadyError) as error:
             _refuse(context, error)
 
-    def CheckBatch(self, request: pb.CheckBatchRequest, context: grpc.ServicerContext) -> bytes:
+    def CheckBatch(self, request: pb.CheckBatchRequest | BatchRequest, context: grpc.ServicerContext) -> bytes:
         """Returns the serialized CheckBatchResponse (see pdp.wire)."""
+        if isinstance(request, BatchRequest):
+            message = request.message
+            participants: Sequence[ParticipantFields] = message.participants
+            if request.addresses is not None:
+                participants = ReadParticipants(participants, request.addresses)
+        else:
+            message = request
+            participants = message.participants
         try:
             batch = self._path.check_batch(
-                request.participants, request.meeting, request.action,
+                participants, message.meeting, message.action,
                 limit=self._batch_limit, endpoint=CHECK_BATCH, present=encode_result,
             )  # fmt: skip
         except (RequestError, NotReadyError) as error:
@@ -198,6 +208,15 @@ def _decoder(message: Any) -> Callable[[bytes], Any]:
     return decode
 
 
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    """A CheckBatchRequest with its participants' addresses, when read in C (see
+    :func:`pdp.wire.batch_addresses`; None: read them from the message)."""
+
+    message: pb.CheckBatchRequest
+    addresses: list[str] | None
+
+
 def _refusing_undecodable(method: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         if type(request) is _Undecodable:
@@ -226,6 +245,21 @@ def _decoding(method: Callable[[Any, grpc.ServicerContext], bytes], message: Any
     return handler
 
 
+def _decoding_batch(method: Callable[[BatchRequest, grpc.ServicerContext], bytes]) -> Callable[..., bytes]:
+    """CheckBatch taking the request's bytes, as :func:`_decoding` does, and reading
+    the participants' addresses from them in C when it can (see pdp.wire)."""
+
+    def handler(data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            message = pb.CheckBatchRequest.FromString(data)
+        except DecodeError as error:
+            _refuse_undecodable(context, "CheckBatchRequest", str(error) or "malformed protobuf")
+        addresses = batch_addresses(data, len(message.participants), MAX_ID_LENGTH)
+        return method(BatchRequest(message, addresses), context)
+
+    return handler
+
+
 def encoded_unary(
     method: Callable[[Any, grpc.ServicerContext], bytes], request_type: Any
 ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -240,7 +274,7 @@ def admission_handlers(servicer: AdmissionServicer) -> grpc.GenericRpcHandler:
     guard = _refusing_undecodable
     methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Check": encoded_unary(servicer.Check, pb.CheckRequest),
-        "CheckBatch": unary(guard(servicer.CheckBatch), _decoder(pb.CheckBatchRequest), _passthrough),
+        "CheckBatch": unary(_decoding_batch(servicer.CheckBatch)),
         "GetStatus": unary(
             guard(servicer.GetStatus), _decoder(pb.GetStatusRequest), pb.GetStatusResponse.SerializeToString
         ),

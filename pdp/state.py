@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pdp.batch import BatchMemo
 from pdp.geo import GeoDatabase
 from pdp.rules import Policy
 
@@ -32,6 +33,8 @@ class Active:
     encoded: dict[tuple[int, int], tuple[bytes, bytes, object, object]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    # Batches' decisions per kind of meeting and place (see pdp.batch); dies with it.
+    batch_memo: BatchMemo = field(default_factory=BatchMemo, compare=False, repr=False)
 
 
 @dataclass(slots=True)

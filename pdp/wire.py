@@ -11,12 +11,17 @@ its two scalar fields (the order of fields on the wire does not matter).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from pdp._proto import admission_pb2 as pb
 from pdp.model import Decision, Location
 from pdp.state import Active
 
-__all__ = ["check_response", "encode_batch", "encode_check", "encode_result", "varint"]
+__all__ = ["batch_addresses", "check_response", "encode_batch", "encode_check", "encode_result", "varint"]
 
 # Distinct (decision, location) pairs kept per activation; a policy with many
 # rules seen from many places refills after a clear, it never grows unbounded.
@@ -86,3 +91,58 @@ def encode_batch(results: Sequence[bytes], active: Active) -> bytes:
         ).SerializeToString()
     )
     return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- reading a batch
+
+
+def _reading_types() -> tuple[Any, Any]:
+    """Two private message types (a pool of their own) that read a CheckBatchRequest's
+    bytes without a Python object per participant: ``Raw`` takes each participant as
+    bytes; ``Addresses`` reads participants laid end to end as one message, in which
+    every participant's field 1 (``ip``) is one more element of a repeated string."""
+    kind = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="pdp/internal/batch_reading.proto", package="pdp.internal")
+    file.syntax = "proto3"
+    raw = file.message_type.add(name="Raw")
+    raw.field.add(name="participants", number=2, type=kind.TYPE_BYTES, label=kind.LABEL_REPEATED)
+    addresses = file.message_type.add(name="Addresses")
+    addresses.field.add(name="ip", number=1, type=kind.TYPE_STRING, label=kind.LABEL_REPEATED)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    find = pool.FindMessageTypeByName
+    return (
+        message_factory.GetMessageClass(find("pdp.internal.Raw")),
+        message_factory.GetMessageClass(find("pdp.internal.Addresses")),
+    )
+
+
+_RAW, _ADDRESSES = _reading_types()
+_FIRST_BYTE = itemgetter(0)
+_IP_TAG = b"\x0a"  # Participant.ip: field 1, length-delimited
+
+
+def batch_addresses(data: bytes, count: int, longest: int) -> list[str] | None:
+    """The participants' addresses of ``data``, a CheckBatchRequest that protobuf has
+    already parsed whole (so each participant in it is a valid Participant) and found
+    ``count`` participants in, read in C; or None, and the caller reads the message.
+
+    Only when the answer is certain: every participant starts with its address (as
+    every serializer writes one), and the participants end to end hold ``count``
+    addresses, so each holds exactly one, its own. And only when no participant is
+    longer than ``longest`` bytes, so that none of its ids can be longer than
+    ``longest`` characters: the caller need not read the ids to bound them.
+    """
+    people = list(_RAW.FromString(data).participants)
+    if len(people) != count or not count or max(map(len, people)) > longest:
+        return None
+    try:
+        if bytes(map(_FIRST_BYTE, people)) != _IP_TAG * count:
+            return None
+    except IndexError:  # an empty participant
+        return None
+    try:
+        addresses = _ADDRESSES.FromString(b"".join(people)).ip
+    except DecodeError:  # not from a request protobuf parsed whole: let the caller read it
+        return None
+    return list(addresses) if len(addresses) == count else None
