@@ -11,6 +11,8 @@ import pytest
 from benchmarks import batch_peer, inprocess, nginx_peer
 from benchmarks.harness import ROOT
 
+from .servers import free_port
+
 
 def _nginx_or_skip() -> None:
     missing = nginx_peer.available()
@@ -27,7 +29,7 @@ def test_both_sides_deny_the_same_and_count_decisions_and_cpu(tmp_path: Path) ->
     addresses.write_text("\n".join(located))
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps(batch_peer.RULES))
-    nginx = batch_peer.Nginx(tmp_path, addresses, port=18491)
+    nginx = batch_peer.Nginx(tmp_path, addresses, port=free_port())
     pdp = batch_peer.start_pdp(ROOT, f"unix:{tmp_path}/pdp.sock", rules)
     try:
         verdicts = batch_peer.same_verdicts(pdp, nginx, located[: batch_peer.BATCH])
