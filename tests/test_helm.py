@@ -243,6 +243,7 @@ def with_values(**changes: Any) -> dict[str, Any]:
         ({"securityContext__readOnlyRootFilesystem": False}, "readOnlyRootFilesystem"),
         ({"geoip__source": "s3"}, "source"),
         ({"snapshot__url": "ftp://store/rules"}, "url"),
+        ({"snapshot__candidateUrl": "s3://store/next"}, "candidateUrl"),
         ({"logLevel": "verbose"}, "logLevel"),
         ({"workers": 1}, "workers"),
         ({"processes": 0}, "processes"),
@@ -353,3 +354,12 @@ def test_processes_reach_pdp_serve_as_its_setting(processes: int | str, expected
     assert config_map["data"]["PDP_PROCESSES"] == str(processes)
     config = resolve({}, dict(config_map["data"]))
     assert config.processes == (expected if expected is not None else usable_cpus())
+
+
+def test_a_candidate_snapshot_reaches_pdp_serve_as_its_setting() -> None:
+    candidate = "https://store.example.com/rules-next"
+    for values, expected in ((with_values(snapshot__candidateUrl=candidate), candidate), (with_values(), "")):
+        documents = render(values)
+        (config_map,) = [d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+        assert config_map["data"].get("PDP_CANDIDATE_SNAPSHOT", "") == expected
+        assert resolve({}, dict(config_map["data"])).candidate_snapshot == expected
