@@ -12,6 +12,13 @@ message goes through a :class:`ReceiveGuard`:
   than a later call that has received its message, or longer than
   :data:`PATIENCE`; the watchdog does the same every few milliseconds. So silent
   calls hold the waiting threads for a moment at a time, and never the others.
+- that patience is counted in the watchdog's ticks, not read off the wall clock,
+  and a tick that wakes late (the process was paused, throttled by its CPU quota,
+  or starved) does not count: nobody's message could be handed over meanwhile.
+  Read off the wall clock, a pause of 300 ms (a pod at its CPU limit sees such
+  pauses) made the calls whose messages grpcio had not yet handed over look silent:
+  36 complete calls of 3,000 were cancelled (``tests/test_hardening_transport.py``
+  pauses a real server with SIGSTOP and SIGCONT under 200 calls in flight).
 
 Calls whose message was sent are never ended for waiting their turn: gRPC clients
 send a request with its headers, and grpcio hands the messages over in the order
@@ -44,6 +51,7 @@ PATIENCE = 0.1
 """How long a call may wait for its message while ``limit`` calls wait. When that
 many wait, at most the deciding threads run, so grpcio's one thread handing
 messages over is never starved that long: only silent calls wait so long then."""
+_TICK = PATIENCE / 4  # the watchdog's period while ``limit`` calls wait
 
 
 class ReceiveGuard:
@@ -54,17 +62,23 @@ class ReceiveGuard:
         self.timeout = timeout
         self.timed_out = 0  # calls ended by the timeout
         self.crowded_out = 0  # calls ended as the longest waiting of too many
-        self._waiting: dict[grpc.ServicerContext, float] = {}  # in the order they began to wait
+        # In the order they began to wait: when (monotonic time), and at which tick.
+        self._waiting: dict[grpc.ServicerContext, tuple[float, int]] = {}
+        self._ticks = 0  # the watchdog's on-time ticks while ``limit`` calls waited
         self._received_since = 0.0  # when the latest call that received its message began to wait
+        self._received_tick = 0  # and at which tick
         self._ended: set[grpc.ServicerContext] = set()
-        self._stop = threading.Event()
+        self._stopping = False
+        self._wake = threading.Event()  # stop, or crowded while the watchdog sleeps long
+        self._sleeping_long = False
         self._thread = threading.Thread(target=self._watch, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping = True
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
 
@@ -78,8 +92,11 @@ class ReceiveGuard:
         """
         waiting = self._waiting
         if len(waiting) >= self.limit:
-            self._end_longest_waiting()
-        waiting[context] = since = _monotonic()
+            self._end_longest_waiting(patient=False)  # the watchdog alone counts patience
+            if self._sleeping_long:
+                self._wake.set()
+        since, tick = _monotonic(), self._ticks
+        waiting[context] = (since, tick)
         try:
             message = next(requests)
         except (StopIteration, grpc.RpcError):
@@ -90,16 +107,19 @@ class ReceiveGuard:
         finally:
             waiting.pop(context, None)
         if since > self._received_since:
-            self._received_since = since
+            self._received_since, self._received_tick = since, tick
         return message
 
-    def _end_longest_waiting(self) -> None:
+    def _end_longest_waiting(self, *, patient: bool = True) -> None:
         try:
-            longest, since = next(iter(self._waiting.items()))
+            longest, (since, tick) = next(iter(self._waiting.items()))
         except (StopIteration, RuntimeError):  # emptied, or changed, by another thread meanwhile
             return
-        overtaken = since < self._received_since - _REORDERING
-        if (overtaken or time.monotonic() - since > PATIENCE) and self._end(longest):
+        # Overtaken on both clocks: a pause of the process parts two calls on the wall clock
+        # only, and the threads it paused may take their messages in any order after it.
+        overtaken = since < self._received_since - _REORDERING and tick < self._received_tick - 1
+        out_of_patience = patient and (self._ticks - tick) * _TICK >= PATIENCE
+        if (overtaken or out_of_patience) and self._end(longest):
             self.crowded_out += 1
 
     def _end(self, context: grpc.ServicerContext) -> bool:
@@ -113,7 +133,19 @@ class ReceiveGuard:
         """End the calls that waited longer than the timeout, and while ``limit`` wait,
         the longest waiting; say how many were ended."""
         reported = (0, 0)
-        while not self._stop.wait(PATIENCE / 4 if len(self._waiting) >= self.limit else self.timeout / 4):
+        while not self._stopping:
+            crowded = len(self._waiting) >= self.limit
+            interval = _TICK if crowded else self.timeout / 4
+            self._sleeping_long = not crowded
+            start = _monotonic()
+            self._wake.wait(interval)
+            self._wake.clear()
+            self._sleeping_long = False
+            if self._stopping:
+                break
+            # A tick counts when it took its interval and no more: the process ran throughout.
+            if crowded and interval <= _monotonic() - start < interval + _TICK:
+                self._ticks += 1
             while len(self._waiting) >= self.limit:
                 before = self.crowded_out
                 self._end_longest_waiting()
@@ -124,7 +156,7 @@ class ReceiveGuard:
                 waiting = list(self._waiting.items())
             except RuntimeError:  # changed while copied: look again at the next round
                 continue
-            for context, since in waiting:
+            for context, (since, _) in waiting:
                 if since > oldest_allowed:
                     break  # the rest began to wait later
                 if self._end(context):
