@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import sys
-import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -270,21 +270,32 @@ def _server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
     )
 
 
+_SIGNAL_CHECK_SECONDS = 0.25
+
+
 class StopSignals:
     """SIGTERM and SIGINT, caught from construction on (main thread only), so
     that one sent the moment a server says it is ready is not lost."""
 
     def __init__(self) -> None:
         self._received: list[str] = []
-        self._stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Nothing here may take a lock: the handler runs in the main thread between two of
+        # its bytecodes, and setting an Event the main thread was waiting on deadlocked on
+        # the Event's own lock (`pdp serve` then ignored SIGTERM until killed).
         self._received.append(signal.Signals(signum).name)
-        self._stop.set()
 
     def wait(self) -> str:
-        """Block until one arrives; returns its name."""
-        self._stop.wait()
+        """Block until one arrives; returns its name.
+
+        The kernel may hand a process's signal to any of its threads (it does when the
+        main thread has one pending already, as after SIGSTOP and SIGCONT), and Python
+        runs the handler only when the main thread next runs Python, so the wait wakes
+        every 0.25 s rather than blocking for good.
+        """
+        while not self._received:
+            time.sleep(_SIGNAL_CHECK_SECONDS)
         return self._received[0]
