@@ -367,6 +367,12 @@ class DecisionPath:
         if self.candidate is not None:
             self.candidate.offer((decision,), (location,), active, action, meeting)
 
+    def refused(self, endpoint: Endpoint, started: float) -> None:
+        """An adapter refused a request before it reached this path (an attribute
+        it could not map, a body that is not its protocol): timed as an error,
+        as a refusal inside the path is, so that no refused request goes uncounted."""
+        self._observe_error(endpoint, started)
+
     def _observe_error(self, endpoint: Endpoint, started: float) -> None:
         if self._telemetry is not None:
             self._telemetry.observe_error(endpoint.label, time.perf_counter() - started)

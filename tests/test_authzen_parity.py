@@ -203,6 +203,9 @@ def test_authzen_is_observed_and_audited_as_check_is(sidecars: SidecarFactory, t
     by_item = {"action": action(), "evaluations": [{"subject": subject("10.0.0.1"), "resource": resource(f"m-{n}")}
                                                    for n in range(3, 5)]}  # fmt: skip
     assert [a["decision"] for a in pdp.evaluate_all(by_item)] == [False, False]
+    # Refused before the decision path (no subject): still timed, as an error.
+    assert pdp.post("/access/v1/evaluation", {"action": action(), "resource": resource()}).status == 400
+    assert pdp.post("/access/v1/evaluations", {"evaluations": "not a list"}).status == 400
 
     (described,) = sidecar.exporters
     with urllib.request.urlopen(described.removeprefix("metrics: "), timeout=10) as response:  # noqa: S310  # ours
@@ -217,6 +220,8 @@ def test_authzen_is_observed_and_audited_as_check_is(sidecars: SidecarFactory, t
         'rpc="authzen/evaluation",verdict="DENY"': 1.0,
         'rpc="authzen/evaluations",verdict="MIXED"': 1.0,  # one CheckBatch for the shared meeting
         'rpc="authzen/evaluations",verdict="DENY"': 2.0,  # two items decided one by one
+        'rpc="authzen/evaluation",verdict="ERROR"': 1.0,
+        'rpc="authzen/evaluations",verdict="ERROR"': 1.0,
     }
     assert 'pdp_decisions_total{jurisdiction="CN",mode="enforce",rule_id="cn-memorial",verdict="DENY"} 2.0' in metrics
 

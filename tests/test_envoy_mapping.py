@@ -373,7 +373,7 @@ def test_garbage_is_invalid_argument_and_no_policy_is_unavailable(start: ServerF
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # Envoy's status_on_error decides
 
 
-def test_envoy_checks_are_counted_as_decisions_under_their_own_rpc(tmp_path: Path) -> None:
+def test_envoy_checks_are_counted_under_their_own_rpc_refused_ones_as_errors(tmp_path: Path) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -392,6 +392,9 @@ def test_envoy_checks_are_counted_as_decisions_under_their_own_rpc(tmp_path: Pat
     try:
         for peer in ("175.16.199.1", "81.2.69.142"):
             _call(running.address, ext.CheckRequest(attributes=request(peer=peer)).SerializeToString())
+        # Refused in the mapping, before the decision path (no meeting id): still timed, as an error.
+        refused = _call(running.address, ext.CheckRequest(attributes=request(context={})).SerializeToString())
+        assert refused.denied_response.status.code == 400
         data = reader.get_metrics_data()
     finally:
         running.stop(grace=0)
@@ -402,6 +405,6 @@ def test_envoy_checks_are_counted_as_decisions_under_their_own_rpc(tmp_path: Pat
         for rm in data.resource_metrics for scope in rm.scope_metrics for metric in scope.metrics
     }  # fmt: skip
     durations = {(a["rpc"], a["verdict"]): p.count for a, p in points["pdp.check.duration"]}
-    assert durations == {("ext_authz", "DENY"): 1, ("ext_authz", "ALLOW"): 1}
+    assert durations == {("ext_authz", "DENY"): 1, ("ext_authz", "ALLOW"): 1, ("ext_authz", "ERROR"): 1}
     decisions = {(a["verdict"], a["rule_id"]): p.value for a, p in points["pdp.decisions"]}
     assert decisions == {("DENY", "cn"): 1, ("ALLOW", ""): 1}

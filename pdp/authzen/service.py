@@ -18,6 +18,8 @@ so never observed or audited.
 
 from __future__ import annotations
 
+import time
+
 from pdp.authzen.answer import Answers, allowed, error_body, evaluations_body, failed_item
 from pdp.authzen.mapping import (
     BadRequestError,
@@ -56,19 +58,23 @@ class AuthZen:
 
     def evaluation(self, body: bytes) -> Reply:
         """``POST /access/v1/evaluation`` (section 6)."""
+        started = time.perf_counter()
         try:
             return self._one(parse_evaluation(parse_body(body)), EVALUATION)
         except BadRequestError as error:
+            self._path.refused(EVALUATION, started)
             return _bad(error)
 
     def evaluations(self, body: bytes) -> Reply:
         """``POST /access/v1/evaluations`` (section 7); without items, one evaluation (section 7.1)."""
+        started = time.perf_counter()
         try:
             request = parse_body(body)
             batch = parse_evaluations(request, self._batch_limit)
             if batch is None:
                 return self._one(parse_evaluation(request), EVALUATIONS)
         except BadRequestError as error:
+            self._path.refused(EVALUATIONS, started)
             return _bad(error)
         active = self._path.holder.active
         if active is None:

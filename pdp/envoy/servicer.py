@@ -11,6 +11,7 @@ with gRPC ``UNAVAILABLE``, so that Envoy's ``failure_mode_allow`` and
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -70,11 +71,13 @@ class AuthorizationServicer:
         self._answers = AnswerCache()
 
     def Check(self, request: Any, context: grpc.ServicerContext) -> bytes:
+        started = time.perf_counter()
         attributes = request.attributes
         headers = attributes.request.http.headers
         try:
             admission = self._mapper.map(attributes, headers)
         except MappingError as error:
+            self._path.refused(CHECK, started)
             return bad_request(error.attribute, error.message)
         client_sent = [name for name in headers if name.startswith(PREFIX)]
         present = _fresh(client_sent) if client_sent else self._answers.answer
