@@ -21,14 +21,11 @@ database file means a new object (and so an empty cache), never a mutation.
 from __future__ import annotations
 
 import datetime as dt
-import threading
-from collections import OrderedDict, deque
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import compress
 from pathlib import Path
 
-import cachetools
 import maxminddb_rust
 
 from pdp.addresses import Forms, InvalidAddressError, embedded_ipv4, embeddings, parse_address
@@ -91,8 +88,10 @@ class Located:
 class GeoDatabase:
     """An open MaxMind City or Country database with an LRU location cache.
 
-    Thread-safe: the reader is shared without a lock (it is safe for concurrent
-    reads), the cache sits under a short lock around each dict operation.
+    Thread-safe without a lock of ours: the reader is safe for concurrent reads,
+    and the cache is :func:`functools.lru_cache`, whose C implementation keeps
+    its own structure consistent under concurrent calls (two threads missing
+    the same address both look it up and store the same location).
 
     :raises GeoIPError: on open, if the file is missing, corrupt, of a type
         without countries, or if maxminddb's C extension is unavailable.
@@ -118,23 +117,20 @@ class GeoDatabase:
         self.path = str(path)
         self.cache_size = cache_size
         self.nat64_prefixes = tuple(nat64_prefixes)
-        self._forms: Forms = embeddings(self.nat64_prefixes)
         loaded = load(self.path, sha256)
-        self._reader: maxminddb_rust.Reader = loaded.reader
         self.database_type: str = loaded.database_type
         self.build_epoch: int = loaded.build_epoch
         self.sha256: str = loaded.sha256  # of the bytes served, which no later write to the file can change
         self.look = loaded.look  # of the file they were read from
-        self._ipv4_only = loaded.ip_version == 4
-        self._subdivision_paths = SUBDIVISIONS if "Country" not in self.database_type else ()
-        self._cache: cachetools.LRUCache[str, Location] = cachetools.LRUCache(maxsize=max(cache_size, 1))
-        self._lru = _lru_parts(self._cache)
-        self._lock = threading.Lock()
-        # Many addresses share a location: keep one object per distinct location.
-        self._interned: dict[tuple[object, ...], Location] = {}
-        self.hits = 0
-        self.misses = 0
-        self.lookup_errors = 0
+        subdivisions = SUBDIVISIONS if "Country" not in self.database_type else ()
+        self._resolver = _Resolver(loaded.reader, embeddings(self.nat64_prefixes), loaded.ip_version == 4, subdivisions)
+        # A hit is one call into C, no Python frame and no lock. The cache holds the
+        # resolver, not this object, so that a replaced database is freed (and its
+        # memory unmapped) as soon as the last call using it drops it, without
+        # waiting for the cycle collector.
+        self._cached: Callable[[str], Location] = functools.lru_cache(maxsize=max(cache_size, 1))(
+            self._resolver.checked
+        )
 
     def locate(self, address: str) -> Location:
         """Location of ``address`` (cached). Private, reserved and unlisted
@@ -142,61 +138,29 @@ class GeoDatabase:
 
         :raises InvalidAddressError: ``address`` is not a plain IPv4 or IPv6 address.
         """
-        with self._lock:
-            location = self._cache.get(address)
-            if location is not None:
-                self.hits += 1
-                return location
-        parse_address(address)
-        location = self._resolve(address)
-        with self._lock:
-            self.misses += 1
-            self._cache[address] = location
-        return location
+        return self._cached(address)
 
     def locate_many(self, addresses: Sequence[str]) -> list[Location]:
-        """:meth:`locate` for a whole batch, taking the cache lock once for its hits.
+        """:meth:`locate` for a whole batch, every lookup made from C.
 
-        :raises InvalidAddressError: with ``position`` set to the bad address's index.
+        :raises InvalidAddressError: with ``position`` set to the first bad address's index.
         """
-        with self._lock:
-            found: list[Location | None] = self._hits(addresses)
-        if all(found):  # every one a hit (a location is always true, a miss None)
-            with self._lock:
-                self.hits += len(addresses)
-            return found  # type: ignore[return-value]  # no None in it
-        missing = [position for position, location in enumerate(found) if location is None]
-        resolved = []
-        for position in missing:
+        try:
+            return list(map(self._cached, addresses))
+        except InvalidAddressError:
+            pass
+        for position, address in enumerate(addresses):  # only to say which one
             try:
-                parse_address(addresses[position])
+                parse_address(address)
             except InvalidAddressError as error:
                 error.position = position
                 raise
-            resolved.append(self._resolve(addresses[position]))
-        with self._lock:
-            self.hits += len(addresses) - len(missing)
-            self.misses += len(missing)
-            for position, location in zip(missing, resolved, strict=True):
-                found[position] = self._cache[addresses[position]] = location
-        return found  # type: ignore[return-value]  # every None was filled above
-
-    def _hits(self, addresses: Sequence[str]) -> list[Location | None]:
-        """Each address's cached location or None, every hit made most recent, as
-        the cache's own lookup does; the caller holds the lock."""
-        if self._lru is None:
-            get = self._cache.get
-            return [get(address) for address in addresses]
-        entries, order = self._lru
-        found = list(map(entries.get, addresses))
-        # Every hit in order, in C: a location is always true, a miss (None) false.
-        deque(map(order.move_to_end, compress(addresses, found)), maxlen=0)
-        return found
+        raise AssertionError("an address was refused, then accepted")
 
     def lookup_uncached(self, address: str) -> Location:
         """Like :meth:`locate`, bypassing (and not filling) the cache."""
         parse_address(address)
-        return self._resolve(address)
+        return self._resolver.resolve(address)
 
     def trace(self, address: str) -> Located:
         """Where ``address`` is located and by which address, for `pdp explain` and `pdp geo lookup`.
@@ -204,35 +168,85 @@ class GeoDatabase:
         :raises InvalidAddressError: ``address`` is not a plain IPv4 or IPv6 address.
         """
         parse_address(address)
-        embedded = embedded_ipv4(address, self._forms)
+        resolve = self._resolver.resolve
+        embedded = embedded_ipv4(address, self._resolver.forms)
         if embedded is None:
-            return Located(self._resolve(address), address)
-        return Located(self._resolve(address), embedded[0], embedded[1].name)
+            return Located(resolve(address), address)
+        return Located(resolve(address), embedded[0], embedded[1].name)
+
+    @property
+    def hits(self) -> int:
+        return int(self._cached.cache_info().hits)  # type: ignore[attr-defined]
+
+    @property
+    def misses(self) -> int:
+        """Addresses looked up in the database (refused ones are not)."""
+        return int(self._cached.cache_info().misses) - self._resolver.refused  # type: ignore[attr-defined]
 
     @property
     def cache_entries(self) -> int:
-        return int(self._cache.currsize)
+        return int(self._cached.cache_info().currsize)  # type: ignore[attr-defined]
+
+    @property
+    def lookup_errors(self) -> int:
+        """Broken records met at lookup (each read as an unknown location)."""
+        return self._resolver.lookup_errors
 
     def close(self) -> None:
         """Close the reader at once; calls still using this object will fail. The
         server never calls it: a replaced database is unmapped when the last call
         holding it finishes and drops the reference."""
-        self._reader.close()
+        self._resolver.reader.close()
 
-    def _resolve(self, address: str) -> Location:
+    def __repr__(self) -> str:
+        return f"<GeoDatabase {self.path} type={self.database_type} build={self.build_epoch}>"
+
+
+class _Resolver:
+    """An address's location from the database itself: the cache's miss path."""
+
+    __slots__ = ("forms", "interned", "ipv4_only", "lookup_errors", "reader", "refused", "subdivision_paths")
+
+    def __init__(
+        self,
+        reader: maxminddb_rust.Reader,
+        forms: Forms,
+        ipv4_only: bool,
+        subdivision_paths: Sequence[Sequence[str | int]],
+    ) -> None:
+        self.reader, self.forms, self.ipv4_only = reader, forms, ipv4_only
+        self.subdivision_paths = tuple(subdivision_paths)
+        # Many addresses share a location: keep one object per distinct location.
+        self.interned: dict[tuple[object, ...], Location] = {}
+        self.refused = 0  # addresses that are not addresses: counted by lru_cache as misses
+        self.lookup_errors = 0
+
+    def checked(self, address: str) -> Location:
+        """:meth:`resolve` for an address checked first (never cached when refused).
+
+        :raises InvalidAddressError: ``address`` is not a plain IPv4 or IPv6 address.
+        """
+        try:
+            parse_address(address)
+        except InvalidAddressError:
+            self.refused += 1
+            raise
+        return self.resolve(address)
+
+    def resolve(self, address: str) -> Location:
         if ":" in address:  # only IPv6 may carry an IPv4 address; on a cache miss only
-            embedded = embedded_ipv4(address, self._forms)
+            embedded = embedded_ipv4(address, self.forms)
             if embedded is not None:
                 address = embedded[0]
-            elif self._ipv4_only:
+            elif self.ipv4_only:
                 return UNKNOWN_LOCATION
-        get_path = self._reader.get_path
+        get_path = self.reader.get_path
         try:
             country = get_path(address, COUNTRY)
             if country is None:
                 return UNKNOWN_LOCATION
             key: tuple[object, ...] = (country,)
-            for path in self._subdivision_paths:
+            for path in self.subdivision_paths:
                 code = get_path(address, path)
                 if code is None:
                     break
@@ -246,26 +260,12 @@ class GeoDatabase:
             self.lookup_errors += 1
             return UNKNOWN_LOCATION
         try:
-            location = self._interned.get(key)
+            location = self.interned.get(key)
         except TypeError:  # an unhashable value where a code belongs
             return UNKNOWN_LOCATION
         if location is None:
-            location = self._interned.setdefault(key, _location(key))
+            location = self.interned.setdefault(key, _location(key))
         return location
-
-    def __repr__(self) -> str:
-        return f"<GeoDatabase {self.path} type={self.database_type} build={self.build_epoch}>"
-
-
-def _lru_parts(cache: cachetools.LRUCache[str, Location]) -> tuple[dict[str, Location], OrderedDict[str, None]] | None:
-    """The dict and the recency order inside cachetools' LRUCache, for batches:
-    a hit through its Python methods costs about 1 us, through these C objects a
-    tenth of that, with the same effect. None (use the methods) if a cachetools
-    release keeps them otherwise."""
-    entries, order = getattr(cache, "_Cache__data", None), getattr(cache, "_LRUCache__order", None)
-    if type(entries) is dict and type(order) is OrderedDict and not entries and not order:
-        return entries, order
-    return None
 
 
 def _location(codes: tuple[object, ...]) -> Location:

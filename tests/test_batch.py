@@ -27,8 +27,8 @@ from pdp.batch import Selectors, decide_places
 from pdp.client import Client, Participant
 from pdp.config import ServeConfig
 from pdp.decisions import DecisionPath, Outcome
-from pdp.geo import GeoDatabase
-from pdp.model import UNKNOWN_LOCATION, Action, Location, Meeting
+from pdp.geo import GeoDatabase, InvalidAddressError
+from pdp.model import Action, Location, Meeting
 from pdp.server import start_server
 from pdp.servicer import CHECK_BATCH
 from pdp.state import PolicyHolder
@@ -153,22 +153,32 @@ def test_past_the_limit_the_memo_starts_again_and_answers_the_same(
 
 
 def test_batch_hits_refresh_the_cache_as_single_lookups_do() -> None:
-    """The batch path reads the LRU's own dict and order (a tenth of the cost of its
-    methods); eviction must follow the same recency as single lookups."""
+    """The batch path looks each address up through the same LRU cache, from C;
+    eviction must follow the same recency as single lookups."""
     one, many = GeoDatabase(CITY_DB, cache_size=3), GeoDatabase(CITY_DB, cache_size=3)
-    assert many._lru is not None  # the installed cachetools keeps them where the fast path reads
-    assert all([UNKNOWN_LOCATION, Location("CN")])  # the batch path tells hits from misses (None) by truth
     first, second, third, fourth = "175.16.199.1", "81.2.69.143", "216.160.83.57", "89.160.20.113"
     for geo in (one, many):
         geo.locate_many([first, second, third])
     one.locate(first)
     many.locate_many([first, first])
+    assert (many.hits, many.misses) == (2, 3)
     for geo in (one, many):
         geo.locate(fourth)  # evicts the least recently used: second, not first
-        assert (first in geo._cache, second in geo._cache) == (True, False)
-    assert (many.hits, many.misses) == (2, 4)
+        misses = geo.misses
+        geo.locate(first)
+        assert geo.misses == misses  # still cached
+        geo.locate(second)
+        assert geo.misses == misses + 1  # evicted, looked up again
     assert many.locate_many([second, fourth]) == [Location("GB", ("GB-ENG",)), Location("SE", ("SE-E",))]
-    assert (many.hits, many.misses) == (3, 5)
+    assert (many.cache_entries, many.misses) == (3, 5)
+
+
+def test_a_bad_address_in_a_batch_is_named_by_position_and_never_cached() -> None:
+    geo = GeoDatabase(CITY_DB, cache_size=10)
+    with pytest.raises(InvalidAddressError) as raised:
+        geo.locate_many(["175.16.199.1", "81.2.69.143", "1.2.3", "not an address"])
+    assert raised.value.position == 2
+    assert (geo.cache_entries, geo.misses) == (2, 2)  # refused addresses are not lookups
 
 
 # --------------------------------------------------------------------------- over gRPC, against Check
