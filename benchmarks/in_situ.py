@@ -6,9 +6,10 @@ The closed-loop gap to the floor (``benchmarks.check_floor``) is far larger than
 pdp's code costs when timed in a loop. This says where the rest goes. It starts
 `pdp serve` (10,000 rules, the demo GeoLite2-City, a Unix socket, pinned to the
 server core) with a stage clock installed before the server is built: each stage
-of the Check path (decode, meeting bounds, location, decision, answer, and the
-handler as a whole) is wrapped to add up the *thread* CPU time it takes
-(``CLOCK_THREAD_CPUTIME_ID``), so that waiting, and other threads, never count.
+of the Check path (decode, meeting bounds, location, the decision with its answer,
+from the state's memo (see pdp.batch.decide_place), and the handler as a whole) is
+wrapped to add up the *thread* CPU time it takes (``CLOCK_THREAD_CPUTIME_ID``), so
+that waiting, and other threads, never count.
 The load generator warms every address into the location cache, then drives
 closed loop, 16 in flight. On stop the server writes its totals.
 
@@ -42,10 +43,9 @@ STAGES = {
     "decode": 0,
     "meeting bounds": 0,
     "location": 0,
-    "decision": 0,
-    "answer": 0,
-    "decision path": 4,
-    "handler": 7,
+    "decision and answer": 0,
+    "decision path": 3,
+    "handler": 5,
 }
 _totals: dict[str, list[int]] = {}
 _WORK = {n: n for n in range(64)}
@@ -76,14 +76,12 @@ def _timed(stage: str, function: Callable[..., Any]) -> Callable[..., Any]:
 def install(out: str) -> None:
     """Wrap the Check path's stages (before the server is built) and write the
     totals to ``out`` when the process exits."""
-    from pdp import bounds, decisions, geo, servicer, wire
-    from pdp.rules import evaluate
+    from pdp import batch, bounds, decisions, geo, servicer
 
     # The names as the Check path looks them up: module globals and class attributes.
     setattr(decisions, "checked_meeting", _timed("meeting bounds", bounds.checked_meeting))  # noqa: B010  # not exported
-    setattr(servicer, "encode_check", _timed("answer", wire.encode_check))  # noqa: B010  # not exported
+    setattr(decisions, "decide_place", _timed("decision and answer", batch.decide_place))  # noqa: B010
     setattr(geo.GeoDatabase, "locate", _timed("location", geo.GeoDatabase.locate))  # noqa: B010  # mypy: a method
-    setattr(evaluate.Policy, "decide", _timed("decision", evaluate.Policy.decide))  # noqa: B010
     setattr(decisions.DecisionPath, "check", _timed("decision path", decisions.DecisionPath.check))  # noqa: B010
     decoding = servicer._decoding
 
@@ -128,6 +126,7 @@ def in_the_loop(snapshot: Path, addresses: Sequence[str], rounds: int = 5) -> di
     """The same stages, timed in a tight loop in this process (wall time, one thread)."""
     from pdp import bounds, servicer
     from pdp._proto import admission_pb2 as pb
+    from pdp.batch import decide_place
     from pdp.decisions import DecisionPath
     from pdp.geo import GeoDatabase, demo_database_path
     from pdp.loadtest.run import build_requests
@@ -151,8 +150,7 @@ def in_the_loop(snapshot: Path, addresses: Sequence[str], rounds: int = 5) -> di
         "decode": (pb.CheckRequest.FromString, messages),
         "meeting bounds": (lambda request: bounds.checked_meeting(request.meeting, request.action), requests),
         "location": (geo.locate, addresses),
-        "decision": (lambda location: policy.decide(location, 1, meeting, now), locations),
-        "answer": (lambda place: encode_check(policy.decide(place, 1, meeting, now), place, active), locations),
+        "decision and answer": (lambda place: decide_place(active, place, meeting, 1, now, encode_check), locations),
         "control": (lambda _: control(), addresses),
     }
     measured = {}
@@ -164,8 +162,7 @@ def in_the_loop(snapshot: Path, addresses: Sequence[str], rounds: int = 5) -> di
             for item in items:
                 function(item)
         measured[stage] = (time.perf_counter() - started) / (rounds * len(items)) * 1e6
-    measured["answer"] -= measured["decision"]  # timed with its decision, to answer real decisions
-    measured["decision path"] = sum(measured[stage] for stage in ("meeting bounds", "location", "decision", "answer"))
+    measured["decision path"] = sum(measured[stage] for stage in ("meeting bounds", "location", "decision and answer"))
     return measured
 
 
@@ -205,9 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     looped = in_the_loop(snapshot, addresses)
     print(f"load average {load[0]:.2f} → {load[1]:.2f}; {options.repeats} × {options.seconds:g} s closed loop,"
           " 16 in flight, every address cached first")  # fmt: skip
-    print(f"{'stage':16s} {'in a loop µs':>12s} {'in the server µs':>17s} {'ratio':>6s}")
-    for stage in ("control", "decode", "meeting bounds", "location", "decision", "answer", "decision path", "handler"):
-        print(f"{stage:16s} {looped[stage]:12.2f} {served[stage]:17.2f} {served[stage] / looped[stage]:6.1f}×")
+    print(f"{'stage':19s} {'in a loop µs':>12s} {'in the server µs':>17s} {'ratio':>6s}")
+    for stage in ("control", "decode", "meeting bounds", "location", "decision and answer", "decision path", "handler"):
+        print(f"{stage:19s} {looped[stage]:12.2f} {served[stage]:17.2f} {served[stage] / looped[stage]:6.1f}×")
     return 0
 
 

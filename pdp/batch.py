@@ -30,13 +30,16 @@ if TYPE_CHECKING:
     from pdp.bounds import ParticipantFields
     from pdp.state import Active
 
-__all__ = ["MEMO_LIMIT", "BatchMemo", "ReadParticipants", "Selectors", "decide_places"]
+__all__ = ["MAX_TABLES", "MEMO_LIMIT", "BatchMemo", "ReadParticipants", "Selectors", "decide_place", "decide_places"]
 
 T = TypeVar("T")
 
 # Places remembered per active state, over all its tables; a state that has seen
 # more starts again empty (each table holds at most the database's distinct places).
 MEMO_LIMIT = 50_000
+# Tables per active state (kinds of meeting, actions, presenters, windows); past it, all
+# are forgotten. A safety net: a presenter made per call is never remembered (see decide_place).
+MAX_TABLES = 4096
 Entry = tuple[Decision, Any, Location]  # the decision, the presenter's answer, the place (held: ids stay its)
 Table = dict[int, Entry]
 
@@ -79,7 +82,7 @@ class Selectors:
     def of(cls, policy: Policy) -> Selectors:
         """Every rule's selectors (shadow rules' too: their matches are in the answer),
         whatever index list the rule is filed under. About 6 ms for 10,000 rules, once
-        per active state, on its first batch."""
+        per policy: when it is activated (pdp.state), or by the first call of a state made otherwise."""
         meeting_ids: set[str] = set()
         host_accounts: set[str] = set()
         tags: set[str] = set()
@@ -118,8 +121,10 @@ class BatchMemo:
 
     __slots__ = ("_entries", "_selectors", "_tables")
 
-    def __init__(self) -> None:
-        self._selectors: Selectors | None = None
+    def __init__(self, selectors: Selectors | None = None) -> None:
+        """``selectors``: the policy's, when the activation computed them (off the
+        request path); otherwise the first call computes them."""
+        self._selectors = selectors
         self._tables: dict[tuple[object, ...], tuple[float, float, Table]] = {}
         self._entries = 0
 
@@ -129,9 +134,9 @@ class BatchMemo:
         ``policy`` must be the active state's own (the memo lives on that state).
         """
         selectors = self._selectors
-        if selectors is None:  # once per active state, on its first batch
+        if selectors is None:  # a state not made by PolicyHolder: once, on its first call
             selectors = self._selectors = Selectors.of(policy)
-        if self._entries > MEMO_LIMIT:  # at most one batch's places past the limit
+        if self._entries > MEMO_LIMIT or len(self._tables) > MAX_TABLES:  # at most one batch's places past it
             self._tables, self._entries = {}, 0
         key = (present, *selectors.kind(meeting, action))
         try:
@@ -150,6 +155,32 @@ class BatchMemo:
         places, the next batch finds every table forgotten."""
         self._entries += 1
         table[id(location)] = entry
+
+
+def decide_place(
+    active: Active,
+    location: Location,
+    meeting: Meeting,
+    action: int,
+    now: float,
+    present: Callable[[Decision, Location, Active], T],
+    remember: bool = True,
+) -> tuple[Decision, T, Location]:
+    """:func:`decide_places` for one place: a Check, which the same tables serve, since
+    its decision too depends on nothing but the kind of meeting, the action, the window
+    and the place. ``remember=False``: neither read nor fill the memo (a presenter made
+    for one call would fill a table per call). Never raises on valid input."""
+    if remember:
+        memo = active.batch_memo
+        table = memo.table(active.policy, meeting, action, now, present)
+        entry = table.get(id(location))
+        if entry is not None:
+            return cast(tuple[Decision, T, Location], entry)
+    decision = active.policy.decide(location, action, meeting, now)
+    answer = present(decision, location, active)
+    if remember and type(answer) is bytes:
+        memo.remember(table, location, (decision, answer, location))
+    return decision, answer, location
 
 
 def decide_places(

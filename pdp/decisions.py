@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from opentelemetry.trace import Span, SpanKind
 
-from pdp.batch import ReadParticipants, decide_places
+from pdp.batch import ReadParticipants, decide_place, decide_places
 from pdp.bounds import (
     MAX_ID_LENGTH,
     MeetingFields,
@@ -177,28 +177,32 @@ class DecisionPath:
         endpoint: Endpoint,
         present: Presenter[T],
         active: Active | None = None,
+        remember: bool = True,
     ) -> T:
         """Decide for one participant; returns ``present(decision, location, active)``.
 
         ``active``: the state to decide with, for an adapter that answers
         several calls as one at one policy version (it reads ``holder.active``
-        once); by default the holder's current one.
+        once); by default the holder's current one. ``remember=False`` for a
+        presenter made for this call alone (its answer depends on more than the
+        decision, the place and the state): its answers stay out of the state's
+        memo (see :func:`pdp.batch.decide_place`).
 
         :raises NotReadyError: no policy and database active yet.
         :raises RequestError: a field is missing or out of bounds, or ``ip`` is not an address.
         """
         if not self._observed:
-            return self._decide(ip, user_id, account_id, meeting, action, present, active)
+            return self._decide(ip, user_id, account_id, meeting, action, present, active, remember)[1]
         if self._tracer is None:
             started = time.perf_counter()
-            decision, location, active, result = self._decide_observed(
-                ip, user_id, account_id, meeting, action, endpoint, present, active, started
+            decision, result, location, active = self._decide_observed(
+                ip, user_id, account_id, meeting, action, endpoint, present, active, remember, started
             )
         else:
             with self._tracer.start_as_current_span(endpoint.span_name, kind=SpanKind.SERVER) as span:
                 started = time.perf_counter()
-                decision, location, active, result = self._decide_observed(
-                    ip, user_id, account_id, meeting, action, endpoint, present, active, started
+                decision, result, location, active = self._decide_observed(
+                    ip, user_id, account_id, meeting, action, endpoint, present, active, remember, started
                 )
                 verdict = _VERDICT_NAMES[decision.verdict]
                 span.set_attributes(_span_attributes(endpoint, active, verdict, {"pdp.rule_id": decision.rule_id}))
@@ -215,12 +219,12 @@ class DecisionPath:
         endpoint: Endpoint,
         present: Presenter[T],
         active: Active | None,
+        remember: bool,
         started: float,
-    ) -> tuple[Decision, Location, Active, T]:
-        """:meth:`_decide` and ``present``, with a failure observed as an error."""
+    ) -> tuple[Decision, T, Location, Active]:
+        """:meth:`_decide`, with a failure observed as an error."""
         try:
-            decision, location, active = self._decide(ip, user_id, account_id, meeting, action, _triple, active)
-            return decision, location, active, present(decision, location, active)
+            return self._decide(ip, user_id, account_id, meeting, action, present, active, remember)
         except Exception:
             self._observe_error(endpoint, started)
             raise
@@ -234,7 +238,8 @@ class DecisionPath:
         action: int,
         present: Presenter[T],
         active: Active | None,
-    ) -> T:
+        remember: bool,
+    ) -> tuple[Decision, T, Location, Active]:
         if active is None:
             active = self.holder.active  # read once: one consistent policy and database
             if active is None:
@@ -246,7 +251,8 @@ class DecisionPath:
             location = active.geo.locate(ip)
         except InvalidAddressError as error:
             raise RequestError("participant.ip", str(error)) from None
-        return present(active.policy.decide(location, action, checked, time.time()), location, active)
+        decision, answer, _ = decide_place(active, location, checked, action, time.time(), present, remember)
+        return decision, answer, location, active
 
     # ------------------------------------------------------------------ many participants, one meeting
 
@@ -376,11 +382,6 @@ class DecisionPath:
     def _observe_error(self, endpoint: Endpoint, started: float) -> None:
         if self._telemetry is not None:
             self._telemetry.observe_error(endpoint.label, time.perf_counter() - started)
-
-
-def _triple(decision: Decision, location: Location, active: Active) -> tuple[Decision, Location, Active]:
-    """A presenter keeping what the observation needs, cheaper to make than an :class:`Outcome`."""
-    return decision, location, active
 
 
 def _span_attributes(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pdp.batch import BatchMemo
+from pdp.batch import BatchMemo, Selectors
 from pdp.geo import GeoDatabase
 from pdp.rules import Policy
 
@@ -68,6 +68,7 @@ class PolicyHolder:
         self._write_lock = threading.Lock()
         self._listeners: dict[int, Callable[[Active], None]] = {}
         self._next_listener = 0
+        self._selectors: tuple[Policy, Selectors] | None = None  # the last policy's, kept across database swaps
 
     def activate(self, policy: Policy, geo: GeoDatabase, source: str) -> Active:
         """Make ``policy`` and ``geo`` the active pair."""
@@ -105,7 +106,10 @@ class PolicyHolder:
         if self._policy is None or self._geo is None:
             return None
         policy, source, activated_at = self._policy
-        active = Active(policy, self._geo, source, activated_at)
+        if self._selectors is None or self._selectors[0] is not policy:
+            # Here, on the writer's thread, not on the first request that needs them.
+            self._selectors = (policy, Selectors.of(policy))
+        active = Active(policy, self._geo, source, activated_at, batch_memo=BatchMemo(self._selectors[1]))
         self.active = active
         for listener in list(self._listeners.values()):
             listener(active)

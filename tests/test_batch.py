@@ -10,6 +10,7 @@ server against ``Check`` per participant, on MaxMind's City test database.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from pdp import batch as batch_module
 from pdp._proto import admission_pb2 as pb
-from pdp.batch import Selectors, decide_places
+from pdp.batch import Selectors, decide_place, decide_places
 from pdp.client import Client, Participant
 from pdp.config import ServeConfig
 from pdp.decisions import DecisionPath, Outcome
@@ -32,7 +33,7 @@ from pdp.model import Action, Location, Meeting
 from pdp.server import start_server
 from pdp.servicer import CHECK_BATCH
 from pdp.state import PolicyHolder
-from pdp.wire import batch_addresses, encode_result, varint
+from pdp.wire import batch_addresses, encode_check, encode_result, varint
 
 from .conftest import CITY_DB, policy_from
 from .test_rules_properties import (
@@ -96,6 +97,35 @@ def test_places_decided_from_the_memo_equal_deciding_each(
                 expected = policy.decide(place, action, meeting, now)
                 assert (decision, location) == (expected, place)
                 assert answer == present(expected, place, active)
+        for place in places:  # a Check: the same tables, one place at a time (and gRPC Check's presenter)
+            for present in (encode_check, Outcome):
+                expected = policy.decide(place, action, meeting, now)
+                assert decide_place(active, place, meeting, int(action), now, present) == (
+                    expected, present(expected, place, active), place,
+                )  # fmt: skip
+
+
+def test_a_presenter_made_for_one_call_is_never_remembered(city_db: GeoDatabase) -> None:
+    """Envoy's answer for a client that sent pdp's own headers is made for that call
+    (it removes them): remembered, it would fill a table per call."""
+    active = PolicyHolder().activate(policy_from(CN_ONLY), city_db, "test.yaml")
+    cn, meeting = Location("CN"), Meeting("m-1")
+    for _ in range(3):
+        fresh = functools.partial(encode_check)  # a new presenter each call, as Envoy's
+        assert decide_place(active, cn, meeting, 1, T0, fresh, remember=False)[0].rule_id == "cn"
+    assert active.batch_memo._tables == {}
+    decide_place(active, cn, meeting, 1, T0, encode_check)
+    assert len(active.batch_memo._tables) == 1
+
+
+def test_past_the_table_bound_every_table_is_forgotten(city_db: GeoDatabase, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch_module, "MAX_TABLES", 2)
+    active = PolicyHolder().activate(policy_from(CN_ONLY), city_db, "test.yaml")
+    for _ in range(3):  # three presenters: three tables, then the bound
+        assert decide_place(active, Location("CN"), Meeting("m-1"), 1, T0, functools.partial(encode_check))[0].rule_id
+    assert len(active.batch_memo._tables) == 3
+    decide_place(active, Location("CN"), Meeting("m-1"), 1, T0, encode_check)
+    assert len(active.batch_memo._tables) == 1
 
 
 def test_a_window_opening_changes_the_answer_at_once(city_db: GeoDatabase) -> None:

@@ -84,7 +84,7 @@ class AuthorizationServicer:
         try:
             return self._path.check(
                 admission.ip, admission.user_id, admission.account_id, admission, int(admission.action),
-                endpoint=CHECK, present=present,
+                endpoint=CHECK, present=present, remember=not client_sent,  # a fresh answer is this call's alone
             )  # fmt: skip
         except NotReadyError as error:
             _abort(context, grpc.StatusCode.UNAVAILABLE, str(error))
