@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -105,9 +106,15 @@ def test_withdrawn_chinese_codes_name_the_same_province_as_maxmind() -> None:
 # --------------------------------------------------------------------------- the demo GeoLite2-City, every record
 
 
-@pytest.fixture(scope="module")
-def demo_codes() -> tuple[set[str], set[str], set[str]]:
-    """(countries, subdivisions, country of any record) in every record of the demo database."""
+# The demo database's codes, as a scan of every record found them; valid for the bytes
+# whose SHA-256 it names (`python -m tests.test_iso3166` writes it again).
+RECORDED_CODES = ROOT / "tests" / "data" / "demo-database-codes.json"
+Codes = tuple[set[str], set[str], set[str]]
+
+
+def _scan_demo() -> Codes:
+    """(countries, subdivisions, country of any record) in every record of the demo
+    database: it decodes all of 3.6 M nodes, about a minute."""
     countries: set[str] = set()
     subdivisions: set[str] = set()
     any_country: set[str] = set()
@@ -127,11 +134,32 @@ def demo_codes() -> tuple[set[str], set[str], set[str]]:
     return countries, subdivisions, any_country | countries
 
 
-# The scan decodes every record of 3.6 M nodes: about 40 s alone, several times that on a
-# loaded machine, so these two get more than the suite's 120 s.
+def _demo_sha256() -> str:
+    return hashlib.sha256(demo_database_path().read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo_codes() -> Codes:
+    """The recorded scan when the installed demo database is the one it was made from
+    (a scan depends on the bytes alone), otherwise a scan now."""
+    recorded = json.loads(RECORDED_CODES.read_text(encoding="utf-8"))
+    if recorded["database_sha256"] == _demo_sha256():
+        return set(recorded["countries"]), set(recorded["subdivisions"]), set(recorded["any_country"])
+    return _scan_demo()
+
+
+def test_the_recorded_codes_name_the_database_they_came_from() -> None:
+    recorded = json.loads(RECORDED_CODES.read_text(encoding="utf-8"))
+    assert len(recorded["database_sha256"]) == 64
+    assert set(recorded) == {"about", "database_sha256", "countries", "subdivisions", "any_country"}
+    assert all(recorded[key] == sorted(set(recorded[key])) for key in ("countries", "subdivisions", "any_country"))
+
+
+# A scan (a different demo database) decodes every record of 3.6 M nodes: about 40 s
+# alone, several times that on a loaded machine, so these two get more than the suite's 120 s.
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_every_code_in_the_demo_database_is_accepted(demo_codes: tuple[set[str], set[str], set[str]]) -> None:
+def test_every_code_in_the_demo_database_is_accepted(demo_codes: Codes) -> None:
     countries, subdivisions, any_country = demo_codes
     assert len(countries) > 240  # the whole database was read
     assert len(subdivisions) > 4000
@@ -143,11 +171,22 @@ def test_every_code_in_the_demo_database_is_accepted(demo_codes: tuple[set[str],
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_codes_refused_as_countries_are_countries_in_geoip_data(
-    demo_codes: tuple[set[str], set[str], set[str]],
-) -> None:
+def test_codes_refused_as_countries_are_countries_in_geoip_data(demo_codes: Codes) -> None:
     countries, subdivisions, _ = demo_codes
     assert set(AS_COUNTRIES) <= set(TABLE["subdivisions"]), "each is listed by ISO 3166-2"
     assert set(AS_COUNTRIES) & subdivisions == set(), "GeoIP data never returns them as subdivisions"
     assert {target for target, _ in AS_COUNTRIES.values()} <= countries, "it returns their own country codes"
     assert set(WITHDRAWN_SUBDIVISIONS) & subdivisions == set(), "nor the withdrawn numeric CN codes"
+
+
+if __name__ == "__main__":  # python -m tests.test_iso3166: record the demo database's codes again
+    countries, subdivisions, any_country = _scan_demo()
+    document = {
+        "about": "every code in the demo database's records; written by python -m tests.test_iso3166",
+        "database_sha256": _demo_sha256(),
+        "countries": sorted(countries),
+        "subdivisions": sorted(subdivisions),
+        "any_country": sorted(any_country),
+    }
+    RECORDED_CODES.write_text(json.dumps(document, indent=0) + "\n", encoding="utf-8")
+    print(f"{RECORDED_CODES}: {len(countries)} countries, {len(subdivisions)} subdivisions")
