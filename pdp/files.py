@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -57,7 +58,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     :raises OSError: the folder cannot be created or written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path))
+    # The writer's pid in the name: workers of --processes N share a state directory.
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{_temporary_prefix(path)}{os.getpid()}.")
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
@@ -77,16 +79,39 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def remove_temporaries(path: Path) -> list[Path]:
     """Remove the temporary files :func:`atomic_write` left for ``path`` when it was
-    killed before its rename. Returns what was removed.
+    killed before its rename; one whose writer still runs (another worker sharing the
+    directory, mid-write) is kept. Returns what was removed.
 
     :raises OSError: the folder cannot be listed or a file removed.
     """
+    # PREFIX + [pid.] + mkstemp's 8 characters; the pid is missing from older names.
+    name = re.compile(rf"{re.escape(_temporary_prefix(path))}(?:(\d+)\.)?[a-z0-9_]{{8}}")
     removed = []
     for candidate in path.parent.glob(f"{_temporary_prefix(path)}*"):
-        if stat.S_ISREG(candidate.lstat().st_mode):
-            candidate.unlink()
-            removed.append(candidate)
+        found = name.fullmatch(candidate.name)
+        if found is None or not stat.S_ISREG(candidate.lstat().st_mode):
+            continue  # another file's temporary (``snapshot.meta.json``'s for ``snapshot``), or not a file
+        if found.group(1) is not None and _running(int(found.group(1))):
+            continue
+        candidate.unlink()
+        removed.append(candidate)
     return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a running process other than this one (a pid of this
+    process in a leftover name is a previous process that had the same pid)."""
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # running, as another user
+        return True
+    except OverflowError:  # no such pid can exist
+        return False
+    return True
 
 
 def _not_private(path: Path, status: os.stat_result, advice: str | None = None) -> str:

@@ -552,13 +552,21 @@ def test_temporary_files_left_by_a_kill_are_removed_at_start(tmp_path: Path, sid
     rules.write_bytes(V2)
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    # What atomic_write leaves when the process is killed between mkstemp and rename.
-    left = [Path(tempfile.mkstemp(dir=state, prefix=f".{name}.")[1]) for name in ("snapshot", "snapshot.meta.json")]
+    # What atomic_write leaves when the process is killed between mkstemp and rename,
+    # named with the writer's pid (a process that has exited) and, from older releases, without.
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    left = [Path(tempfile.mkstemp(dir=state, prefix=f".{name}.{pid}")[1])
+            for name in ("snapshot", "snapshot.meta.json") for pid in (f"{dead}.", "")]  # fmt: skip
+    # A sibling worker sharing the directory, mid-write: this test's process is running.
+    writing = Path(tempfile.mkstemp(dir=state, prefix=f".snapshot.{os.getpid()}.")[1])
     other = state / "notes.txt"
     other.write_text("not pdp's")
     sidecar = sidecars("--snapshot", str(rules), "--state-dir", str(state))
     assert "policy version 2" in sidecar.banner, sidecar.banner + sidecar.stop()
     assert [path for path in left if path.exists()] == []
+    assert writing.exists()
+    writing.unlink()
     assert other.exists()
     # "snapshots": the activated ones, kept for replays (pdp.archive)
     assert sorted(path.name for path in state.iterdir()) == ["notes.txt", "snapshot", "snapshot.meta.json", "snapshots"]
