@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,8 @@ def recheck(client: Client, meetings: dict[str, Any]) -> None:
             if not result.allowed:
                 print(
                     f"  remove {person.user_id or person.ip} from {meeting_id}: {result.rule_id} - {result.reason} "
-                    f"({result.legal_basis}; located in {result.location.country})"
+                    f"({result.legal_basis}; located in {result.location.country})",
+                    flush=True,
                 )
 
 
@@ -54,24 +57,40 @@ def main() -> int:
     parser.add_argument("--once", action="store_true", help="stop after the first event (for trying it)")
     options = parser.parse_args()
     meetings = json.loads(options.meetings.read_text())
-    try:
-        return follow(options.target, meetings, once=options.once)
-    except KeyboardInterrupt:  # Ctrl-C is how a run without --once ends
-        return 130
+    # Ctrl-C only sets a flag: a KeyboardInterrupt raised wherever the main thread is
+    # (inside grpc's own waits and locks) can leave the channel unable to close. The
+    # stream is followed on a thread of its own; this one waits, then closes the channel.
+    interrupted: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))  # takes no lock
+    result: list[int] = []
+    with Client(options.target, timeout=5) as client:
+        follower = threading.Thread(
+            target=lambda: result.append(follow(client, meetings, once=options.once, stopping=interrupted)),
+            name="recheck-follower",
+            daemon=True,
+        )
+        follower.start()
+        while follower.is_alive() and not interrupted:
+            time.sleep(0.1)  # how soon Ctrl-C is noticed; not synchronisation
+    follower.join(timeout=10)  # closing the channel cancelled its stream
+    return 130 if interrupted else (result[0] if result else 1)
 
 
-def follow(target: str, meetings: dict[str, Any], *, once: bool) -> int:
-    with Client(target, timeout=5) as client:
-        while True:
-            try:
-                for event in client.watch_policy():
-                    print(f"policy version {event.policy_version} active: re-checking {len(meetings)} meetings")
-                    recheck(client, meetings)
-                    if once:
-                        return 0
-            except grpc.RpcError as error:
-                print(f"sidecar unavailable ({error.code().name if isinstance(error, grpc.Call) else error}); retrying")
-                time.sleep(1)  # reconnect pacing for a human-facing example, not synchronisation
+def follow(client: Client, meetings: dict[str, Any], *, once: bool, stopping: list[int]) -> int:
+    while not stopping:
+        try:
+            for event in client.watch_policy():
+                print(f"policy version {event.policy_version} active: re-checking {len(meetings)} meetings", flush=True)
+                recheck(client, meetings)
+                if once:
+                    return 0
+        except grpc.RpcError as error:
+            if stopping:
+                break  # the channel was closed on Ctrl-C
+            code = error.code().name if isinstance(error, grpc.Call) else error
+            print(f"sidecar unavailable ({code}); retrying", flush=True)
+            time.sleep(1)  # reconnect pacing for a human-facing example, not synchronisation
+    return 130
 
 
 if __name__ == "__main__":
