@@ -18,6 +18,12 @@ SERVER_CORE, CLIENT_CORE = 0, 1
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU of process ``pid`` (all threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def pinned(core: int, argv: Sequence[str]) -> list[str]:
     """argv run on one core (when the machine has more than one)."""
     return ["taskset", "-c", str(core), *argv] if (os.cpu_count() or 1) > 1 else list(argv)
@@ -55,8 +61,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User plus system CPU of the process (all threads) so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        return cpu_seconds(self.process.pid)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

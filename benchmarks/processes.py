@@ -41,12 +41,12 @@ from typing import Any
 
 import grpc
 
+from benchmarks.harness import ROOT, cpu_seconds
 from pdp._proto import admission_pb2 as pb
 from pdp._proto import admission_pb2_grpc as pb_grpc
 from pdp.loadtest.h2 import grpc_message
 from pdp.loadtest.run import DEFAULT_ADDRESSES, LoadSettings, build_requests, run
 
-ROOT = Path(__file__).resolve().parent.parent
 CITY_DB = ROOT / "tests" / "data" / "maxmind" / "test-data" / "GeoIP2-City-Test.mmdb"
 RULES = """\
 version: 1
@@ -57,14 +57,7 @@ rules:
     meetings: {tags: [memorial]}
     legal_basis: Order 17/2020
 """
-_TICKS = os.sysconf("SC_CLK_TCK")
 CHECK_PATH = "/pdp.v1.AdmissionService/Check"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU of one process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 class Served:

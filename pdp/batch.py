@@ -128,6 +128,11 @@ class BatchMemo:
         self._tables: dict[tuple[object, ...], tuple[float, float, Table]] = {}
         self._entries = 0
 
+    @property
+    def selectors(self) -> Selectors | None:
+        """The policy's selectors, once computed (None before, for a state made without them)."""
+        return self._selectors
+
     def table(self, policy: Policy, meeting: Meeting, action: int, now: float, present: Callable[..., Any]) -> Table:
         """The table for this kind of meeting, ``action``, presenter and ``now``.
 

@@ -68,7 +68,6 @@ class PolicyHolder:
         self._write_lock = threading.Lock()
         self._listeners: dict[int, Callable[[Active], None]] = {}
         self._next_listener = 0
-        self._selectors: tuple[Policy, Selectors] | None = None  # the last policy's, kept across database swaps
 
     def activate(self, policy: Policy, geo: GeoDatabase, source: str) -> Active:
         """Make ``policy`` and ``geo`` the active pair."""
@@ -106,10 +105,12 @@ class PolicyHolder:
         if self._policy is None or self._geo is None:
             return None
         policy, source, activated_at = self._policy
-        if self._selectors is None or self._selectors[0] is not policy:
-            # Here, on the writer's thread, not on the first request that needs them.
-            self._selectors = (policy, Selectors.of(policy))
-        active = Active(policy, self._geo, source, activated_at, batch_memo=BatchMemo(self._selectors[1]))
+        previous = self.active
+        if previous is not None and previous.policy is policy:  # a database swap: the same rules
+            selectors = previous.batch_memo.selectors
+        else:  # here, on the writer's thread, not on the first request that needs them
+            selectors = Selectors.of(policy)
+        active = Active(policy, self._geo, source, activated_at, batch_memo=BatchMemo(selectors))
         self.active = active
         for listener in list(self._listeners.values()):
             listener(active)
