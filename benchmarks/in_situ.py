@@ -6,8 +6,9 @@ The closed-loop gap to the floor (``benchmarks.check_floor``) is far larger than
 pdp's code costs when timed in a loop. This says where the rest goes. It starts
 `pdp serve` (10,000 rules, the demo GeoLite2-City, a Unix socket, pinned to the
 server core) with a stage clock installed before the server is built: each stage
-of the Check path (decode, meeting bounds, location, the decision with its answer,
-from the state's memo (see pdp.batch.decide_place), and the handler as a whole) is
+of the Check path (decode, the meeting from the memo of meetings by their bytes
+(see pdp.wire.MeetingMemo), its bounds, location, the decision with its answer, from
+the state's memo (see pdp.batch.decide_place), and the handler as a whole) is
 wrapped to add up the *thread* CPU time it takes (``CLOCK_THREAD_CPUTIME_ID``), so
 that waiting, and other threads, never count.
 The load generator warms every address into the location cache, then drives
@@ -32,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from benchmarks import inprocess
 from benchmarks.harness import Server, run_load
@@ -41,11 +42,12 @@ _clock = time.thread_time_ns
 # Stage: the clocks nested inside it (taken off with its own). Leaves first.
 STAGES = {
     "decode": 0,
+    "meeting memo": 0,
     "meeting bounds": 0,
     "location": 0,
     "decision and answer": 0,
     "decision path": 3,
-    "handler": 5,
+    "handler": 8,  # the six above, the control and the clock's own measure
 }
 _totals: dict[str, list[int]] = {}
 _WORK = {n: n for n in range(64)}
@@ -76,27 +78,19 @@ def _timed(stage: str, function: Callable[..., Any]) -> Callable[..., Any]:
 def install(out: str) -> None:
     """Wrap the Check path's stages (before the server is built) and write the
     totals to ``out`` when the process exits."""
-    from pdp import batch, bounds, decisions, geo, servicer
+    from pdp import batch, bounds, decisions, geo, servicer, wire
 
     # The names as the Check path looks them up: module globals and class attributes.
+    setattr(servicer, "check_parts", _timed("decode", wire.check_parts))  # noqa: B010  # mypy: a module's name
+    setattr(wire.MeetingMemo, "meeting", _timed("meeting memo", wire.MeetingMemo.meeting))  # noqa: B010
     setattr(decisions, "checked_meeting", _timed("meeting bounds", bounds.checked_meeting))  # noqa: B010  # not exported
     setattr(decisions, "decide_place", _timed("decision and answer", batch.decide_place))  # noqa: B010
     setattr(geo.GeoDatabase, "locate", _timed("location", geo.GeoDatabase.locate))  # noqa: B010  # mypy: a method
     setattr(decisions.DecisionPath, "check", _timed("decision path", decisions.DecisionPath.check))  # noqa: B010
-    decoding = servicer._decoding
-
-    def timed_decoding(method: Callable[..., bytes], message: Any) -> Callable[..., bytes]:
-        if message.DESCRIPTOR.name != "CheckRequest":
-            return decoding(method, message)
-        clocked = type("Clocked", (), {"FromString": staticmethod(_timed("decode", message.FromString)),
-                                       "DESCRIPTOR": message.DESCRIPTOR})  # fmt: skip
-        return _timed("handler", decoding(method, clocked))
-
-    servicer._decoding = timed_decoding
     control_total, clock_total = _totals.setdefault("control", [0, 0]), _totals.setdefault("clock", [0, 0])
-    check = servicer.AdmissionServicer.Check
+    check = servicer.AdmissionServicer.check_encoded
 
-    def with_control(self: Any, request: Any, context: Any) -> bytes:
+    def with_control(self: Any, data: bytes, context: Any) -> bytes:
         started = _clock()
         clock_total[0] += _clock() - started
         clock_total[1] += 1
@@ -104,9 +98,9 @@ def install(out: str) -> None:
         control()
         control_total[0] += _clock() - started
         control_total[1] += 1
-        return check(self, request, context)
+        return check(self, data, context)
 
-    setattr(servicer.AdmissionServicer, "Check", with_control)  # noqa: B010
+    setattr(servicer.AdmissionServicer, "check_encoded", _timed("handler", with_control))  # noqa: B010
     atexit.register(lambda: Path(out).write_text(json.dumps(_totals)))
     # SIGUSR1: the totals so far (the warm-up's), to be taken off the final ones.
     signal.signal(signal.SIGUSR1, lambda *_: Path(out + ".warm").write_text(json.dumps(_totals)))
@@ -124,7 +118,7 @@ def _per_call(totals: dict[str, list[int]]) -> dict[str, float]:
 
 def in_the_loop(snapshot: Path, addresses: Sequence[str], rounds: int = 5) -> dict[str, float]:
     """The same stages, timed in a tight loop in this process (wall time, one thread)."""
-    from pdp import bounds, servicer
+    from pdp import bounds, servicer, wire
     from pdp._proto import admission_pb2 as pb
     from pdp.batch import decide_place
     from pdp.decisions import DecisionPath
@@ -137,18 +131,19 @@ def in_the_loop(snapshot: Path, addresses: Sequence[str], rounds: int = 5) -> di
     geo, policy, holder = GeoDatabase(demo_database_path()), parse_policy(snapshot.read_bytes()), PolicyHolder()
     active = holder.activate(policy, geo, "loop")
     path = DecisionPath(holder, None, None, None)
-    method = servicer.encoded_unary(servicer.AdmissionServicer(path, 1000, 4).Check, pb.CheckRequest).unary_unary
-    assert method is not None
-    handler: Callable[[bytes, Any], bytes] = method
+    handler = servicer.AdmissionServicer(path, 1000, 4).check_encoded
     messages = [request.SerializeToString() for request in build_requests(addresses, 0)]
-    requests = [pb.CheckRequest.FromString(message) for message in messages]
-    meeting = bounds.checked_meeting(requests[0].meeting, requests[0].action)
+    parts = [wire.check_parts(message) for message in messages]
+    meeting_bytes = [part[1] for part in parts if part is not None]
+    memo = wire.MeetingMemo()
+    meeting = bounds.checked_meeting(pb.Meeting.FromString(meeting_bytes[0]), 1)
     locations = [geo.locate(address) for address in addresses]
     now = time.time()
     stages: dict[str, tuple[Callable[[Any], Any], Sequence[Any]]] = {
-        "handler": (lambda message: handler(message, None), messages),
-        "decode": (pb.CheckRequest.FromString, messages),
-        "meeting bounds": (lambda request: bounds.checked_meeting(request.meeting, request.action), requests),
+        "handler": (lambda message: handler(message, cast(Any, None)), messages),
+        "decode": (wire.check_parts, messages),
+        "meeting memo": (memo.meeting, meeting_bytes),
+        "meeting bounds": (lambda _: bounds.checked_meeting(meeting, 1), addresses),
         "location": (geo.locate, addresses),
         "decision and answer": (lambda place: decide_place(active, place, meeting, 1, now, encode_check), locations),
         "control": (lambda _: control(), addresses),
@@ -203,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"load average {load[0]:.2f} → {load[1]:.2f}; {options.repeats} × {options.seconds:g} s closed loop,"
           " 16 in flight, every address cached first")  # fmt: skip
     print(f"{'stage':19s} {'in a loop µs':>12s} {'in the server µs':>17s} {'ratio':>6s}")
-    for stage in ("control", "decode", "meeting bounds", "location", "decision and answer", "decision path", "handler"):
+    for stage in ("control", *STAGES):
         print(f"{stage:19s} {looped[stage]:12.2f} {served[stage]:17.2f} {served[stage] / looped[stage]:6.1f}×")
     return 0
 

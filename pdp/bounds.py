@@ -9,7 +9,7 @@ uses, so a bound is the same whatever the protocol.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Protocol
+from typing import Protocol, cast
 
 from pdp.errors import PdpError
 from pdp.model import Action, Meeting
@@ -116,41 +116,30 @@ def checked_meeting(meeting: MeetingFields, action: int) -> Meeting:
 
     :raises RequestError: the first bound the meeting or the action breaks.
     """
-    if isinstance(meeting, Meeting):
-        return _checked_model(meeting, action)
+    model = isinstance(meeting, Meeting)  # as pdp.wire.MeetingMemo hands them: checked again, nothing made
     meeting_id, host_account_id, given = meeting.meeting_id, meeting.host_account_id, meeting.tags
+    count = len(given)
     # A protobuf field makes a new str each time it is read: read the tags once,
     # into the set the decision needs, and bound their lengths there.
-    tags = frozenset(given) if len(given) <= MAX_TAGS else frozenset()
-    # One expression for the common case; the bound functions name a problem.
+    tags = given if model else frozenset(given) if count <= MAX_TAGS else frozenset()
+    # One expression for the common case, in this frame (a call costs in a loaded
+    # server); the bound functions name a problem.
     if not (
         meeting_id
         and action in _VALID_ACTIONS
         and len(meeting_id) <= MAX_ID_LENGTH
         and len(host_account_id) <= MAX_ID_LENGTH
-        and len(given) <= MAX_TAGS
+        and count <= MAX_TAGS
         and (not tags or max(map(len, tags)) <= MAX_TAG_LENGTH)
     ):
         _refuse_meeting(meeting_id, host_account_id, given, action)
+    if model:
+        return cast(Meeting, meeting)
     made = _new(Meeting)  # what Meeting(...) makes, without the frozen dataclass's slower __init__
     _set_meeting_id(made, meeting_id)
     _set_host_account_id(made, host_account_id)
     _set_tags(made, tags)
     return made
-
-
-def _checked_model(meeting: Meeting, action: int) -> Meeting:
-    meeting_id, host_account_id, tags = meeting.meeting_id, meeting.host_account_id, meeting.tags
-    if not (
-        meeting_id
-        and action in _VALID_ACTIONS
-        and len(meeting_id) <= MAX_ID_LENGTH
-        and len(host_account_id) <= MAX_ID_LENGTH
-        and len(tags) <= MAX_TAGS
-        and (not tags or max(map(len, tags)) <= MAX_TAG_LENGTH)
-    ):
-        _refuse_meeting(meeting_id, host_account_id, tags, action)
-    return meeting
 
 
 _new = object.__new__

@@ -195,39 +195,27 @@ class DecisionPath:
             return self._decide(ip, user_id, account_id, meeting, action, present, active, remember)[1]
         if self._tracer is None:
             started = time.perf_counter()
-            decision, result, location, active = self._decide_observed(
-                ip, user_id, account_id, meeting, action, endpoint, present, active, remember, started
-            )
+            try:  # here, not in a helper both branches call: a frame costs in a loaded server
+                decision, result, location, active = self._decide(
+                    ip, user_id, account_id, meeting, action, present, active, remember
+                )
+            except Exception:
+                self._observe_error(endpoint, started)
+                raise
         else:
             with self._tracer.start_as_current_span(endpoint.span_name, kind=SpanKind.SERVER) as span:
                 started = time.perf_counter()
-                decision, result, location, active = self._decide_observed(
-                    ip, user_id, account_id, meeting, action, endpoint, present, active, remember, started
-                )
+                try:
+                    decision, result, location, active = self._decide(
+                        ip, user_id, account_id, meeting, action, present, active, remember
+                    )
+                except Exception:
+                    self._observe_error(endpoint, started)
+                    raise
                 verdict = _VERDICT_NAMES[decision.verdict]
                 span.set_attributes(_span_attributes(endpoint, active, verdict, {"pdp.rule_id": decision.rule_id}))
         self._record_one(endpoint, started, decision, location, active, action, meeting, ip, user_id, account_id)
         return result
-
-    def _decide_observed(
-        self,
-        ip: str,
-        user_id: str,
-        account_id: str,
-        meeting: MeetingFields,
-        action: int,
-        endpoint: Endpoint,
-        present: Presenter[T],
-        active: Active | None,
-        remember: bool,
-        started: float,
-    ) -> tuple[Decision, T, Location, Active]:
-        """:meth:`_decide`, with a failure observed as an error."""
-        try:
-            return self._decide(ip, user_id, account_id, meeting, action, present, active, remember)
-        except Exception:
-            self._observe_error(endpoint, started)
-            raise
 
     def _decide(
         self,
