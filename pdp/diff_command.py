@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from pdp.commands.keys import add_pubkey_option, trusted_keys
 
 EXIT_EQUAL, EXIT_DIFFERENT, EXIT_ERROR = 0, 1, 2
 
@@ -33,12 +34,7 @@ def add_parser(snapshot_commands: Any) -> None:
     )
     parser.add_argument("old", help="the snapshot in force (YAML, JSON or a signed envelope)")
     parser.add_argument("new", help="the candidate snapshot")
-    parser.add_argument(
-        "--pubkey",
-        action="append",
-        metavar="FILE",
-        help="verify signed envelopes with this Ed25519 public key (repeatable) [env PDP_SNAPSHOT_PUBKEY]",
-    )
+    add_pubkey_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.set_defaults(handler=cmd_snapshot_diff)
 
@@ -49,11 +45,10 @@ def cmd_snapshot_diff(options: argparse.Namespace) -> int:
     from pdp.rules import MAX_SNAPSHOT_BYTES
     from pdp.signing import SignatureError, TrustedKeys, is_envelope
 
-    key_files = options.pubkey or [p.strip() for p in os.environ.get("PDP_SNAPSHOT_PUBKEY", "").split(",") if p.strip()]
     try:
-        keys = TrustedKeys.from_files(key_files)
+        keys = trusted_keys(options.pubkey)
     except SignatureError as error:
-        print(f"pdp: --pubkey: {error}", file=sys.stderr)
+        print(f"pdp: {error}", file=sys.stderr)
         return EXIT_ERROR
     policies = []
     unverified = []

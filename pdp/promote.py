@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from pdp.commands.keys import add_pubkey_option, trusted_keys
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -57,12 +58,7 @@ def add_parser(snapshot_commands: Any) -> None:
     parser.add_argument("--active", metavar="URL", help="where to read the active version (default: the first --to)")
     parser.add_argument("--version", type=int, metavar="N", help="publish as version N (default: active + 1)")
     parser.add_argument("--key", metavar="PRIVATE_KEY", help="sign with this PEM private key")
-    parser.add_argument(
-        "--pubkey",
-        action="append",
-        metavar="FILE",
-        help="verify the candidate and the active snapshot with this public key (repeatable) [env PDP_SNAPSHOT_PUBKEY]",
-    )
+    add_pubkey_option(parser, "the candidate and the active snapshot")
     parser.add_argument("--no-notify", action="store_true", help="redis: store without the pub/sub notice")
     parser.set_defaults(handler=cmd_snapshot_promote)
 
@@ -113,13 +109,12 @@ def _promote(options: argparse.Namespace) -> list[str]:
 
 
 def _keys(files: list[str] | None) -> TrustedKeys:
-    from pdp.signing import SignatureError, TrustedKeys
+    from pdp.signing import SignatureError
 
-    names = files or [p.strip() for p in os.environ.get("PDP_SNAPSHOT_PUBKEY", "").split(",") if p.strip()]
     try:
-        return TrustedKeys.from_files(names)
+        return trusted_keys(files)
     except SignatureError as error:
-        raise PromoteError(f"--pubkey: {error}") from None
+        raise PromoteError(str(error)) from None
 
 
 def _fetch(where: str) -> bytes:

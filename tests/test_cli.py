@@ -421,3 +421,31 @@ def test_a_bug_is_not_reported_as_bad_input(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setattr(cli, "cmd_keygen", buggy)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["keygen", "--out", str(tmp_path / "k")])
+
+
+@pytest.mark.parametrize("via", ["flag", "env"])
+def test_every_command_that_verifies_names_a_bad_pubkey_the_same_way(
+    tmp_path: Path, rules_file: Path, via: str
+) -> None:
+    """snapshot diff, promote and impact share one --pubkey (pdp/commands/keys.py):
+    a key file that is missing, given as --pubkey or in PDP_SNAPSHOT_PUBKEY, is
+    refused with exit 2 and one message naming the option and the file."""
+    missing = tmp_path / "missing.pem"
+    log = tmp_path / "audit.log"
+    log.write_text("")
+    commands = {
+        "diff": ["snapshot", "diff", str(rules_file), str(rules_file)],
+        "promote": ["snapshot", "promote", str(rules_file), "--to", f"file://{tmp_path}/out.yaml"],
+        "impact": ["snapshot", "impact", str(rules_file), "--audit-log", str(log)],
+    }
+    for name, arguments in commands.items():
+        if via == "flag":
+            result = run(*arguments, "--pubkey", str(missing), env={"PDP_SNAPSHOT_PUBKEY": ""})
+        else:
+            result = run(*arguments, env={"PDP_SNAPSHOT_PUBKEY": f" {missing} ,"})
+        assert result.returncode == 2, (name, result.stderr)
+        assert result.stderr.startswith(f"pdp: --pubkey: {missing}: not a readable PEM public key"), (
+            name,
+            result.stderr,
+        )
+    assert not (tmp_path / "out.yaml").exists()

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdp.commands.keys import add_pubkey_option, trusted_keys
+
 if TYPE_CHECKING:
     from pdp.impact.report import Inputs
     from pdp.impact.snapshots import SnapshotFinder
@@ -64,12 +66,7 @@ def add_parser(snapshot_commands: Any) -> None:
         help="the key the log was pseudonymised with: host_accounts selectors are pseudonymised with it to "
         "match the log [env PDP_AUDIT_HMAC_KEY_FILE]",
     )
-    parser.add_argument(
-        "--pubkey",
-        action="append",
-        metavar="FILE",
-        help="verify signed envelopes with this Ed25519 public key (repeatable) [env PDP_SNAPSHOT_PUBKEY]",
-    )
+    add_pubkey_option(parser)
     parser.add_argument("--since", metavar="TIME", help="only records at or after this time (RFC 3339)")
     parser.add_argument("--until", metavar="TIME", help="only records before this time (RFC 3339)")
     parser.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
@@ -135,13 +132,12 @@ def _run(options: argparse.Namespace) -> int:
 
 
 def _keys(files: list[str] | None) -> TrustedKeys:
-    from pdp.signing import SignatureError, TrustedKeys
+    from pdp.signing import SignatureError
 
-    names = files or [p.strip() for p in os.environ.get("PDP_SNAPSHOT_PUBKEY", "").split(",") if p.strip()]
     try:
-        return TrustedKeys.from_files(names)
+        return trusted_keys(files)
     except SignatureError as error:
-        raise _RefusedError(f"--pubkey: {error}") from None
+        raise _RefusedError(str(error)) from None
 
 
 def _hmac_key(name: str | None) -> bytes:
