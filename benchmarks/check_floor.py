@@ -1,6 +1,6 @@
 """pdp's Check against the floor, both floors, side by side in one run (issue 18's first target).
 
-    python -m benchmarks.check_floor [--repeats 5] [--seconds 4] [--share 0.5] [--out DIR]
+    python -m benchmarks.check_floor [--repeats 5] [--seconds 4] [--share 0.5] [--out DIR] [--baseline TREE]
 
 Starts three servers on Unix sockets, each pinned to the server core: the bare
 floor (``floor_server --mode sync``), the floor built exactly like `pdp serve`
@@ -14,6 +14,11 @@ shared machine's drift hits them alike:
 1. closed loop, 16 calls in flight: each server's maximum (median of the repeats);
 2. open loop at ``--share`` of the bare floor's maximum, the same rate for all three:
    p50 and p99 from each call's intended send time (median of the repeats).
+
+``--baseline TREE`` adds a fourth server, `pdp serve` run from another checkout
+(``git worktree add /tmp/old main``): its own ``pdp`` package, this one's
+interpreter and packages, so that a change is measured against the code before it in
+the same run, interleaved like the rest, and pdp/baseline is printed too.
 
 Prints the ratios pdp/floor against both floors and writes them, with every run,
 to ``results/<date>-<HHMM>-check-floor.{json,md}``. Every server first answers one
@@ -38,15 +43,19 @@ from benchmarks.harness import Server, machine_facts, pdp_serve, run_load
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVERS = ("floor", "floor-guarded", "pdp")
+BASELINE = "pdp-baseline"
 KEYS = ("p50", "p90", "p99", "p99.9")
 ADDRESSES = 20_000
 TARGETS = {"closed_max": 0.90, "p50": 1.05, "p99": 1.20}  # pdp/floor: at least, at most, at most
 
 
-def start(name: str, folder: Path, snapshot: Path) -> Server:
+def start(name: str, folder: Path, snapshot: Path, baseline: Path | None) -> Server:
     listen = f"unix:{folder}/{name}.sock"
     if name == "pdp":
         return pdp_serve(listen, snapshot)
+    if name == BASELINE:
+        assert baseline is not None
+        return pdp_serve(listen, snapshot, cwd=baseline)  # `python -m pdp` imports the pdp found there first
     mode = "sync-guarded" if name == "floor-guarded" else "sync"
     return Server.start([sys.executable, "-m", "benchmarks.floor_server", "--mode", mode, "--listen", listen])
 
@@ -56,29 +65,30 @@ def measure(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
     addresses.write_text("\n".join(inprocess.located_addresses(ADDRESSES)))
     snapshot = folder / "rules-10000.json"
     snapshot.write_bytes(inprocess.make_rules(10_000))
-    servers = {name: start(name, folder, snapshot) for name in SERVERS}
+    names = (*SERVERS, BASELINE) if options.baseline else SERVERS
+    servers = {name: start(name, folder, snapshot, options.baseline) for name in names}
     seconds = str(options.seconds)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
-        "closed": {n: [] for n in SERVERS},
-        "open": {n: [] for n in SERVERS},
+        "closed": {n: [] for n in names},
+        "open": {n: [] for n in names},
     }
     load = [os.getloadavg()[0]]
     try:
         # One pass over every address first: each server in its steady state (pdp's
         # location cache and memo filled, every pool thread started), not its first minute.
-        for name in SERVERS:
+        for name in names:
             run_load("--target", servers[name].address, "--addresses", str(addresses), "--mode", "closed",
                      "--warmup", "0", "--seconds", "120", "--max-calls", str(ADDRESSES))  # fmt: skip
         for repeat in range(options.repeats):
-            for name in _turns(repeat):
+            for name in _turns(repeat, names):
                 runs["closed"][name].append(
                     _loaded(servers[name], addresses, "--mode", "closed", "--in-flight", "16", "--seconds", seconds)
                 )
-        maxima = {name: statistics.median(r["achieved_rate"] for r in runs["closed"][name]) for name in SERVERS}
+        maxima = {name: statistics.median(r["achieved_rate"] for r in runs["closed"][name]) for name in names}
         rate = round(maxima["floor"] * options.share)
         load.append(os.getloadavg()[0])
         for repeat in range(options.repeats):
-            for name in _turns(repeat):
+            for name in _turns(repeat, names):
                 runs["open"][name].append(
                     _loaded(servers[name], addresses, "--mode", "open", "--rate", str(rate), "--seconds", seconds)
                 )
@@ -98,10 +108,10 @@ def _loaded(server: Server, addresses: Path, *args: str) -> dict[str, Any]:
     return result
 
 
-def _turns(repeat: int) -> list[str]:
+def _turns(repeat: int, names: tuple[str, ...]) -> list[str]:
     """The servers in a rotating order, so that none is always first after a pause."""
-    shift = repeat % len(SERVERS)
-    return [*SERVERS[shift:], *SERVERS[:shift]]
+    shift = repeat % len(names)
+    return [*names[shift:], *names[:shift]]
 
 
 def _summary(
@@ -111,22 +121,23 @@ def _summary(
     rate: int,
     load: list[float],
 ) -> dict[str, Any]:
+    names = tuple(runs["closed"])
     latency = {
         name: {key: statistics.median(r["latency_us"][key] for r in runs["open"][name]) for key in KEYS}
-        for name in SERVERS
+        for name in names
     }
     server_cpu = {
-        kind: {name: statistics.median(r["server_cpu_us_per_call"] for r in runs[kind][name]) for name in SERVERS}
+        kind: {name: statistics.median(r["server_cpu_us_per_call"] for r in runs[kind][name]) for name in names}
         for kind in runs
     }
     ratios = {}
-    for floor in ("floor", "floor-guarded"):
+    for floor in ("floor", "floor-guarded", BASELINE)[: len(names) - 1]:
         ratios[floor] = {
             "closed_max": round(maxima["pdp"] / maxima[floor], 3),
             **{key: round(latency["pdp"][key] / latency[floor][key], 3) for key in KEYS},
             **{f"server_cpu_per_call_{kind}": round(cpu["pdp"] / cpu[floor], 3) for kind, cpu in server_cpu.items()},
         }
-    errors = {name: sum(sum(r["errors"].values()) for r in runs[kind][name]) for kind in runs for name in SERVERS}
+    errors = {name: sum(sum(r["errors"].values()) for r in runs[kind][name]) for kind in runs for name in names}
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.check_floor " + " ".join(sys.argv[1:]),
@@ -134,6 +145,7 @@ def _summary(
         "repeats": options.repeats,
         "seconds": options.seconds,
         "share": options.share,
+        "baseline": str(options.baseline) if options.baseline else None,
         "load_average": load,
         "closed_loop_max": maxima,
         "open_loop_rate": rate,
@@ -159,7 +171,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| server | closed-loop max (calls/s) | p50 µs | p90 µs | p99 µs | server CPU µs/call, closed / open |",
         "|---|---|---|---|---|---|",
     ]
-    for name in SERVERS:
+    for name in maxima:
         lines.append(
             f"| {name} | {maxima[name]:,.0f} | {latency[name]['p50']:,.0f} | {latency[name]['p90']:,.0f} | "
             f"{latency[name]['p99']:,.0f} | {cpu['closed'][name]:.0f} / {cpu['open'][name]:.0f} |"
@@ -170,6 +182,11 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for floor, ratio in results["ratios"].items():
+        if floor == BASELINE:  # the targets are against the floors; against the code before, the figures alone
+            figures = [f"{ratio[key]:.3f}×" for key in ("closed_max", "p50", "p99")]
+            cpu_ratios = f"{ratio['server_cpu_per_call_closed']:.2f}× / {ratio['server_cpu_per_call_open']:.2f}×"
+            lines.append(f"| {BASELINE} ({results['baseline']}) | {' | '.join(figures)} | {cpu_ratios} |")
+            continue
         marks = [
             _mark(ratio["closed_max"], ratio["closed_max"] >= TARGETS["closed_max"]),
             _mark(ratio["p50"], ratio["p50"] <= TARGETS["p50"]),
@@ -191,6 +208,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--share", type=float, default=0.5, help="open-loop rate as a share of the floor's maximum")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--baseline", type=Path, metavar="TREE", help="also run `pdp serve` from this checkout, for pdp/baseline"
+    )
     options = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pdp-check-floor-") as folder:

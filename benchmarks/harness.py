@@ -94,11 +94,16 @@ class Server:
 
 
 def pdp_serve(
-    listen: str, snapshot: Path, *extra: str, env: dict[str, str] | None = None, geoip: str = "demo"
+    listen: str,
+    snapshot: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    geoip: str = "demo",
+    cwd: Path = ROOT,
 ) -> Server:
     argv = [sys.executable, "-m", "pdp", "serve", "--listen", listen, "--snapshot", str(snapshot),
             "--geoip-db", geoip, "--log-format", "text", *extra]  # fmt: skip
-    return Server.start(argv, env=env)
+    return Server.start(argv, env=env, cwd=cwd)
 
 
 def floor_serve(listen: str) -> Server:
