@@ -83,6 +83,13 @@ class Telemetry:
                 "decisions per verdict, rule, mode, jurisdiction",
             ),
             ("counter", "pdp.geoip.cache", "", self._observe_cache, "location cache lookups, per result"),
+            (
+                "counter",
+                "pdp.geoip.lookup_errors",
+                "",
+                self._observe_lookup_errors,
+                "database lookups that met a broken record, answered as location unknown (among the misses)",
+            ),
             ("gauge", "pdp.policy.version", "", self._observe_version, "version of the active policy"),
             ("gauge", "pdp.policy.age_seconds", "s", self._observe_age, "time since the active policy was activated"),
             ("gauge", "pdp.geoip.build_epoch", "s", self._observe_build, "build time of the GeoIP database"),
@@ -158,6 +165,11 @@ class Telemetry:
         if active is not None:
             yield Observation(active.geo.hits, {"result": "hit"})
             yield Observation(active.geo.misses, {"result": "miss"})
+
+    def _observe_lookup_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        active = self.holder.active
+        if active is not None:
+            yield Observation(active.geo.lookup_errors)
 
     def _observe_version(self, options: CallbackOptions) -> Iterable[Observation]:
         if self.holder.active is not None:
