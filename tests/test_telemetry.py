@@ -20,6 +20,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from pdp.audit import AuditConfig, AuditLog, pseudonym
 from pdp.client import Client, Participant
@@ -226,6 +227,35 @@ def test_traces_carry_the_decision_and_never_an_address(serve: Any) -> None:
     text = json.dumps([dict(span.attributes or {}) for span in spans])
     for secret in (CN, HK, "alice", "bob", "acct-1"):
         assert secret not in text
+
+
+def test_a_refused_call_s_span_names_the_error_never_the_address(serve: Any) -> None:
+    holder = loaded_holder()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    client = serve(holder, telemetry=Telemetry(holder, MeterProvider(), tracer=provider.get_tracer("test")))
+    refused = ("203.0.113.9:443", "[2001:db8::7]", "198.51.100.7:80")
+    for address in refused[:2]:
+        with pytest.raises(grpc.RpcError, match="without a port"):
+            client.check(address, "m", user_id="alice")
+    with pytest.raises(grpc.RpcError, match=r"participants\[1\]\.ip"):
+        client.check_batch("m", [Participant(CN, "bob"), Participant(refused[2], "carol")])
+    spans = exporter.get_finished_spans()
+    assert [span.name for span in spans] == ["pdp.v1.AdmissionService/Check"] * 2 + [
+        "pdp.v1.AdmissionService/CheckBatch"
+    ]
+    recorded = json.dumps(
+        [
+            [dict(span.attributes or {}), span.status.description, [dict(e.attributes or {}) for e in span.events]]
+            for span in spans
+        ]
+    )
+    for secret in (*refused, "2001:db8::7", "203.0.113.9", CN, "alice", "bob", "carol"):
+        assert secret not in recorded
+    for span in spans:
+        assert span.status.status_code is StatusCode.ERROR
+        assert dict(span.attributes or {})["error.type"] == "RequestError"
 
 
 def test_prometheus_endpoint_is_scraped_over_http(serve: Any) -> None:
