@@ -36,7 +36,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span
 
 from pdp.batch import ReadParticipants, decide_place, decide_places
 from pdp.bounds import (
@@ -52,11 +52,11 @@ from pdp.errors import PdpError
 from pdp.geo import InvalidAddressError
 from pdp.model import Decision, Location, Verdict, verdict_label
 from pdp.state import Active, PolicyHolder
+from pdp.telemetry import Telemetry, server_span
 
 if TYPE_CHECKING:
     from pdp.audit import AuditLog
     from pdp.candidate import CandidateShadow
-    from pdp.telemetry import Telemetry
 
 __all__ = [
     "Batch",
@@ -199,18 +199,18 @@ class DecisionPath:
                 decision, result, location, active = self._decide(
                     ip, user_id, account_id, meeting, action, present, active, remember
                 )
-            except Exception:
-                self._observe_error(endpoint, started)
+            except Exception as error:
+                self._observe_error(endpoint, started, error)
                 raise
         else:
-            with self._tracer.start_as_current_span(endpoint.span_name, kind=SpanKind.SERVER) as span:
+            with server_span(self._tracer, endpoint.span_name) as span:
                 started = time.perf_counter()
                 try:
                     decision, result, location, active = self._decide(
                         ip, user_id, account_id, meeting, action, present, active, remember
                     )
-                except Exception:
-                    self._observe_error(endpoint, started)
+                except Exception as error:
+                    self._observe_error(endpoint, started, error)
                     raise
                 verdict = _VERDICT_NAMES[decision.verdict]
                 span.set_attributes(_span_attributes(endpoint, active, verdict, {"pdp.rule_id": decision.rule_id}))
@@ -267,8 +267,8 @@ class DecisionPath:
             started = time.perf_counter()
             try:
                 batch = self._decide_batch(participants, meeting, action, limit, present)
-            except Exception:
-                self._observe_error(endpoint, started)
+            except Exception as error:
+                self._observe_error(endpoint, started, error)
                 raise
             verdict = verdict_label(decision.verdict for decision in batch.decisions)
             if span is not None:
@@ -312,7 +312,7 @@ class DecisionPath:
     def _span(self, endpoint: Endpoint) -> AbstractContextManager[Span | None]:
         if self._tracer is None:
             return contextlib.nullcontext()
-        return self._tracer.start_as_current_span(endpoint.span_name, kind=SpanKind.SERVER)
+        return server_span(self._tracer, endpoint.span_name)
 
     def _record(
         self,
@@ -367,9 +367,9 @@ class DecisionPath:
         as a refusal inside the path is, so that no refused request goes uncounted."""
         self._observe_error(endpoint, started)
 
-    def _observe_error(self, endpoint: Endpoint, started: float) -> None:
+    def _observe_error(self, endpoint: Endpoint, started: float, error: Exception | None = None) -> None:
         if self._telemetry is not None:
-            self._telemetry.observe_error(endpoint.label, time.perf_counter() - started)
+            self._telemetry.observe_error(endpoint.label, time.perf_counter() - started, error)
 
 
 def _span_attributes(

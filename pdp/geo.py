@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ import maxminddb_rust
 from pdp.addresses import Forms, InvalidAddressError, embedded_ipv4, embeddings, parse_address
 from pdp.mmdb import COUNTRY, SUBDIVISIONS, FileChangedError, GeoIPError, load
 from pdp.model import UNKNOWN_LOCATION, Location
+
+log = logging.getLogger("pdp.geo")
 
 __all__ = [
     "DEMO",
@@ -123,7 +127,13 @@ class GeoDatabase:
         self.sha256: str = loaded.sha256  # of the bytes served, which no later write to the file can change
         self.look = loaded.look  # of the file they were read from
         subdivisions = SUBDIVISIONS if "Country" not in self.database_type else ()
-        self._resolver = _Resolver(loaded.reader, embeddings(self.nat64_prefixes), loaded.ip_version == 4, subdivisions)
+        self._resolver = _Resolver(
+            loaded.reader,
+            embeddings(self.nat64_prefixes),
+            loaded.ip_version == 4,
+            subdivisions,
+            f"{self.path} ({self.database_type} built {format_build(self.build_epoch)})",
+        )
         # A hit is one call into C, no Python frame and no lock. The cache holds the
         # resolver, not this object, so that a replaced database is freed (and its
         # memory unmapped) as soon as the last call using it drops it, without
@@ -180,7 +190,8 @@ class GeoDatabase:
 
     @property
     def misses(self) -> int:
-        """Addresses looked up in the database (refused ones are not)."""
+        """Addresses looked up in the database (refused ones are not), those
+        that met a broken record (:attr:`lookup_errors`) included."""
         return int(self._cached.cache_info().misses) - self._resolver.refused  # type: ignore[attr-defined]
 
     @property
@@ -189,7 +200,9 @@ class GeoDatabase:
 
     @property
     def lookup_errors(self) -> int:
-        """Broken records met at lookup (each read as an unknown location)."""
+        """Lookups in the database that met a broken record, each read as an
+        unknown location (and cached as one, so an address counts once while
+        it stays in the cache). The first is logged as a warning."""
         return self._resolver.lookup_errors
 
     def close(self) -> None:
@@ -205,7 +218,17 @@ class GeoDatabase:
 class _Resolver:
     """An address's location from the database itself: the cache's miss path."""
 
-    __slots__ = ("forms", "interned", "ipv4_only", "lookup_errors", "reader", "refused", "subdivision_paths")
+    __slots__ = (
+        "errors_lock",
+        "forms",
+        "interned",
+        "ipv4_only",
+        "lookup_errors",
+        "name",
+        "reader",
+        "refused",
+        "subdivision_paths",
+    )
 
     def __init__(
         self,
@@ -213,13 +236,17 @@ class _Resolver:
         forms: Forms,
         ipv4_only: bool,
         subdivision_paths: Sequence[Sequence[str | int]],
+        name: str = "",
     ) -> None:
-        self.reader, self.forms, self.ipv4_only = reader, forms, ipv4_only
+        self.reader, self.forms, self.ipv4_only, self.name = reader, forms, ipv4_only, name
         self.subdivision_paths = tuple(subdivision_paths)
         # Many addresses share a location: keep one object per distinct location.
         self.interned: dict[tuple[object, ...], Location] = {}
         self.refused = 0  # addresses that are not addresses: counted by lru_cache as misses
         self.lookup_errors = 0
+        # Taken only on a broken record, never on the way of a good lookup: it keeps
+        # the count exact and the warning single when threads meet errors at once.
+        self.errors_lock = threading.Lock()
 
     def checked(self, address: str) -> Location:
         """:meth:`resolve` for an address checked first (never cached when refused).
@@ -256,8 +283,8 @@ class _Resolver:
             return UNKNOWN_LOCATION
         except maxminddb_rust.InvalidDatabaseError:
             # A broken record the probes at open did not reach: no location
-            # rather than a failed call; counted for GetStatus.
-            self.lookup_errors += 1
+            # rather than a failed call, so the policy's unknown_location decides.
+            self._lookup_failed()
             return UNKNOWN_LOCATION
         try:
             location = self.interned.get(key)
@@ -266,6 +293,22 @@ class _Resolver:
         if location is None:
             location = self.interned.setdefault(key, _location(key))
         return location
+
+    def _lookup_failed(self) -> None:
+        """Count a broken record; the first of this database is logged, the rest
+        only counted (GetStatus.geoip_lookup_errors, pdp.geoip.lookup_errors),
+        so that a much-visited broken record costs no log line per request."""
+        with self.errors_lock:
+            self.lookup_errors += 1
+            first = self.lookup_errors == 1
+        if first:
+            log.warning(
+                "GeoIP database %s: a lookup met a broken record (corrupt data the checks at open did not reach); "
+                "addresses whose record is broken are answered as location unknown, decided by the policy's "
+                "defaults.unknown_location. Logged once for this database, counted in "
+                "GetStatus.geoip_lookup_errors and the metric pdp.geoip.lookup_errors: replace the file",
+                self.name,
+            )
 
 
 def _location(codes: tuple[object, ...]) -> Location:

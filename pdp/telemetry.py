@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from pdp.errors import PdpError
 from pdp.model import Decision, Location
 from pdp.state import Active, PolicyHolder
 
-__all__ = ["DURATION_BUCKETS", "Telemetry", "TelemetryError", "configure_from_environment", "wanted"]
+__all__ = ["DURATION_BUCKETS", "Telemetry", "TelemetryError", "configure_from_environment", "server_span", "wanted"]
 
 # Seconds; a warm Check is tens of microseconds of server time, so resolve those.
 DURATION_BUCKETS = (
@@ -83,6 +84,13 @@ class Telemetry:
                 "decisions per verdict, rule, mode, jurisdiction",
             ),
             ("counter", "pdp.geoip.cache", "", self._observe_cache, "location cache lookups, per result"),
+            (
+                "counter",
+                "pdp.geoip.lookup_errors",
+                "",
+                self._observe_lookup_errors,
+                "database lookups that met a broken record, answered as location unknown (among the misses)",
+            ),
             ("gauge", "pdp.policy.version", "", self._observe_version, "version of the active policy"),
             ("gauge", "pdp.policy.age_seconds", "s", self._observe_age, "time since the active policy was activated"),
             ("gauge", "pdp.geoip.build_epoch", "s", self._observe_build, "build time of the GeoIP database"),
@@ -115,8 +123,14 @@ class Telemetry:
                 for shadow_id in decision.shadow_rule_ids:
                     counts[(by_id[shadow_id].effect.name, shadow_id, "shadow", country)] += 1
 
-    def observe_error(self, rpc: str, seconds: float) -> None:
+    def observe_error(self, rpc: str, seconds: float, error: Exception | None = None) -> None:
+        """Record a failed call; ``error``, raised inside its span (see :func:`server_span`),
+        marks that span as failed, naming the error's type."""
         self._durations.append((self._attributes(rpc, "ERROR"), seconds))
+        if error is not None and self.tracer is not None:
+            span = trace.get_current_span()
+            span.set_attribute("error.type", type(error).__name__)
+            span.set_status(trace.StatusCode.ERROR)
 
     def _attributes(self, rpc: str, verdict: str) -> dict[str, str]:
         """The duration's attributes, made once per (rpc, verdict): an adapter
@@ -159,6 +173,11 @@ class Telemetry:
             yield Observation(active.geo.hits, {"result": "hit"})
             yield Observation(active.geo.misses, {"result": "miss"})
 
+    def _observe_lookup_errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        active = self.holder.active
+        if active is not None:
+            yield Observation(active.geo.lookup_errors)
+
     def _observe_version(self, options: CallbackOptions) -> Iterable[Observation]:
         if self.holder.active is not None:
             yield Observation(self.holder.active.policy.version)
@@ -190,6 +209,15 @@ class Telemetry:
         self._record_durations()
         for hook in self.shutdown_hooks:
             hook()
+
+
+def server_span(tracer: trace.Tracer, name: str) -> AbstractContextManager[trace.Span]:
+    """A server span for one call, which records no exception of its own: the
+    SDK's record would hold the message, which quotes the request (a refused
+    address); :meth:`Telemetry.observe_error` says the kind of error instead."""
+    return tracer.start_as_current_span(
+        name, kind=trace.SpanKind.SERVER, record_exception=False, set_status_on_exception=False
+    )
 
 
 def _scheme(url: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import os
 import threading
 import urllib.request
@@ -11,17 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import maxminddb
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from pdp.audit import AuditConfig, AuditLog, pseudonym
 from pdp.client import Client, Participant
 from pdp.config import ServeConfig, describe
-from pdp.geo import GeoDatabase
+from pdp.geo import GeoDatabase, format_build
 from pdp.logs import JsonFormatter, redact_url
 from pdp.model import Verdict
 from pdp.server import RunningServer, start_server
@@ -124,6 +128,89 @@ def test_failed_calls_are_timed_as_errors(serve: Any) -> None:
     assert durations == {("Check", "ERROR"): 1}
 
 
+# Two addresses of MaxMind's test network 89.160.20.112/28 and its neighbour
+# 89.160.20.128/25, which share one record (Linköping, SE) that no probe at open reads.
+LINKOPING = ("89.160.20.113", "89.160.20.129")
+
+
+def record_offset(database: bytes, metadata: maxminddb.reader.Metadata, address: str) -> int:
+    """Where ``address``'s record starts in ``database``: its search-tree walk, as
+    the MaxMind DB format specifies it (IPv4 under ``::/96`` in an IPv6 tree)."""
+    node_bytes = metadata.record_size // 4
+    ip = ipaddress.ip_address(address)
+    packed = ip.packed if ip.version == 6 or metadata.ip_version == 4 else bytes(12) + ip.packed
+    node = 0
+    for bit in range(len(packed) * 8):
+        if node >= metadata.node_count:
+            break
+        whole = int.from_bytes(database[node * node_bytes : (node + 1) * node_bytes], "big")
+        half = metadata.record_size
+        if (packed[bit // 8] >> (7 - bit % 8)) & 1:
+            node = whole & ((1 << half) - 1)
+        elif half == 28:  # the left record's top four bits sit in the middle byte's high nibble
+            node = ((whole >> 32) & 0xFFFFFF) | (((whole >> 24) & 0xF0) << 20)
+        else:
+            node = whole >> half
+    assert node > metadata.node_count, f"{address} has no record"
+    # The data section follows the tree and 16 zero bytes; a record value counts from the tree's end.
+    return metadata.node_count * node_bytes + (node - metadata.node_count)
+
+
+def database_with_a_broken_record(folder: Path) -> Path:
+    """MaxMind's City test database with the record of ``LINKOPING`` made
+    undecodable (its map's control byte turned into an extended type 247, which
+    the format does not have) and every other byte as MaxMind wrote it."""
+    database = bytearray(CITY_DB.read_bytes())
+    with maxminddb.open_database(str(CITY_DB), maxminddb.MODE_MMAP_EXT) as reader:
+        metadata = reader.metadata()
+        assert reader.get(LINKOPING[0]) == reader.get(LINKOPING[1])
+        assert reader.get(LINKOPING[0])["country"]["iso_code"] == "SE"  # type: ignore[index, call-overload]
+    offsets = {record_offset(bytes(database), metadata, address) for address in LINKOPING}
+    assert len(offsets) == 1, offsets
+    (offset,) = offsets
+    assert database[offset] >> 5 == 7, "not the start of a map"
+    database[offset : offset + 2] = b"\x00\xf0"
+    path = folder / "GeoIP2-City-Test-broken-record.mmdb"
+    path.write_bytes(database)
+    return path
+
+
+def test_a_broken_record_is_answered_as_unknown_counted_and_logged_once(
+    serve: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = database_with_a_broken_record(tmp_path)
+    geo = GeoDatabase(path)  # the checks at open pass: no probe reads that record
+    holder = PolicyHolder()
+    holder.activate(policy_from(RULES), geo, "file:///rules.yaml")
+    reader = InMemoryMetricReader()
+    client = serve(holder, telemetry=Telemetry(holder, MeterProvider(metric_readers=[reader])))
+    caplog.set_level(logging.WARNING, logger="pdp.geo")
+
+    answer = client.check(LINKOPING[0], "m")
+    assert (answer.verdict, answer.rule_id, answer.location.found) == (Verdict.ALLOW, "", False)
+    assert answer.reason == "participant location unknown; policy default is allow"
+    assert client.status().geoip_lookup_errors == 1
+    points = metric_points(reader)
+    assert [point.value for _, point in points["pdp.geoip.lookup_errors"]] == [1]
+    assert client.check(GB, "m").location.country == "GB"  # the rest of the database serves
+
+    client.check(LINKOPING[0], "m")  # from the cache: the record is not read again
+    client.check(LINKOPING[1], "m")  # another address of that record: read, and counted
+    assert client.status().geoip_lookup_errors == 2
+    points = metric_points(reader)
+    assert [point.value for _, point in points["pdp.geoip.lookup_errors"]] == [2]
+    # A failed lookup is a miss like any other: hits + misses stay every located address.
+    assert {a["result"]: p.value for a, p in points["pdp.geoip.cache"]} == {"hit": 1, "miss": 3}
+
+    (warning,) = [record for record in caplog.records if record.name == "pdp.geo"]
+    assert warning.levelno == logging.WARNING
+    message = warning.getMessage()
+    assert str(path) in message
+    assert format_build(geo.build_epoch) in message
+    assert "location unknown" in message
+    assert not any(address in message for address in LINKOPING)
+
+
 def test_traces_carry_the_decision_and_never_an_address(serve: Any) -> None:
     holder = loaded_holder()
     exporter = InMemorySpanExporter()
@@ -140,6 +227,35 @@ def test_traces_carry_the_decision_and_never_an_address(serve: Any) -> None:
     text = json.dumps([dict(span.attributes or {}) for span in spans])
     for secret in (CN, HK, "alice", "bob", "acct-1"):
         assert secret not in text
+
+
+def test_a_refused_call_s_span_names_the_error_never_the_address(serve: Any) -> None:
+    holder = loaded_holder()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    client = serve(holder, telemetry=Telemetry(holder, MeterProvider(), tracer=provider.get_tracer("test")))
+    refused = ("203.0.113.9:443", "[2001:db8::7]", "198.51.100.7:80")
+    for address in refused[:2]:
+        with pytest.raises(grpc.RpcError, match="without a port"):
+            client.check(address, "m", user_id="alice")
+    with pytest.raises(grpc.RpcError, match=r"participants\[1\]\.ip"):
+        client.check_batch("m", [Participant(CN, "bob"), Participant(refused[2], "carol")])
+    spans = exporter.get_finished_spans()
+    assert [span.name for span in spans] == ["pdp.v1.AdmissionService/Check"] * 2 + [
+        "pdp.v1.AdmissionService/CheckBatch"
+    ]
+    recorded = json.dumps(
+        [
+            [dict(span.attributes or {}), span.status.description, [dict(e.attributes or {}) for e in span.events]]
+            for span in spans
+        ]
+    )
+    for secret in (*refused, "2001:db8::7", "203.0.113.9", CN, "alice", "bob", "carol"):
+        assert secret not in recorded
+    for span in spans:
+        assert span.status.status_code is StatusCode.ERROR
+        assert dict(span.attributes or {})["error.type"] == "RequestError"
 
 
 def test_prometheus_endpoint_is_scraped_over_http(serve: Any) -> None:
