@@ -7,7 +7,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE NOTICE ./
 COPY pdp ./pdp
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[otlp,prometheus]'
 
 # --- runtime: only the wheels, installed into a venv owned by root, run as a numeric non-root uid
 FROM python:3.11-slim
@@ -15,8 +15,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/pdp/bin:$PATH
 COPY --from=build /wheels /wheels
+# xds-protos (Envoy's stubs) ships copies of these two packages' files, older ones, and pip lets
+# the last installed win: reinstalled, they are their own again, or the OTLP exporter fails at
+# import (grpc/grpc#42830, #42926; scripts/proto_overlap.py does the same for `make`).
 RUN python -m venv /opt/pdp \
- && /opt/pdp/bin/pip install --no-cache-dir --no-index --find-links=/wheels pdp \
+ && /opt/pdp/bin/pip install --no-cache-dir --no-index --find-links=/wheels 'pdp[otlp,prometheus]' \
+ && /opt/pdp/bin/pip install --no-cache-dir --no-index --find-links=/wheels --force-reinstall --no-deps \
+    opentelemetry-proto googleapis-common-protos \
  && rm -rf /wheels
 USER 10001:10001
 EXPOSE 50051 8081

@@ -22,8 +22,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/python scripts/proto_overlap.py  # xds-protos overwrites other packages' files (grpc/grpc#42830)
-	@# pdp's runtime dependencies as wheels: tests/test_wheel.py installs the image's way from them, offline.
-	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse .
+	@# pdp's runtime dependencies as wheels, the image's exporters included: tests/test_wheel.py installs the image's way from them, offline.
+	$(BIN)/pip wheel --quiet --wheel-dir $(VENV)/wheelhouse '.[otlp,prometheus]'
 	rm -f $(VENV)/wheelhouse/pdp-*.whl
 	touch $@
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import inprocess
-from benchmarks.harness import Server, machine_facts, pdp_serve, run_load
+from benchmarks.harness import Server, machine_facts, pdp_serve, run_load, stolen, stolen_share
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVERS = ("floor", "floor-guarded", "pdp")
@@ -72,7 +72,7 @@ def measure(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "closed": {n: [] for n in names},
         "open": {n: [] for n in names},
     }
-    load = [os.getloadavg()[0]]
+    load, steal = [os.getloadavg()[0]], stolen()
     try:
         # One pass over every address first: each server in its steady state (pdp's
         # location cache and memo filled, every pool thread started), not its first minute.
@@ -96,7 +96,9 @@ def measure(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
     finally:
         for server in servers.values():
             server.stop()
-    return _summary(options, runs, maxima, rate, load)
+    results = _summary(options, runs, maxima, rate, load)
+    results["stolen"] = round(stolen_share(steal), 4)
+    return results
 
 
 def _loaded(server: Server, addresses: Path, *args: str) -> dict[str, Any]:
@@ -164,7 +166,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"`{results['command']}`: {results['repeats']} interleaved repeats of {results['seconds']:g} s, "
         f"Unix socket, {results['facts']['pinning']}; load average "
-        f"{', '.join(f'{v:.2f}' for v in results['load_average'])} (start, after the closed loop, end).",
+        f"{', '.join(f'{v:.2f}' for v in results['load_average'])} (start, after the closed loop, end); "
+        f"{results['stolen']:.1%} of the CPU time stolen by the hypervisor.",
         "",
         f"Open loop at {results['open_loop_rate']:,} calls/s ({results['share']:.0%} of the bare floor's maximum):",
         "",

@@ -24,6 +24,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+def stolen() -> tuple[int, int]:
+    """(steal, all) CPU ticks of the machine so far, from /proc/stat: the time a
+    hypervisor gave this VM's CPUs to someone else, which no process here sees as its own."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return values[7], sum(values)
+
+
+def stolen_share(since: tuple[int, int]) -> float:
+    """The share of CPU time stolen since ``since`` (a :func:`stolen` reading)."""
+    now = stolen()
+    return (now[0] - since[0]) / max(now[1] - since[1], 1)
+
+
 def pinned(core: int, argv: Sequence[str]) -> list[str]:
     """argv run on one core (when the machine has more than one)."""
     return ["taskset", "-c", str(core), *argv] if (os.cpu_count() or 1) > 1 else list(argv)

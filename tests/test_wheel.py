@@ -11,14 +11,20 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from .conftest import CITY_DB, ROOT
+from .servers import free_port
 
 WHEELHOUSE = ROOT / ".venv" / "wheelhouse"  # runtime dependencies as wheels, written by `make .venv/.installed`
+# What the image installs: pdp and the exporters the chart's telemetry values name (helm/pdp, telemetry.*).
+IMAGE_INSTALL = "pdp[otlp,prometheus]"
+# Reinstalled after it, as xds-protos overwrites their files (scripts/proto_overlap.py).
+OVERWRITTEN = ["opentelemetry-proto", "googleapis-common-protos"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
 
@@ -57,7 +63,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _run([sys.executable, "-m", "venv", str(venv)], cwd=root)
     # The runtime stage's install, word for word, plus the wheelhouse for the dependencies.
     _run([str(venv / "bin" / "pip"), "install", "--no-cache-dir", "--no-index", f"--find-links={wheels}",
-          f"--find-links={WHEELHOUSE}", "pdp"], cwd=root)  # fmt: skip
+          f"--find-links={WHEELHOUSE}", IMAGE_INSTALL], cwd=root)  # fmt: skip
+    _run([str(venv / "bin" / "pip"), "install", "--no-cache-dir", "--no-index", f"--find-links={WHEELHOUSE}",
+          "--force-reinstall", "--no-deps", *OVERWRITTEN], cwd=root)  # fmt: skip
     return venv / "bin"
 
 
@@ -78,7 +86,16 @@ def test_the_dockerfile_copies_what_the_wheel_is_built_from() -> None:
     allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line[:1] == "!"}
     assert allowed == set(_copied_by_the_dockerfile()), ".dockerignore lets exactly the copied files through"
     runtime = DOCKERFILE.split("FROM ", 2)[2]
-    assert "pip install --no-cache-dir --no-index --find-links=/wheels pdp" in runtime
+    assert f"pip install --no-cache-dir --no-index --find-links=/wheels '{IMAGE_INSTALL}'" in runtime
+    assert "--force-reinstall --no-deps \\\n    " + " ".join(OVERWRITTEN) in runtime
+
+
+def test_no_file_of_the_image_is_overwritten_by_another_package(installed: Path, tmp_path: Path) -> None:
+    """What `make` repairs in .venv, the image must not ship broken."""
+    check = [str(installed / "python"), str(ROOT / "scripts" / "proto_overlap.py"), "--check"]
+    result = subprocess.run(check, cwd=tmp_path, env=_environment(installed), capture_output=True, text=True,
+                            timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_wheel_holds_the_package_data_and_the_license(installed: Path) -> None:
@@ -115,6 +132,35 @@ def test_pdp_serves_a_decision_from_the_installed_wheel(installed: Path, tmp_pat
         )  # fmt: skip
         assert check.returncode == 3, check.stdout + check.stderr
         assert check.stdout.splitlines()[0] == "DENY  cn-order-2020-17"
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    assert server.returncode == 0
+
+
+@pytest.mark.parametrize("exporter", ["prometheus", "otlp"])
+def test_the_image_exports_the_metrics_the_chart_can_ask_for(installed: Path, tmp_path: Path, exporter: str) -> None:
+    """The chart's telemetry.metricsExporter sets OTEL_METRICS_EXPORTER; each value it
+    allows must start the installed image, and Prometheus must be scraped from it."""
+    port = free_port()
+    env = _environment(installed) | {
+        "OTEL_METRICS_EXPORTER": exporter,
+        "OTEL_EXPORTER_PROMETHEUS_PORT": str(port),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens: exports fail, quietly
+    }
+    target = f"unix:{tmp_path}/pdp.sock"
+    server = subprocess.Popen(
+        [str(installed / "pdp"), "serve", "--listen", target, "--snapshot", str(ROOT / "examples" / "rules.yaml"),
+         "--geoip-db", str(CITY_DB), "--log-format", "text"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline()
+        assert f"listening on {target}" in banner, banner + (server.stderr.read() if server.stderr else "")
+        if exporter == "prometheus":
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+                assert "pdp_policy_version" in answer.read().decode()
     finally:
         server.terminate()
         server.communicate(timeout=30)
