@@ -262,9 +262,17 @@ def supervise(config: ServeConfig, describe: Callable[[Sidecar], list[str]], rea
         processes, or a worker could not start (its own error).
     """
     from pdp.app import SetupError
+    from pdp.telemetry import wanted
 
     if config.audit_log == "stdout":
         raise SetupError("--audit-log stdout needs --processes 1: give a file, each worker K writes FILE.K")
+    if wanted(os.environ) and (os.environ.get("OTEL_METRICS_EXPORTER") or "").lower() == "prometheus":
+        # Each worker has its own meter: one port could serve only one of them.
+        port = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT") or "9464"
+        raise SetupError(
+            f"OTEL_METRICS_EXPORTER=prometheus needs --processes 1: every worker would serve /metrics on port {port};"
+            " use otlp, whose series carry the worker as pdp.worker=K"
+        )
     supervisor = _Supervisor(config, describe)
     try:
         supervisor.listen, holder = _reserve(config.listen)

@@ -288,6 +288,10 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
         ({"tls__requireClientCert": True}, "tls.requireClientCert needs tls.existingSecret"),
         ({"telemetry__metricsExporter": "otlp"}, "telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint"),
         (
+            {"telemetry__metricsExporter": "prometheus", "processes": 2},
+            "telemetry.metricsExporter=prometheus needs processes=1",
+        ),
+        (
             {"geoip__source": "geoipupdate", "geoip__sha256File": "City.mmdb.sha256"},
             "geoip.sha256File cannot be used with geoip.source=geoipupdate",
         ),

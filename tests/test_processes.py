@@ -310,14 +310,17 @@ def test_zero_failed_calls_through_20_activations_and_2_database_swaps(
     [
         (["--geoip-db", "/nonexistent/city.mmdb"], "/nonexistent/city.mmdb"),
         (["--audit-log", "stdout"], "--audit-log stdout needs --processes 1"),
+        (["OTEL_METRICS_EXPORTER=prometheus"], "OTEL_METRICS_EXPORTER=prometheus needs --processes 1"),
     ],
 )
 def test_a_worker_that_cannot_start_stops_the_whole_and_says_why(tmp_path: Path, args: list[str], message: str) -> None:
+    env = {**os.environ, **dict(arg.split("=", 1) for arg in args if arg.startswith("OTEL_"))}
+    args = [arg for arg in args if not arg.startswith("OTEL_")]
     (tmp_path / "rules.yaml").write_text(rules(7))
     argv = [*PDP, "serve", "--listen", "127.0.0.1:0", "--snapshot", str(tmp_path / "rules.yaml"), "--processes", "2"]
     if "--geoip-db" not in args:
         argv += ["--geoip-db", str(CITY_DB)]
-    result = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""
     assert message in result.stderr.splitlines()[-1]

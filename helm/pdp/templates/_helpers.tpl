@@ -117,6 +117,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $v.telemetry.serviceMonitor.enabled (ne $v.mode "daemonset") -}}
 {{- fail "pdp: telemetry.serviceMonitor.enabled is for mode=daemonset (a sidecar's metrics belong to its pod's own monitor)" -}}
 {{- end -}}
+{{- if and (eq $v.telemetry.metricsExporter "prometheus") (ne (toString $v.processes) "1") -}}
+{{- fail "pdp: telemetry.metricsExporter=prometheus needs processes=1 (each worker has its own counts, one port serves one); use otlp" -}}
+{{- end -}}
 {{- if and (eq $v.telemetry.metricsExporter "otlp") (not $v.telemetry.otlpEndpoint) -}}
 {{- fail "pdp: telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint" -}}
 {{- end -}}
