@@ -253,9 +253,12 @@ class DecisionPath:
         limit: int,
         endpoint: Endpoint,
         present: Presenter[T],
+        observe_refusal: bool = True,
     ) -> Batch[T]:
         """Decide for each participant of one meeting, at one moment;
-        ``present`` is called once per distinct location.
+        ``present`` is called once per distinct location. ``observe_refusal=False``:
+        a refused batch is not timed as an error, for an adapter that then decides
+        its items one by one, each observed (its span is still recorded).
 
         :raises NotReadyError: no policy and database active yet.
         :raises RequestError: not 1 to ``limit`` participants, or a field is
@@ -268,7 +271,8 @@ class DecisionPath:
             try:
                 batch = self._decide_batch(participants, meeting, action, limit, present)
             except Exception as error:
-                self._observe_error(endpoint, started, error)
+                if observe_refusal or not isinstance(error, RequestError):
+                    self._observe_error(endpoint, started, error)
                 raise
             verdict = verdict_label(decision.verdict for decision in batch.decisions)
             if span is not None:

@@ -203,6 +203,10 @@ def test_authzen_is_observed_and_audited_as_check_is(sidecars: SidecarFactory, t
     by_item = {"action": action(), "evaluations": [{"subject": subject("10.0.0.1"), "resource": resource(f"m-{n}")}
                                                    for n in range(3, 5)]}  # fmt: skip
     assert [a["decision"] for a in pdp.evaluate_all(by_item)] == [False, False]
+    # One meeting, one item refused: the batch is decided item by item, each observed once,
+    # the refused item as an error; the batch it could not be is not counted besides.
+    one_bad = {**shared, "evaluations": [{"subject": subject(cn)}, {"subject": subject("not an address")}]}
+    assert [a["decision"] for a in pdp.evaluate_all(one_bad)] == [True, False]
     # Refused before the decision path (no subject): still timed, as an error.
     assert pdp.post("/access/v1/evaluation", {"action": action(), "resource": resource()}).status == 400
     assert pdp.post("/access/v1/evaluations", {"evaluations": "not a list"}).status == 400
@@ -220,8 +224,9 @@ def test_authzen_is_observed_and_audited_as_check_is(sidecars: SidecarFactory, t
         'rpc="authzen/evaluation",verdict="DENY"': 1.0,
         'rpc="authzen/evaluations",verdict="MIXED"': 1.0,  # one CheckBatch for the shared meeting
         'rpc="authzen/evaluations",verdict="DENY"': 2.0,  # two items decided one by one
+        'rpc="authzen/evaluations",verdict="ALLOW"': 1.0,  # the first item of one_bad
         'rpc="authzen/evaluation",verdict="ERROR"': 1.0,
-        'rpc="authzen/evaluations",verdict="ERROR"': 1.0,
+        'rpc="authzen/evaluations",verdict="ERROR"': 2.0,  # the body refused, and one_bad's second item
     }
     assert 'pdp_decisions_total{jurisdiction="CN",mode="enforce",rule_id="cn-memorial",verdict="DENY"} 2.0' in metrics
 

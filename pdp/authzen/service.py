@@ -113,6 +113,7 @@ class AuthZen:
             decided = self._path.check_batch(
                 participants, first.resource, action,
                 limit=self._batch_limit, endpoint=EVALUATIONS, present=self._answers,
+                observe_refusal=False,  # the items are decided and observed one by one next
             )  # fmt: skip
         except (RequestError, NotReadyError):
             return None
