@@ -206,6 +206,8 @@ class Sidecar:
                         config.audit_max_bytes,
                     )
                 )
+            if self._audit is not None and self._telemetry is not None:
+                self._audit.instrument(self._telemetry.meter_provider.get_meter("pdp.audit"))
             if self.candidate is not None:
                 if self._audit is not None:
                     self._audit.annotate = self.candidate.annotate

@@ -18,20 +18,26 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
 import os
 import random
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple, Protocol
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from pdp.errors import PdpError
 from pdp.model import Action, Decision, Location, Verdict
 from pdp.state import Active
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, Meter, Observation
+
+log = logging.getLogger(__name__)
 
 __all__ = ["AuditConfig", "AuditError", "AuditLog", "key_id", "pseudonym"]
 
@@ -117,10 +123,26 @@ class AuditLog:
         self._open()
         self.dropped = 0
         self.written = 0
+        self._failing = False  # the last flush failed: warned once, until one succeeds
+        self._unflushed = 0  # records written to the buffer since the last flush that succeeded
         # More fields for each record, computed by the writer (pdp.candidate sets it).
         self.annotate: Callable[[Location, int, MeetingFields, float], dict[str, Any]] | None = None
         self._thread = threading.Thread(target=self._write_loop, name="pdp-audit", daemon=True)
         self._thread.start()
+
+    def instrument(self, meter: Meter) -> None:
+        """Export ``pdp.audit.records`` (written and dropped) through ``meter``."""
+        meter.create_observable_counter(
+            "pdp.audit.records",
+            callbacks=[self._observe_records],
+            description="audit records written, and dropped (queue full or unwritable)",
+        )
+
+    def _observe_records(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        yield Observation(self.written, {"result": "written"})
+        yield Observation(self.dropped, {"result": "dropped"})
 
     # ------------------------------------------------------------------ request path
 
@@ -238,10 +260,23 @@ class AuditLog:
             try:
                 for line in self._lines(item):
                     self._write(line + "\n")
-            except Exception:  # one bad record must not stop the log
+            except Exception:  # one bad record, or one the full buffer cannot take, must not stop the log
                 self.dropped += 1
         if self._stream is not None:
-            self._stream.flush()
+            try:
+                self._stream.flush()
+            except OSError as error:
+                # A full or failing disk: what is buffered stays buffered and is written by a
+                # later flush once the disk takes it; records past the buffer are dropped
+                # above. The writer lives on either way (before, it died here for good).
+                if not self._failing:
+                    log.warning("audit log %s: %s; records are dropped while it lasts (pdp.audit.records)",
+                                self.config.target, error.strerror or error)  # fmt: skip
+                self._failing = True
+            else:
+                if self._failing:
+                    log.warning("audit log %s: written again", self.config.target)
+                self._failing, self._unflushed = False, 0
 
     def _write(self, line: str) -> None:
         assert self._stream is not None
@@ -252,10 +287,17 @@ class AuditLog:
         self._stream.write(line)
         self._size += size
         self.written += 1
+        self._unflushed += 1
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop."""
         self._stopping.set()
         self._thread.join(timeout=timeout)
         if self._stream is not None and self._stream is not sys.stdout:
-            self._stream.close()
+            try:
+                self._stream.close()
+            except OSError as error:  # the disk still full: what the buffer holds is lost now
+                log.warning("audit log %s: %s; %d buffered records lost at close",
+                            self.config.target, error.strerror or error, self._unflushed)  # fmt: skip
+                self.written -= self._unflushed
+                self.dropped += self._unflushed

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import logging
 import os
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -369,6 +371,38 @@ def test_full_queue_drops_and_counts_but_never_fails_a_check(serve: Any, tmp_pat
     audit.close()
     drainer.join(timeout=30)
     os.close(reader)
+
+
+def test_a_full_disk_drops_and_counts_records_and_the_writer_lives_on(
+    serve: Any, tmp_path: Path, hmac_key: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/dev/full fails every write with ENOSPC, as a full disk does. The writer must
+    keep taking records (dropping what its buffer cannot hold, counted in
+    pdp.audit.records) and say so once; before, its first failed flush ended it, and
+    every record after it stayed queued until the queue was full."""
+    holder = loaded_holder()
+    reader = InMemoryMetricReader()
+    audit = AuditLog(AuditConfig("/dev/full", str(hmac_key), queue_size=100_000))
+    audit.instrument(MeterProvider(metric_readers=[reader]).get_meter("pdp.audit"))
+    client = serve(holder, audit=audit)
+    for _ in range(300):
+        client.check(CN, "m")
+    deadline = time.monotonic() + 30
+    while audit.written + audit.dropped < 300:  # the first round taken: the writer has met the full disk
+        assert time.monotonic() < deadline, f"{audit.written + audit.dropped} of 300 records taken"
+        time.sleep(0.01)  # the writer's own counts, which nothing signals
+    for _ in range(300):
+        client.check(CN, "m")
+    audit.close()  # writes (or drops) what is queued, if the writer still runs
+    assert audit.written + audit.dropped == 600
+    assert audit.dropped > 0
+    counts = {a["result"]: p.value for a, p in metric_points(reader)["pdp.audit.records"]}
+    assert counts == {"written": audit.written, "dropped": audit.dropped}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pdp.audit" and r.levelname == "WARNING"]
+    # Said when it starts failing, not for every failed flush; and, at close, what the buffer still held.
+    assert warnings[0].startswith("audit log /dev/full: No space left on device; records are dropped"), warnings
+    assert all(first != second for first, second in itertools.pairwise(warnings)), warnings
+    assert len(warnings) < 10, warnings
 
 
 def test_size_rotation_keeps_old_files(serve: Any, tmp_path: Path, hmac_key: Path) -> None:
