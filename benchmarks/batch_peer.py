@@ -19,7 +19,8 @@ nginx the master and every worker). Before measuring, the same 100 addresses are
 both and their verdicts compared: the run stops if the two do not deny the same
 participants.
 
-Writes ``results/<date>-batch.json`` (every repeat) and ``results/<date>-batch.md``.
+Writes ``results/<date>-<HHMM>-batch.json`` (every repeat) and ``.md``: named to the minute, so that a
+second run the same day keeps the first.
 """
 
 from __future__ import annotations
@@ -321,7 +322,7 @@ def main() -> int:
         "runs": runs,
         "summary": summary(runs),
     }
-    stem = options.out / f"{dt.date.today().isoformat()}-batch"
+    stem = options.out / f"{dt.datetime.now().strftime('%Y-%m-%d-%H%M')}-batch"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     text = "\n".join(markdown(result)) + "\n"
     stem.with_suffix(".md").write_text(text)
