@@ -130,7 +130,8 @@ def _reading_types() -> tuple[Any, Any, Any]:
     raw.field.add(name="participants", number=2, type=kind.TYPE_BYTES, label=kind.LABEL_REPEATED)
     addresses = file.message_type.add(name="Addresses")
     addresses.field.add(name="ip", number=1, type=kind.TYPE_STRING, label=kind.LABEL_REPEATED)
-    pb.Participant.DESCRIPTOR.CopyToProto(file.message_type.add())  # the same fields, checks and defaults
+    # The same fields, checks and defaults: Participant holds strings only, no message of its own to copy.
+    pb.Participant.DESCRIPTOR.CopyToProto(file.message_type.add())
     parts = file.message_type.add(name="CheckParts")
     parts.field.add(name="participant", number=1, type=kind.TYPE_MESSAGE, type_name=".pdp.internal.Participant",
                     label=kind.LABEL_OPTIONAL)  # fmt: skip
@@ -149,6 +150,7 @@ def _reading_types() -> tuple[Any, Any, Any]:
 _RAW, _ADDRESSES, _CHECK_PARTS = _reading_types()
 _FIRST_BYTE = itemgetter(0)
 _IP_TAG = b"\x0a"  # Participant.ip: field 1, length-delimited
+_MEETING_TAG = b"\x12"  # CheckRequest.meeting: field 2, length-delimited
 
 
 def batch_addresses(data: bytes, count: int, longest: int) -> list[str] | None:
@@ -221,8 +223,8 @@ class MeetingMemo:
         known = self._known.get(data)
         if known is not None:
             return known
-        try:
-            message = pb.Meeting.FromString(data)
+        try:  # parsed where the request holds it: protobuf's nesting limit counts from the request
+            message = pb.CheckRequest.FromString(_MEETING_TAG + varint(len(data)) + data).meeting
         except DecodeError:
             return None
         try:
