@@ -7,8 +7,9 @@ against another snapshot needs (``pdp snapshot impact``): the location codes,
 the meeting's id, tags and host, the action, the time, the policy's version and
 digest, and the ALLOW sampling rate in force, so that counts can be scaled.
 Records leave the request path through a bounded queue: when it is full they
-are dropped and counted, never waited for. A writer thread formats and writes
-them, rotating the file by size.
+are dropped and counted, never waited for. A writer thread formats them and
+hands them to :class:`pdp.audit_file.RecordFile`, which writes each whole or counts
+it dropped, rotates the file by size, and outlives a failing disk.
 """
 
 from __future__ import annotations
@@ -18,18 +19,17 @@ import hashlib
 import hmac
 import itertools
 import json
-import logging
 import os
 import random
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from pdp.audit_file import RecordFile
 from pdp.errors import PdpError
 from pdp.model import Action, Decision, Location, Verdict
 from pdp.state import Active
@@ -37,7 +37,6 @@ from pdp.state import Active
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-log = logging.getLogger(__name__)
 
 __all__ = ["AuditConfig", "AuditError", "AuditLog", "key_id", "pseudonym"]
 
@@ -118,13 +117,13 @@ class AuditLog:
         self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._prefix = os.urandom(4).hex()
-        self._stream: IO[str] | None = None
-        self._size = 0
-        self._open()
-        self.dropped = 0
-        self.written = 0
-        self._failing = False  # the last flush failed: warned once, until one succeeds
-        self._unflushed = 0  # records written to the buffer since the last flush that succeeded
+        try:
+            self._file = RecordFile(config.target, config.max_bytes, config.backups)
+        except OSError as error:
+            raise AuditError(f"audit log {config.target}: {error.strerror or error}") from None
+        self._full = 0  # records refused by a full queue, counted under _drops (request threads)
+        self._drops = threading.Lock()
+        self._unwritable = 0  # records that could not be formatted (the writer's count)
         # More fields for each record, computed by the writer (pdp.candidate sets it).
         self.annotate: Callable[[Location, int, MeetingFields, float], dict[str, Any]] | None = None
         self._thread = threading.Thread(target=self._write_loop, name="pdp-audit", daemon=True)
@@ -137,6 +136,16 @@ class AuditLog:
             callbacks=[self._observe_records],
             description="audit records written, and dropped (queue full or unwritable)",
         )
+
+    @property
+    def written(self) -> int:
+        """Records written whole."""
+        return self._file.written
+
+    @property
+    def dropped(self) -> int:
+        """Records not written: the queue was full, or the file would not take them."""
+        return self._full + self._unwritable + self._file.dropped
 
     def _observe_records(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
@@ -164,7 +173,8 @@ class AuditLog:
         if not (enforced or decision.shadow_rule_ids):
             return
         if len(self._pending) >= self.config.queue_size:
-            self.dropped += 1
+            with self._drops:  # only when dropping: the common path takes no lock
+                self._full += 1
             return
         # A deque append is one atomic step: no lock, no wake-up of the writer.
         self._pending.append(
@@ -175,30 +185,6 @@ class AuditLog:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ writer
-
-    def _open(self) -> None:
-        if self.config.target == "stdout":
-            self._stream = sys.stdout
-            return
-        path = Path(self.config.target)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._stream = path.open("a", encoding="utf-8")
-            self._size = path.stat().st_size
-        except OSError as error:
-            raise AuditError(f"audit log {path}: {error.strerror or error}") from None
-
-    def _rotate(self) -> None:
-        if self.config.target == "stdout" or self._stream is None:
-            return
-        self._stream.close()
-        path = Path(self.config.target)
-        for number in range(self.config.backups - 1, 0, -1):
-            older = path.with_name(f"{path.name}.{number}")
-            if older.exists():
-                older.replace(path.with_name(f"{path.name}.{number + 1}"))
-        path.replace(path.with_name(f"{path.name}.1"))
-        self._open()
 
     def _lines(self, item: _Pending) -> list[str]:
         decision, location, active = item.decision, item.location, item.active
@@ -212,7 +198,7 @@ class AuditLog:
             "policy_version": active.policy.version,
             "geoip_build": active.geo.build_epoch,
             # What a replay needs besides the above (pdp snapshot impact).
-            "tags": sorted(item.meeting.tags),
+            "tags": sorted(set(item.meeting.tags)),  # as a set: a tag given twice is one
             "host_account": pseudonym(self._key, item.meeting.host_account_id),
             "policy_sha256": active.policy.sha256,
             "allow_sample_rate": self.config.allow_sample_rate,
@@ -253,51 +239,18 @@ class AuditLog:
 
     def _write_pending(self) -> None:
         pending = self._pending
-        if not pending:
-            return
+        records: list[bytes] = []
         while pending:
             item = pending.popleft()
             try:
-                for line in self._lines(item):
-                    self._write(line + "\n")
-            except Exception:  # one bad record, or one the full buffer cannot take, must not stop the log
-                self.dropped += 1
-        if self._stream is not None:
-            try:
-                self._stream.flush()
-            except OSError as error:
-                # A full or failing disk: what is buffered stays buffered and is written by a
-                # later flush once the disk takes it; records past the buffer are dropped
-                # above. The writer lives on either way (before, it died here for good).
-                if not self._failing:
-                    log.warning("audit log %s: %s; records are dropped while it lasts (pdp.audit.records)",
-                                self.config.target, error.strerror or error)  # fmt: skip
-                self._failing = True
-            else:
-                if self._failing:
-                    log.warning("audit log %s: written again", self.config.target)
-                self._failing, self._unflushed = False, 0
-
-    def _write(self, line: str) -> None:
-        assert self._stream is not None
-        size = len(line.encode())
-        if self.config.target != "stdout" and self._size + size > self.config.max_bytes and self._size:
-            self._stream.flush()
-            self._rotate()
-        self._stream.write(line)
-        self._size += size
-        self.written += 1
-        self._unflushed += 1
+                records.append("".join(f"{line}\n" for line in self._lines(item)).encode())
+            except Exception:  # one bad record must not stop the log
+                self._unwritable += 1
+        self._file.write(records)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop."""
         self._stopping.set()
         self._thread.join(timeout=timeout)
-        if self._stream is not None and self._stream is not sys.stdout:
-            try:
-                self._stream.close()
-            except OSError as error:  # the disk still full: what the buffer holds is lost now
-                log.warning("audit log %s: %s; %d buffered records lost at close",
-                            self.config.target, error.strerror or error, self._unflushed)  # fmt: skip
-                self.written -= self._unflushed
-                self.dropped += self._unflushed
+        if not self._thread.is_alive():  # else it still writes: leave it the file
+            self._file.close()

@@ -377,7 +377,7 @@ def test_a_full_disk_drops_and_counts_records_and_the_writer_lives_on(
     serve: Any, tmp_path: Path, hmac_key: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """/dev/full fails every write with ENOSPC, as a full disk does. The writer must
-    keep taking records (dropping what its buffer cannot hold, counted in
+    keep taking records (each one it cannot write counted dropped, in
     pdp.audit.records) and say so once; before, its first failed flush ended it, and
     every record after it stayed queued until the queue was full."""
     holder = loaded_holder()
