@@ -289,7 +289,11 @@ def test_schema_rejects_bad_values(changes: dict[str, Any], field: str) -> None:
         ({"telemetry__metricsExporter": "otlp"}, "telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint"),
         (
             {"telemetry__metricsExporter": "prometheus", "processes": 2},
-            "telemetry.metricsExporter=prometheus needs processes=1",
+            "telemetry.metricsExporter=prometheus needs one process",
+        ),
+        (
+            {"telemetry__metricsExporter": "prometheus", "processes": "auto", "resources__limits": {"cpu": "2"}},
+            "telemetry.metricsExporter=prometheus needs one process",
         ),
         (
             {"geoip__source": "geoipupdate", "geoip__sha256File": "City.mmdb.sha256"},
@@ -367,3 +371,19 @@ def test_a_candidate_snapshot_reaches_pdp_serve_as_its_setting() -> None:
         (config_map,) = [d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
         assert config_map["data"].get("PDP_CANDIDATE_SNAPSHOT", "") == expected
         assert resolve({}, dict(config_map["data"])).candidate_snapshot == expected
+
+
+def test_prometheus_renders_with_one_process_however_it_is_asked_for() -> None:
+    """processes: auto on a one-core limit is one process (pdp rounds the quota up): allowed."""
+    for processes, limits in ((1, {}), ("auto", {"cpu": "1", "memory": "512Mi"}), ("auto", {"cpu": "500m"})):
+        changes: dict[str, Any] = {"telemetry__metricsExporter": "prometheus", "processes": processes}
+        if limits:
+            changes["resources__limits"] = limits
+        documents = render(with_values(**changes))
+        environment = [
+            variable
+            for document in documents
+            if document["kind"] == "ConfigMap"
+            for variable in document.get("data", {}).items()
+        ]
+        assert ("OTEL_METRICS_EXPORTER", "prometheus") in environment, processes

@@ -117,8 +117,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $v.telemetry.serviceMonitor.enabled (ne $v.mode "daemonset") -}}
 {{- fail "pdp: telemetry.serviceMonitor.enabled is for mode=daemonset (a sidecar's metrics belong to its pod's own monitor)" -}}
 {{- end -}}
-{{- if and (eq $v.telemetry.metricsExporter "prometheus") (ne (toString $v.processes) "1") -}}
-{{- fail "pdp: telemetry.metricsExporter=prometheus needs processes=1 (each worker has its own counts, one port serves one); use otlp" -}}
+{{- if eq $v.telemetry.metricsExporter "prometheus" -}}
+{{- $single := eq (toString $v.processes) "1" -}}
+{{- if and (eq (toString $v.processes) "auto") (dig "limits" "cpu" "" $v.resources) -}}
+{{- $single = eq (int (include "pdp.processCount" .)) 1 -}}{{/* auto on one core is one process */}}
+{{- end -}}
+{{- if not $single -}}
+{{- fail "pdp: telemetry.metricsExporter=prometheus needs one process (processes: 1, or auto with resources.limits.cpu of 1 core): each worker has its own counts, one port serves one; use otlp" -}}
+{{- end -}}
 {{- end -}}
 {{- if and (eq $v.telemetry.metricsExporter "otlp") (not $v.telemetry.otlpEndpoint) -}}
 {{- fail "pdp: telemetry.metricsExporter=otlp needs telemetry.otlpEndpoint" -}}
