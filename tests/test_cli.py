@@ -429,7 +429,7 @@ def test_every_command_that_verifies_names_a_bad_pubkey_the_same_way(
 ) -> None:
     """snapshot diff, promote and impact share one --pubkey (pdp/commands/keys.py):
     a key file that is missing, given as --pubkey or in PDP_SNAPSHOT_PUBKEY, is
-    refused with exit 2 and one message naming the option and the file."""
+    refused with exit 2 and one message naming where it was given and the file."""
     missing = tmp_path / "missing.pem"
     log = tmp_path / "audit.log"
     log.write_text("")
@@ -444,7 +444,8 @@ def test_every_command_that_verifies_names_a_bad_pubkey_the_same_way(
         else:
             result = run(*arguments, env={"PDP_SNAPSHOT_PUBKEY": f" {missing} ,"})
         assert result.returncode == 2, (name, result.stderr)
-        assert result.stderr.startswith(f"pdp: --pubkey: {missing}: not a readable PEM public key"), (
+        named = "--pubkey" if via == "flag" else "PDP_SNAPSHOT_PUBKEY"
+        assert result.stderr.startswith(f"pdp: {named}: {missing}: not a readable PEM public key"), (
             name,
             result.stderr,
         )

@@ -34,11 +34,12 @@ def trusted_keys(given: list[str] | None) -> TrustedKeys:
     """The keys of :func:`key_files` (none: nothing is verified).
 
     :raises SignatureError: a file is unreadable or holds no Ed25519 public key;
-        the message starts with ``--pubkey:``.
+        the message starts with where the file was named (``--pubkey:`` or
+        ``PDP_SNAPSHOT_PUBKEY:``).
     """
     from pdp.signing import SignatureError, TrustedKeys
 
     try:
         return TrustedKeys.from_files(key_files(given))
     except SignatureError as error:
-        raise SignatureError(f"--pubkey: {error}") from None
+        raise SignatureError(f"{'--pubkey' if given else 'PDP_SNAPSHOT_PUBKEY'}: {error}") from None
