@@ -13,6 +13,7 @@ next batch. The first failure is logged, and the first success after it.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -81,10 +82,7 @@ class RecordFile:
                 done += count
         except OSError as caught:
             error = caught
-        ends, total = [], len(prefix)
-        for record in records:
-            total += len(record)
-            ends.append(total)
+        ends = list(itertools.accumulate(map(len, records), initial=len(prefix)))[1:]  # where each record ends
         whole = bisect.bisect_right(ends, done)
         self.written += whole
         self.dropped += len(records) - whole

@@ -21,7 +21,16 @@ from pdp.envoy.mapping import ATTRIBUTES, check_sources
 from pdp.errors import PdpError
 from pdp.settings import SETTINGS, Setting, parse_listen
 
-__all__ = ["SETTINGS", "ConfigError", "ServeConfig", "Setting", "add_serve_arguments", "parse_listen", "resolve"]
+__all__ = [
+    "SETTINGS",
+    "ConfigError",
+    "ServeConfig",
+    "Setting",
+    "add_serve_arguments",
+    "comma_list",
+    "parse_listen",
+    "resolve",
+]
 
 
 class ConfigError(PdpError, ValueError):
@@ -84,7 +93,7 @@ class ServeConfig:
 
     @property
     def pubkey_files(self) -> list[str]:
-        return [part.strip() for part in self.snapshot_pubkey.split(",") if part.strip()]
+        return comma_list(self.snapshot_pubkey)
 
     @property
     def nat64_prefixes(self) -> list[str]:
@@ -207,3 +216,8 @@ def settings_markdown(settings: Sequence[Setting] = SETTINGS) -> str:
         shown = "(required)" if setting.required else f"`{default}`" if default != "" else "(unset)"
         rows.append(f"| `{setting.flag}` | `{setting.env}` | {shown} | {setting.help} |")
     return "\n".join(rows)
+
+
+def comma_list(text: str) -> list[str]:
+    """The non-empty items of a comma-separated setting, spaces around them removed."""
+    return [part.strip() for part in text.split(",") if part.strip()]

@@ -262,11 +262,11 @@ def supervise(config: ServeConfig, describe: Callable[[Sidecar], list[str]], rea
         processes, or a worker could not start (its own error).
     """
     from pdp.app import SetupError
-    from pdp.telemetry import wanted
+    from pdp.telemetry import exporter_names
 
     if config.audit_log == "stdout":
         raise SetupError("--audit-log stdout needs --processes 1: give a file, each worker K writes FILE.K")
-    if wanted(os.environ) and (os.environ.get("OTEL_METRICS_EXPORTER") or "").lower() == "prometheus":
+    if exporter_names(os.environ)[0] == "prometheus":
         # Each worker has its own meter: one port could serve only one of them.
         port = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT") or "9464"
         raise SetupError(

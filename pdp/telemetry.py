@@ -34,7 +34,15 @@ from pdp.errors import PdpError
 from pdp.model import Decision, Location
 from pdp.state import Active, PolicyHolder
 
-__all__ = ["DURATION_BUCKETS", "Telemetry", "TelemetryError", "configure_from_environment", "server_span", "wanted"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "Telemetry",
+    "TelemetryError",
+    "configure_from_environment",
+    "exporter_names",
+    "server_span",
+    "wanted",
+]
 
 # Seconds; a warm Check is tens of microseconds of server time, so resolve those.
 DURATION_BUCKETS = (
@@ -293,13 +301,20 @@ def _span_exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
     raise TelemetryError(f"OTEL_TRACES_EXPORTER={name!r}: use none, otlp or console")
 
 
+def exporter_names(environ: Mapping[str, str]) -> tuple[str, str]:
+    """The metrics and traces exporters the OTEL_* variables ask for, in lower case;
+    ``("none", "none")`` when ``OTEL_SDK_DISABLED=true``."""
+    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return "none", "none"
+    metrics, traces = (
+        (environ.get(name) or "none").lower() for name in ("OTEL_METRICS_EXPORTER", "OTEL_TRACES_EXPORTER")
+    )
+    return metrics, traces
+
+
 def wanted(environ: Mapping[str, str]) -> bool:
     """Whether the OTEL_* variables ask for any exporter."""
-    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return False
-    return any(
-        (environ.get(name) or "none").lower() != "none" for name in ("OTEL_METRICS_EXPORTER", "OTEL_TRACES_EXPORTER")
-    )
+    return exporter_names(environ) != ("none", "none")
 
 
 def configure_from_environment(
@@ -312,10 +327,7 @@ def configure_from_environment(
     :raises TelemetryError: an unknown exporter name, a missing extra, a busy port.
     """
     environ = os.environ if environ is None else environ
-    if environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return None, []
-    metrics_name = (environ.get("OTEL_METRICS_EXPORTER") or "none").lower()
-    traces_name = (environ.get("OTEL_TRACES_EXPORTER") or "none").lower()
+    metrics_name, traces_name = exporter_names(environ)
     if metrics_name == "none" and traces_name == "none":
         return None, []
     resource = Resource.create(

@@ -9,6 +9,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from pdp.config import comma_list
+
 if TYPE_CHECKING:
     from pdp.signing import TrustedKeys
 
@@ -27,7 +29,7 @@ def add_pubkey_option(parser: argparse.ArgumentParser, verifies: str = "signed e
 
 def key_files(given: list[str] | None, environ: Mapping[str, str] = os.environ) -> list[str]:
     """The files given with ``--pubkey``, else those ``PDP_SNAPSHOT_PUBKEY`` lists."""
-    return given or [part.strip() for part in environ.get("PDP_SNAPSHOT_PUBKEY", "").split(",") if part.strip()]
+    return given or comma_list(environ.get("PDP_SNAPSHOT_PUBKEY", ""))
 
 
 def trusted_keys(given: list[str] | None) -> TrustedKeys:
