@@ -133,7 +133,7 @@ def _summary(
         for kind in runs
     }
     ratios = {}
-    for floor in ("floor", "floor-guarded", BASELINE)[: len(names) - 1]:
+    for floor in (name for name in names if name != "pdp"):  # the floors, and the baseline when run
         ratios[floor] = {
             "closed_max": round(maxima["pdp"] / maxima[floor], 3),
             **{key: round(latency["pdp"][key] / latency[floor][key], 3) for key in KEYS},
