@@ -2,10 +2,10 @@
 
     python -m benchmarks.floor_server --mode sync|sync-guarded|aio --listen unix:/tmp/floor.sock
 
-``sync-guarded`` is built exactly as `pdp serve` builds its server (same thread
-pool, channel options and receive guard, see pdp.receiving); ``sync`` is the same
-without the guard; ``aio`` is the grpc.aio alternative with the same options.
-It prints one line once listening, like `pdp serve`.
+``sync-guarded`` is built exactly as `pdp serve` builds its server (same threads,
+channel options and receive guard, see pdp.receiving.CallThreads); ``sync`` is the
+same without the guard, on a plain pool of as many threads; ``aio`` is the grpc.aio
+alternative with the same options. It prints one line once listening, like `pdp serve`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import grpc
 
 from pdp._proto import admission_pb2 as pb
 from pdp.config import ServeConfig
-from pdp.receiving import GuardedHandlers, ReceiveGuard
+from pdp.receiving import CallThreads, GuardedHandlers
 from pdp.server import grpc_options
 
 RESPONSE = pb.CheckResponse(
@@ -58,13 +58,14 @@ def _address(listen: str, port: int) -> str:
 
 def serve_sync(config: ServeConfig, *, guarded: bool = False) -> None:
     """``guarded``: every request received through pdp's ReceiveGuard, as `pdp serve` does."""
-    guard = ReceiveGuard(limit=4 * config.workers, timeout=config.receive_timeout)
-    threads = config.workers + (guard.limit if guarded else 0)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=grpc_options(config))
     floor = handlers(sync_check)
-    server.add_generic_rpc_handlers((GuardedHandlers([floor], guard) if guarded else floor,))
     if guarded:
-        guard.start()
+        threads = CallThreads.start(config.workers, config.receive_timeout)
+        server = grpc.server(threads.calls, options=grpc_options(config))
+        server.add_generic_rpc_handlers((GuardedHandlers([floor], threads.guard, threads.streams),))
+    else:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=grpc_options(config))
+        server.add_generic_rpc_handlers((floor,))
     bound = server.add_insecure_port(config.listen)
     server.start()
     print(f"floor (sync) listening on {_address(config.listen, bound)}", flush=True)

@@ -13,7 +13,7 @@ False
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -163,12 +163,12 @@ class Client:
         response = self._stub.CheckBatch(request, timeout=self.timeout if timeout is None else timeout)
         return [CheckResult.from_message(result) for result in response.results]
 
-    def watch_policy(self, *, timeout: float | None = None) -> Iterator[PolicyEvent]:
+    def watch_policy(self, *, timeout: float | None = None) -> Generator[PolicyEvent, None, None]:
         """Yield the active versions at once, then after every activation.
 
         Re-check live participants with :meth:`check_batch` on each event. The
         stream ends when ``timeout`` (default: none) expires or the server stops;
-        call again to resubscribe.
+        call again to resubscribe; ``close()`` ends it at once.
 
         :raises grpc.RpcError: on any non-OK status other than the deadline.
         """

@@ -29,6 +29,13 @@ costs two dictionary operations and a comparison here.
 To get hold of the call before its message arrives, every method is served with a
 streaming request (:func:`guarded`): the wire is the same, and the handler reads
 the one message itself, through the guard.
+
+A listener's threads (:class:`CallThreads`) are few on purpose. Python decides one
+call at a time, so threads beyond a handful add no throughput, and each busy one
+costs the rest: at 16 calls in flight `pdp serve` on 40 threads spent 12-16 % more
+CPU per Check than on 8 (``python -m benchmarks.threads``; README, "Fewer threads").
+Methods that answer with a stream hold their thread while it is open, so they run
+on threads of their own and never take one that unary calls need.
 """
 
 from __future__ import annotations
@@ -37,11 +44,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
 
-__all__ = ["GuardedHandlers", "ReceiveGuard", "guarded"]
+__all__ = ["CallThreads", "GuardedHandlers", "ReceiveGuard", "guarded"]
 
 log = logging.getLogger("pdp.server")
 _monotonic = time.monotonic
@@ -171,6 +180,39 @@ class ReceiveGuard:
                 reported = counts
 
 
+@dataclass(frozen=True)
+class CallThreads:
+    """The threads a listener serves its calls on, and the guard they receive through.
+
+    ``calls`` runs unary calls; at most half of them wait for a request message at
+    once (the guard's limit), so at least half decide whatever silent clients do.
+    ``streams`` runs the methods that answer with a stream (WatchPolicy, health's
+    Watch, reflection), which hold their thread while the stream is open.
+    """
+
+    guard: ReceiveGuard
+    calls: futures.ThreadPoolExecutor
+    streams: futures.ThreadPoolExecutor
+
+    @classmethod
+    def start(cls, workers: int, timeout: float, *, name: str = "pdp") -> CallThreads:
+        """``workers`` threads for unary calls (at least 2: a silent call alone must
+        not hold the only one, with no later call to crowd it out) and as many for
+        streams; the guard's watchdog started."""
+        count = max(2, workers)
+        guard = ReceiveGuard(limit=count // 2, timeout=timeout, name=f"{name}-receive-guard")
+        calls = futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix=f"{name}-rpc")
+        streams = futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix=f"{name}-stream")
+        guard.start()
+        return cls(guard, calls, streams)
+
+    def stop(self, *, wait: bool) -> None:
+        """Stop the watchdog and both pools (gRPC never shuts down the pools it is given)."""
+        self.guard.stop()
+        self.calls.shutdown(wait=wait)
+        self.streams.shutdown(wait=wait)
+
+
 class _Requests:
     """A call's request stream, each message received through the guard."""
 
@@ -200,9 +242,15 @@ def _no_message(context: grpc.ServicerContext) -> NoReturn:
     raise AssertionError("unreachable: abort raises")
 
 
-def guarded(handler: grpc.RpcMethodHandler[Any, Any], guard: ReceiveGuard) -> grpc.RpcMethodHandler[Any, Any]:
+def guarded(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    guard: ReceiveGuard,
+    streams: futures.ThreadPoolExecutor | None = None,
+) -> grpc.RpcMethodHandler[Any, Any]:
     """The same method, served with a streaming request so that its messages are
-    received through ``guard``; non-blocking streams and their thread pools kept."""
+    received through ``guard``; non-blocking streams and their thread pools kept.
+    A method answering with a stream runs on ``streams``, when given and it names
+    no pool of its own."""
     behaviour: Callable[..., Any]
     deserializer, serializer = handler.request_deserializer, handler.response_serializer
     if handler.unary_unary is not None:
@@ -239,15 +287,24 @@ def guarded(handler: grpc.RpcMethodHandler[Any, Any], guard: ReceiveGuard) -> gr
     for attribute in ("experimental_non_blocking", "experimental_thread_pool"):
         if hasattr(inner, attribute):
             setattr(behaviour, attribute, getattr(inner, attribute))
+    if streams is not None and handler.response_streaming and getattr(inner, "experimental_thread_pool", None) is None:
+        behaviour.experimental_thread_pool = streams  # type: ignore[attr-defined]  # grpcio reads it off the callable
     return made
 
 
 class GuardedHandlers(grpc.GenericRpcHandler):
-    """``handlers``' methods, each :func:`guarded`; built once per method name."""
+    """``handlers``' methods, each :func:`guarded` (streams on ``streams``); built
+    once per method name."""
 
-    def __init__(self, handlers: Sequence[grpc.GenericRpcHandler], guard: ReceiveGuard) -> None:
+    def __init__(
+        self,
+        handlers: Sequence[grpc.GenericRpcHandler],
+        guard: ReceiveGuard,
+        streams: futures.ThreadPoolExecutor | None = None,
+    ) -> None:
         self._handlers = tuple(handlers)
         self._guard = guard
+        self._streams = streams
         self._methods: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
@@ -260,7 +317,7 @@ class GuardedHandlers(grpc.GenericRpcHandler):
         for handlers in self._handlers:
             handler = handlers.service(handler_call_details)
             if handler is not None:
-                found = guarded(handler, self._guard)
+                found = guarded(handler, self._guard, self._streams)
                 break
         if len(self._methods) < 1024:  # unknown method names are not remembered without end
             self._methods[method] = found

@@ -24,7 +24,6 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -38,7 +37,7 @@ from pdp.config import ServeConfig, parse_listen
 from pdp.decisions import DecisionPath
 from pdp.envoy import servicer as envoy
 from pdp.listen import SOCKET_UMASK, prepare_unix_socket, refuse_insecure_remote, tls_files
-from pdp.receiving import GuardedHandlers, ReceiveGuard
+from pdp.receiving import CallThreads, GuardedHandlers, ReceiveGuard
 from pdp.servicer import SERVICE_NAME, AdmissionServicer, admission_handlers
 from pdp.state import PolicyHolder
 from pdp.workers import SharedHealth, Worker
@@ -52,6 +51,8 @@ __all__ = ["SERVICE_NAME", "RunningServer", "StopSignals", "grpc_options", "star
 
 log = logging.getLogger("pdp.server")
 _SHUTDOWN_SECONDS = 2.0
+# The health port answers probes only: a few threads, half of them free of silent callers.
+_PROBE_THREADS = 8
 
 
 # --------------------------------------------------------------------------- running
@@ -69,9 +70,13 @@ class RunningServer:
     health_address: str = ""
     # gRPC never shuts down the pools it is given: stop() does, so that a
     # stopped server leaves no thread behind.
-    pools: list[futures.ThreadPoolExecutor] = field(default_factory=list)
+    threads: list[CallThreads] = field(default_factory=list)
     unsubscribe: Callable[[], None] = field(default=lambda: None, repr=False)
-    guards: list[ReceiveGuard] = field(default_factory=list)
+
+    @property
+    def guards(self) -> list[ReceiveGuard]:
+        """Each listener's receive guard: the main one first, then the health port's."""
+        return [threads.guard for threads in self.threads]
 
     def set_serving(self, serving: bool) -> None:
         if isinstance(self.health, SharedHealth):
@@ -97,10 +102,8 @@ class RunningServer:
         finished = stopped.wait(grace + _SHUTDOWN_SECONDS)
         if not finished:
             log.warning("stopped without waiting longer for connections whose clients do not read")
-        for guard in self.guards:
-            guard.stop()
-        for pool in self.pools:
-            pool.shutdown(wait=finished)  # every call has ended: the workers exit at once
+        for threads in self.threads:
+            threads.stop(wait=finished)  # every call has ended: the threads exit at once
 
 
 def grpc_options(config: ServeConfig, *, reuseport: bool = False) -> list[tuple[str, int]]:
@@ -134,10 +137,8 @@ def start_server(
 
     :raises OSError: the address cannot be bound (in use, bad path, no permission).
     """
-    # --workers threads decide; four times as many may wait for request messages (pdp.receiving).
-    guard = ReceiveGuard(limit=4 * config.workers, timeout=config.receive_timeout)
-    pool = futures.ThreadPoolExecutor(max_workers=config.workers + guard.limit, thread_name_prefix="pdp-rpc")
-    server = grpc.server(pool, options=grpc_options(config, reuseport=worker is not None and worker.reuseport))
+    threads = CallThreads.start(config.workers, config.receive_timeout)
+    server = grpc.server(threads.calls, options=grpc_options(config, reuseport=worker is not None and worker.reuseport))
     handlers, names = _services(config, DecisionPath(holder, telemetry, audit, candidate))
     health_servicer = health.HealthServicer() if worker is None else SharedHealth(worker, ("", SERVICE_NAME))
     health_handlers = _Collected()
@@ -146,30 +147,32 @@ def start_server(
     reflection_handlers = _Collected()
     reflection.enable_server_reflection(names, reflection_handlers)  # type: ignore[arg-type]
     every = [*handlers, *health_handlers.handlers, *reflection_handlers.handlers]
-    server.add_generic_rpc_handlers((GuardedHandlers(every, guard),))
-    address = _bind(server, config.listen, config)
-    if worker is not None and worker.also:
-        _bind(server, worker.also, config)
+    server.add_generic_rpc_handlers((GuardedHandlers(every, threads.guard, threads.streams),))
+    try:
+        address = _bind(server, config.listen, config)
+        if worker is not None and worker.also:
+            _bind(server, worker.also, config)
+    except OSError:
+        threads.stop(wait=False)
+        raise
     server.start()
-    guard.start()
-    running = RunningServer(server, health_servicer, address, config.grace_seconds, pools=[pool], guards=[guard])
+    running = RunningServer(server, health_servicer, address, config.grace_seconds, threads=[threads])
     if config.health_listen:
         # Only Health here: this address may be the pod IP, reachable by the kubelet and others.
-        probe_guard = ReceiveGuard(limit=8, timeout=config.receive_timeout, name="pdp-health-receive-guard")
-        probe_pool = futures.ThreadPoolExecutor(max_workers=2 + probe_guard.limit, thread_name_prefix="pdp-health")
+        probes = CallThreads.start(_PROBE_THREADS, config.receive_timeout, name="pdp-health")
+        running.threads.append(probes)
         shared = worker is not None and worker.health_reuseport
-        probe_server = grpc.server(probe_pool, options=grpc_options(config, reuseport=shared))
-        running.pools.append(probe_pool)
-        probe_server.add_generic_rpc_handlers((GuardedHandlers(health_handlers.handlers, probe_guard),))
+        probe_server = grpc.server(probes.calls, options=grpc_options(config, reuseport=shared))
+        probe_server.add_generic_rpc_handlers(
+            (GuardedHandlers(health_handlers.handlers, probes.guard, probes.streams),)
+        )
         try:
             running.health_address = _bind(probe_server, config.health_listen, health_only=True)
         except OSError:
             running.stop(0)
             raise
         probe_server.start()
-        probe_guard.start()
         running.health_server = probe_server
-        running.guards.append(probe_guard)
     # Health follows the holder: NOT_SERVING until a policy and a database are active.
     running.set_serving(holder.active is not None)
     running.unsubscribe = holder.subscribe(lambda _active: running.set_serving(True))

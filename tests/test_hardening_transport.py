@@ -141,7 +141,7 @@ def test_half_open_calls_never_take_the_threads_check_and_health_need(
             connection = HalfOpen(target)
             half_open.append(connection)
             for path in METHODS:
-                connection.open(path, 2 * workers)  # 4 x 7 x 2 x workers: far more than the 5 x workers threads
+                connection.open(path, 2 * workers)  # 4 x 7 x 2 x workers: far more than the 2 x workers threads
         # Each of these needs a server thread; with the calls above holding them all, it would wait.
         with Client(running.address, timeout=10) as client:
             for _ in range(3 * workers):
@@ -152,6 +152,28 @@ def test_half_open_calls_never_take_the_threads_check_and_health_need(
         assert health(running.address, "pdp.v1.AdmissionService") == serving
         assert health(running.health_address) == serving
         assert health(running.health_address, "pdp.v1.AdmissionService") == serving
+    finally:
+        running.stop(grace=0)
+
+
+def test_open_streams_never_take_the_threads_unary_calls_need(tmp_path: Path) -> None:
+    """A WatchPolicy stream holds its thread while it is open; with 2 threads for unary
+    calls, at most 1 of them waiting for a message, a watcher beside one silent call
+    would leave Check none. Streams run on threads of their own: while the watcher is
+    open, the calls' threads are all free of it."""
+    running, _ = serve(tmp_path, workers=2)
+    try:
+        with Client(running.address, timeout=10) as client:
+            watching = client.watch_policy(timeout=30)
+            assert next(watching).policy_version == 7
+            streams = [thread.name for thread in threading.enumerate() if thread.name.startswith("pdp-stream")]
+            assert len(streams) == 1, streams
+            for _ in range(6):
+                assert client.check(CN, "m").verdict == Verdict.DENY
+            assert client.status().serving
+            calls = [thread.name for thread in threading.enumerate() if thread.name.startswith("pdp-rpc")]
+            assert 1 <= len(calls) <= 2, calls  # the pool of --workers threads, none taken by the watcher
+            watching.close()
     finally:
         running.stop(grace=0)
 
