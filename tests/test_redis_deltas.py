@@ -22,6 +22,7 @@ from pdp.publish import publish
 from pdp.reload import Reloader
 from pdp.signing import TrustedKeys, generate_keypair, load_private_key, sign
 from pdp.sources import SourceOptions, open_source
+from pdp.sources.redis_source import RedisSource
 from pdp.state import PolicyHolder
 
 from .conftest import CITY_DB, ServerFactory
@@ -402,7 +403,7 @@ def test_a_delta_carried_by_the_notice_costs_no_request(
     publisher.publish(initial(2000))
     reloader = follow(publisher.url)
     assert reloader.run_once() == "activated version 1"
-    wait_until_subscribed(store, "pdp:fleet:updates")
+    wait_until_subscribed(reloader)
     stored = publisher.next(notify=True)
     reloader.source.wait(10)  # the notice wakes the source (the reloader is driven by hand here)
     outcomes: list[str] = []
@@ -427,7 +428,7 @@ def test_a_notice_that_is_no_good_delta_is_only_a_wake_up(
     publisher.publish(initial(50))
     reloader = follow(publisher.url)
     assert reloader.run_once() == "activated version 1"
-    wait_until_subscribed(store, "pdp:fleet:updates")
+    wait_until_subscribed(reloader)
     if notice == "forged":  # a well-formed delta from the active version, signed by a key nobody trusts
         generate_keypair(tmp_path / "rogue.key", tmp_path / "rogue.pub")
         rogue = Publisher(publisher.url, load_private_key(tmp_path / "rogue.key"), document=publisher.document)
@@ -446,10 +447,12 @@ def test_a_notice_that_is_no_good_delta_is_only_a_wake_up(
     assert reloader.holder.policy.sha256 == payload_sha(stored, trusted)
 
 
-def wait_until_subscribed(store: redis.Redis, channel: str) -> None:
-    from .sentinels import wait_for
-
-    wait_for(lambda: int(store.pubsub_numsub(channel)[0][1]) >= 1, f"a subscriber on {channel}")
+def wait_until_subscribed(reloader: Reloader) -> None:
+    """Until the source has subscribed, its wake-up for that used up: the next is a notice's."""
+    source = reloader.source
+    assert isinstance(source, RedisSource)
+    assert source.subscribed.wait(30), "the source never subscribed"
+    source.wait(0)
 
 
 def test_the_publish_and_sign_commands(tmp_path: Path, redis_server: RedisServer, store: redis.Redis) -> None:

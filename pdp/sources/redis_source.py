@@ -16,9 +16,10 @@ A store written without a head (older publishers) is read whole at every poll,
 as before, and compared by digest.
 
 A notice on the channel wakes the reloader at once; the regular poll stays as
-the safety net for notices lost while disconnected. The subscriber reconnects
-with backoff (with Sentinel, to the new master) and then wakes the reloader
-too, since notices sent meanwhile are gone.
+the safety net for notices lost while disconnected. Every time the subscriber
+has subscribed (at start, and after reconnecting with backoff, with Sentinel to
+the new master) it wakes the reloader too, since notices sent before are gone:
+a publication between the first fetch and the subscription is not left to the poll.
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class RedisSource(Source):
         self._pending_base: _Base | None = None
         self._noticed: bytes | None = None  # the delta the last notice carried, not yet looked at
         self._closed = threading.Event()
+        # Set while subscribed, each time after the subscription's wake-up: who waits on it
+        # and then on wait() has used up that wake-up, and the next one is a notice's.
+        self.subscribed = threading.Event()
         self._subscriber = threading.Thread(target=self._listen, name="pdp-redis-notices", daemon=True)
         self._subscriber.start()
 
@@ -262,8 +266,8 @@ class RedisSource(Source):
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             try:
                 pubsub.subscribe(self.channel)
-                if failures:
-                    self.wake()  # notices sent while we were away are lost: look now
+                self.wake()  # notices sent before this subscription are lost: look now
+                self.subscribed.set()
                 failures = 0
                 while not self._closed.is_set():
                     message = pubsub.get_message(timeout=self.close_check_seconds)
@@ -274,6 +278,7 @@ class RedisSource(Source):
                         self._noticed = data if isinstance(data, bytes) and not data.isdigit() else None
                         self.wake()
             except (redis.RedisError, OSError, ValueError):
+                self.subscribed.clear()
                 failures += 1
                 # Exponential backoff with jitter, capped, and cut short by close().
                 self._closed.wait(min(30.0, 0.2 * 2**failures) * random.uniform(0.8, 1.2))  # noqa: S311
