@@ -9,8 +9,9 @@ rotating order, repeat after repeat: closed loop, 16 calls in flight, from the
 suite's load generator on the client core. ``--baseline TREE`` adds `pdp serve
 --workers 8` run from another checkout (``git worktree add /tmp/old main``).
 
-For each server: the median rate and server CPU per call, and the median of its
-ratios to the floor *within each repeat* (the floor loaded seconds before or after
+For each server: the median rate and server CPU per call, the median of its
+ratios to the floor *within each repeat*, and the first `pdp serve`'s rate over its
+own, repeat by repeat (with how often the first was the faster) (the floor loaded seconds before or after
 it): on a shared machine whose speed drifts by half from one minute to the next,
 only such pairs compare. A thread pool busier than the calls need costs CPU per
 call (each call wakes a sleeping thread instead of being taken by one that has
@@ -73,7 +74,9 @@ def _loaded(options: argparse.Namespace, servers: dict[str, Server], addresses: 
             runs[name].append({"rate": result["achieved_rate"], "cpu_us_per_call": round(cpu, 1),
                                "errors": sum(result["errors"].values())})  # fmt: skip
     summary = {}
+    first = names[1]  # the first pdp serve: the others are compared with it too
     for name in names:
+        against_first = [run["rate"] / other["rate"] for run, other in zip(runs[first], runs[name], strict=True)]
         pairs = zip(runs[name], runs[FLOOR], strict=True)
         ratios = [
             (run["rate"] / floor["rate"], floor["cpu_us_per_call"] / run["cpu_us_per_call"]) for run, floor in pairs
@@ -88,6 +91,9 @@ def _loaded(options: argparse.Namespace, servers: dict[str, Server], addresses: 
             ],
             "cpu_vs_floor": round(statistics.median(cpu for _, cpu in ratios), 3),
             "errors": sum(run["errors"] for run in runs[name]),
+            # the first pdp serve's rate over this one's, repeat by repeat, and in how many repeats it was faster
+            "first_vs_this": round(statistics.median(against_first), 3),
+            "first_faster": sum(ratio > 1 for ratio in against_first),
         }
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -103,6 +109,7 @@ def _loaded(options: argparse.Namespace, servers: dict[str, Server], addresses: 
 
 
 def markdown(results: dict[str, Any]) -> str:
+    first, repeats = list(results["summary"])[1], results["repeats"]
     lines = [
         f"# `pdp serve --workers N` against the floor, {results['date']}",
         "",
@@ -111,14 +118,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['stolen']:.1%} of the CPU time stolen by the hypervisor.",
         "",
         "| server | calls/s | server CPU µs/call | calls/s ÷ floor's, paired (range) "
-        "| floor's CPU ÷ its, paired | failed |",
-        "|---|---|---|---|---|---|",
+        f"| floor's CPU ÷ its, paired | {first}'s calls/s ÷ its, paired (repeats {first} was faster) | failed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in results["summary"].items():
         low, high = row["rate_vs_floor_range"]
+        against = "" if name in (FLOOR, first) else f"{row['first_vs_this']:.3f}× ({row['first_faster']} of {repeats})"
         lines.append(
             f"| {name} | {row['rate']:,.0f} | {row['cpu_us_per_call']:.1f} | {row['rate_vs_floor']:.3f}× "
-            f"({low:.2f}–{high:.2f}) | {row['cpu_vs_floor']:.3f}× | {row['errors']} |"
+            f"({low:.2f}–{high:.2f}) | {row['cpu_vs_floor']:.3f}× | {against} | {row['errors']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -32,8 +32,8 @@ the one message itself, through the guard.
 
 A listener's threads (:class:`CallThreads`) are few on purpose. Python decides one
 call at a time, so threads beyond a handful add no throughput, and each busy one
-costs the rest: at 16 calls in flight `pdp serve` on 40 threads spent 12-16 % more
-CPU per Check than on 8 (``python -m benchmarks.threads``; README, "Fewer threads").
+costs the rest: at 16 calls in flight `pdp serve` on 8 threads answered about 5 %
+more Checks than on 40 (``python -m benchmarks.threads``; README, "Fewer threads").
 Methods that answer with a stream hold their thread while it is open, so they run
 on threads of their own and never take one that unary calls need.
 """
