@@ -11,7 +11,8 @@ addresses of the demo GeoLite2-City. The suite's load generator
 then runs, repeat after repeat with the three servers taken in turn so that the
 shared machine's drift hits them alike:
 
-1. closed loop, 16 calls in flight: each server's maximum (median of the repeats);
+1. closed loop, 16 calls in flight: each server's maximum (median of the repeats), and
+   pdp's ratio to each other server repeat by repeat (median of those pairs);
 2. open loop at ``--share`` of the bare floor's maximum, the same rate for all three:
    p50 and p99 from each call's intended send time (median of the repeats).
 
@@ -134,8 +135,11 @@ def _summary(
     }
     ratios = {}
     for floor in (name for name in names if name != "pdp"):  # the floors, and the baseline when run
+        pairs = zip(runs["closed"]["pdp"], runs["closed"][floor], strict=True)
         ratios[floor] = {
             "closed_max": round(maxima["pdp"] / maxima[floor], 3),
+            # Repeat by repeat, each pair loaded within seconds: the machine's drift mostly cancels.
+            "closed_max_paired": round(statistics.median(a["achieved_rate"] / b["achieved_rate"] for a, b in pairs), 3),
             **{key: round(latency["pdp"][key] / latency[floor][key], 3) for key in KEYS},
             **{f"server_cpu_per_call_{kind}": round(cpu["pdp"] / cpu[floor], 3) for kind, cpu in server_cpu.items()},
         }
@@ -181,17 +185,19 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| pdp / … | closed-loop max (≥ 0.90) | p50 (≤ 1.05) | p99 (≤ 1.20) | server CPU per call, closed / open |",
-        "|---|---|---|---|---|",
+        "| pdp / … | closed-loop max (≥ 0.90) | paired by repeat | p50 (≤ 1.05) | p99 (≤ 1.20) "
+        "| server CPU per call, closed / open |",
+        "|---|---|---|---|---|---|",
     ]
     for floor, ratio in results["ratios"].items():
         if floor == BASELINE:  # the targets are against the floors; against the code before, the figures alone
-            figures = [f"{ratio[key]:.3f}×" for key in ("closed_max", "p50", "p99")]
+            figures = [f"{ratio[key]:.3f}×" for key in ("closed_max", "closed_max_paired", "p50", "p99")]
             cpu_ratios = f"{ratio['server_cpu_per_call_closed']:.2f}× / {ratio['server_cpu_per_call_open']:.2f}×"
             lines.append(f"| {BASELINE} ({results['baseline']}) | {' | '.join(figures)} | {cpu_ratios} |")
             continue
         marks = [
             _mark(ratio["closed_max"], ratio["closed_max"] >= TARGETS["closed_max"]),
+            _mark(ratio["closed_max_paired"], ratio["closed_max_paired"] >= TARGETS["closed_max"]),
             _mark(ratio["p50"], ratio["p50"] <= TARGETS["p50"]),
             _mark(ratio["p99"], ratio["p99"] <= TARGETS["p99"]),
         ]
