@@ -16,10 +16,11 @@ A store written without a head (older publishers) is read whole at every poll,
 as before, and compared by digest.
 
 A notice on the channel wakes the reloader at once; the regular poll stays as
-the safety net for notices lost while disconnected. Every time the subscriber
-has subscribed (at start, and after reconnecting with backoff, with Sentinel to
-the new master) it wakes the reloader too, since notices sent before are gone:
-a publication between the first fetch and the subscription is not left to the poll.
+the safety net for notices lost while disconnected. Once subscribed, after a
+fetch has begun (the first fetch usually begins before the subscription is in
+place) or after reconnecting with backoff (with Sentinel, to the new master),
+the subscriber wakes the reloader too, since notices sent before are gone: a
+publication between the first fetch and the subscription is not left to the poll.
 """
 
 from __future__ import annotations
@@ -101,14 +102,17 @@ class RedisSource(Source):
         self._pending: Fetched | None = None
         self._pending_base: _Base | None = None
         self._noticed: bytes | None = None  # the delta the last notice carried, not yet looked at
+        # Whether a fetch has begun: one before the first subscription may have missed a notice.
+        self._fetching = False
         self._closed = threading.Event()
-        # Set while subscribed, each time after the subscription's wake-up: who waits on it
-        # and then on wait() has used up that wake-up, and the next one is a notice's.
+        # Set while subscribed, each time after the subscription's wake-up (if any): who
+        # waits on it and then on wait() has used up that wake-up; the next is a notice's.
         self.subscribed = threading.Event()
         self._subscriber = threading.Thread(target=self._listen, name="pdp-redis-notices", daemon=True)
         self._subscriber.start()
 
     def fetch(self) -> Fetched | None:
+        self._fetching = True
         noticed, self._noticed = self._noticed, None
         if noticed is not None and self._base is not None and self.target.follow_deltas:
             carried = self._from_notice(noticed, self._base)
@@ -266,7 +270,8 @@ class RedisSource(Source):
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             try:
                 pubsub.subscribe(self.channel)
-                self.wake()  # notices sent before this subscription are lost: look now
+                if failures or self._fetching:  # notices sent before this subscription are lost: look now
+                    self.wake()
                 self.subscribed.set()
                 failures = 0
                 while not self._closed.is_set():
