@@ -244,8 +244,8 @@ class _Resolver:
         self.interned: dict[tuple[object, ...], Location] = {}
         self.refused = 0  # addresses that are not addresses: counted by lru_cache as misses
         self.lookup_errors = 0
-        # Taken only on a broken record, never on the way of a good lookup: it keeps
-        # the count exact and the warning single when threads meet errors at once.
+        # Taken only on a broken record or a refused address, never on the way of a good
+        # lookup: it keeps the counts exact and the warning single when threads meet errors at once.
         self.errors_lock = threading.Lock()
 
     def checked(self, address: str) -> Location:
@@ -256,7 +256,8 @@ class _Resolver:
         try:
             parse_address(address)
         except InvalidAddressError:
-            self.refused += 1
+            with self.errors_lock:  # += is no atomic step: threads refusing at once would lose counts
+                self.refused += 1
             raise
         return self.resolve(address)
 

@@ -17,6 +17,7 @@ import grpc
 from pdp.errors import PdpError
 from pdp.geo import (
     GeoDatabase,
+    format_build,
 )
 from pdp.model import Decision, Location, Verdict
 
@@ -53,10 +54,6 @@ def _open_geo_for(options: argparse.Namespace) -> GeoDatabase:
     )
 
 
-def _format_build(epoch: int) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d")
-
-
 def _build_fields(epoch: int) -> dict[str, Any]:
     """The database build for JSON output: Unix seconds and RFC 3339 (both null without a database)."""
     if not epoch:
@@ -77,7 +74,7 @@ def _decision_lines(decision: Decision, location: Location, version: int, build:
     if decision.legal_basis:
         lines.append(f"  legal basis  {decision.legal_basis}")
     lines.append(f"  location     {_location_text(location)}")
-    geoip = f"GeoIP build {_format_build(build)}" if build else "no GeoIP database (location given)"
+    geoip = f"GeoIP build {format_build(build)}" if build else "no GeoIP database (location given)"
     lines.append(f"  policy       version {version}, {geoip}")
     if decision.shadow_rule_ids:
         lines.append(f"  shadow       {', '.join(decision.shadow_rule_ids)} (matched, not enforced)")

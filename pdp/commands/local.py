@@ -18,7 +18,6 @@ from pdp.commands.common import (
     _build_fields,
     _decision_json,
     _decision_lines,
-    _format_build,
     _location_text,
     _open_geo_for,
     _verdict_exit,
@@ -26,6 +25,7 @@ from pdp.commands.common import (
 from pdp.geo import (
     InvalidAddressError,
     Located,
+    format_build,
 )
 from pdp.iso3166 import jurisdiction_problem
 from pdp.model import UNKNOWN_LOCATION, Action, Location, Meeting
@@ -123,7 +123,7 @@ def cmd_geo_lookup(options: argparse.Namespace) -> int:
     if options.json:
         print(json.dumps([_lookup_json(address, located, geo.build_epoch) for address, located in rows], indent=2))
     else:
-        print(f"# {geo.database_type} built {_format_build(geo.build_epoch)} ({geo.path})")
+        print(f"# {geo.database_type} built {format_build(geo.build_epoch)} ({geo.path})")
         for address, located in rows:
             via = f"  located as {located.address}: {located.via}" if located.via else ""
             print(f"{address:<40} {_location_text(located.location)}{via}")

@@ -16,11 +16,11 @@ from pdp.commands.common import (
     UsageError,
     _build_fields,
     _client,
-    _format_build,
     _print_decision,
     _rpc_error_text,
     _verdict_exit,
 )
+from pdp.geo import format_build
 from pdp.model import Action, Decision, Verdict
 
 
@@ -58,7 +58,7 @@ def cmd_status(options: argparse.Namespace) -> int:
     if options.json:
         print(json.dumps(document, indent=2))
     else:
-        document["geoip_build"] = _format_build(status.geoip_build) if status.geoip_build else "none"
+        document["geoip_build"] = format_build(status.geoip_build) if status.geoip_build else "none"
         del document["geoip_build_time"]
         candidate = document.pop("candidate", None)
         width = max(len(key) for key in document)

@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 
 from pdp.commands.common import (
     EXIT_OK,
-    _format_build,
     log,
 )
+from pdp.geo import format_build
 
 
 def cmd_serve(options: argparse.Namespace) -> int:
@@ -56,7 +56,7 @@ def _serving_lines(sidecar: Sidecar) -> list[str]:
     authzen = [f"AuthZEN listening on {sidecar.http.url}"] if sidecar.http is not None else []
     policy, geo, status = sidecar.holder.policy, sidecar.geo, sidecar.holder.status
     assert geo is not None  # started
-    database = f"{geo.database_type} built {_format_build(geo.build_epoch)}"
+    database = f"{geo.database_type} built {format_build(geo.build_epoch)}"
     if policy is None:
         return [
             f"pdp {__version__} NOT SERVING on {sidecar.address}: no policy: {status.last_error or 'none fetched yet'}",
