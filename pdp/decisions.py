@@ -36,7 +36,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from opentelemetry.trace import Span
+from opentelemetry.trace import Span, SpanKind
 
 from pdp.batch import ReadParticipants, decide_place, decide_places
 from pdp.bounds import (
@@ -257,8 +257,8 @@ class DecisionPath:
     ) -> Batch[T]:
         """Decide for each participant of one meeting, at one moment;
         ``present`` is called once per distinct location. ``observe_refusal=False``:
-        a refused batch is not timed as an error, for an adapter that then decides
-        its items one by one, each observed (its span is still recorded).
+        nothing is observed of a batch refused or not ready (no error timed, no
+        span), for an adapter that then decides its items one by one, each observed.
 
         :raises NotReadyError: no policy and database active yet.
         :raises RequestError: not 1 to ``limit`` participants, or a field is
@@ -266,19 +266,26 @@ class DecisionPath:
         """
         if not self._observed:
             return self._decide_batch(participants, meeting, action, limit, present)
-        with self._span(endpoint) as span:
+        # A try that may be refused has its span begun once it has decided, dated back to its start.
+        tried = not observe_refusal and self._tracer is not None
+        began = time.time_ns()
+        with contextlib.nullcontext() if tried else self._span(endpoint) as span:
             started = time.perf_counter()
             try:
                 batch = self._decide_batch(participants, meeting, action, limit, present)
             except Exception as error:
-                if observe_refusal or not isinstance(error, RequestError):
+                if observe_refusal or not isinstance(error, (RequestError, NotReadyError)):
                     self._observe_error(endpoint, started, error)
                 raise
             verdict = verdict_label(decision.verdict for decision in batch.decisions)
+            attributes = _span_attributes(endpoint, batch.active, verdict, {"pdp.participants": len(batch.decisions)})
             if span is not None:
-                span.set_attributes(
-                    _span_attributes(endpoint, batch.active, verdict, {"pdp.participants": len(batch.decisions)})
-                )
+                span.set_attributes(attributes)
+        if tried:
+            assert self._tracer is not None
+            self._tracer.start_span(
+                endpoint.span_name, kind=SpanKind.SERVER, attributes=attributes, start_time=began
+            ).end()
         self._record(endpoint, started, verdict, batch, action, meeting, participants)
         return batch
 

@@ -27,12 +27,15 @@ from opentelemetry.trace import StatusCode
 from pdp.audit import AuditConfig, AuditLog, pseudonym
 from pdp.client import Client, Participant
 from pdp.config import ServeConfig, describe
+from pdp.decisions import DecisionPath, Endpoint, RequestError
+from pdp.decisions import Participant as DecisionParticipant
 from pdp.geo import GeoDatabase, format_build
 from pdp.logs import JsonFormatter, redact_url
-from pdp.model import Verdict
+from pdp.model import Meeting, Verdict
 from pdp.server import RunningServer, start_server
 from pdp.state import PolicyHolder
 from pdp.telemetry import DURATION_BUCKETS, Telemetry, TelemetryError, _load, configure_from_environment
+from pdp.wire import encode_result
 
 from .conftest import CITY_DB, policy_from
 
@@ -258,6 +261,39 @@ def test_a_refused_call_s_span_names_the_error_never_the_address(serve: Any) -> 
     for span in spans:
         assert span.status.status_code is StatusCode.ERROR
         assert dict(span.attributes or {})["error.type"] == "RequestError"
+
+
+def test_a_batch_tried_before_deciding_item_by_item_leaves_no_trace_when_refused() -> None:
+    """AuthZEN tries a shared-meeting evaluations request as one batch and, refused,
+    decides its items one by one, each observed: the refused try is neither timed as
+    an error nor given a span. Decided, its span covers the decision."""
+    holder = loaded_holder()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(holder, MeterProvider(metric_readers=[reader]), tracer=provider.get_tracer("test"))
+    path = DecisionPath(holder, telemetry)
+    meeting, endpoint = Meeting("m"), Endpoint("authzen", "access/v1", "evaluations")
+    refused = [DecisionParticipant(CN), DecisionParticipant("not an address")]
+    for observe_refusal in (False, True):
+        with pytest.raises(RequestError, match=r"participants\[1\]\.ip"):
+            path.check_batch(refused, meeting, 1, limit=10, endpoint=endpoint, present=encode_result,
+                             observe_refusal=observe_refusal)  # fmt: skip
+        assert len(exporter.get_finished_spans()) == int(observe_refusal)
+    exporter.clear()
+    began = time.time_ns()
+    batch = path.check_batch([DecisionParticipant(CN)], meeting, 1, limit=10, endpoint=endpoint,
+                             present=encode_result, observe_refusal=False)  # fmt: skip
+    assert [decision.verdict for decision in batch.decisions] == [Verdict.DENY]
+    (span,) = exporter.get_finished_spans()
+    assert span.name == endpoint.span_name
+    assert span.start_time is not None
+    assert span.end_time is not None
+    assert began <= span.start_time <= span.end_time
+    assert dict(span.attributes or {})["pdp.verdict"] == "DENY"
+    durations = {a["verdict"]: p.count for a, p in metric_points(reader)["pdp.check.duration"]}
+    assert durations == {"ERROR": 1, "DENY": 1}  # the refusal observed once: when asked to
 
 
 def test_prometheus_endpoint_is_scraped_over_http(serve: Any) -> None:
