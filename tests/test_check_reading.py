@@ -5,8 +5,10 @@ The reference is the decision path given the message protobuf parsed whole, as e
 Check was answered before the memo. Requests are written field by field, so that the
 forms a serializer never writes are sent too: a meeting or a participant sent twice
 (a parser merges the copies), none, fields out of order, unknown fields, a meeting
-that is not valid UTF-8, bounds broken by duplicate tags. The memo lives on across
-examples, so a meeting is asked again with other actions, participants and copies.
+that is not valid UTF-8, bounds broken by duplicate tags, known fields with the wrong
+wire type, overlong varints (in tags and values), groups and fixed-width unknown fields.
+Answers are compared whole, byte for byte. The memo lives on across examples, so a
+meeting is asked again with other actions, participants and copies.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pdp.geo import GeoDatabase
 from pdp.server import start_server
 from pdp.servicer import CHECK
 from pdp.state import PolicyHolder
-from pdp.wire import MEETING_BYTES, MEETINGS, MeetingMemo, check_parts, varint
+from pdp.wire import MEETING_BYTES, MEETINGS, MeetingMemo, check_parts, check_response, varint
 
 from .conftest import CITY_DB, policy_from
 
@@ -40,7 +42,7 @@ rules:
   - {id: us-both, effect: deny, jurisdiction: [US], meetings: {meeting_ids: [m2], tags: [town-hall]}, legal_basis: L4}
 """
 CN, GB, US = "175.16.199.1", "81.2.69.143", "216.160.83.56"
-Answer = tuple[str, str]  # ("OK", rule id and country) or (status code name, details)
+Answer = tuple[str, str]  # ("OK", the response's bytes in hex) or (status code name, details)
 
 
 def field(number: int, payload: bytes | int) -> bytes:
@@ -54,6 +56,31 @@ def message(*records: bytes) -> bytes:
     return b"".join(records)
 
 
+def overlong(value: int) -> bytes:
+    """``value``'s varint with one redundant continuation byte: a valid varint no serializer writes."""
+    encoded = bytearray(varint(value))
+    encoded[-1] |= 0x80
+    return bytes(encoded) + b"\x00"
+
+
+# Records a serializer never writes; each is valid protobuf, or a known field of the wrong
+# wire type (which parsing whole refuses, or keeps as an unknown field).
+odd_records = st.sampled_from(
+    [
+        overlong(3 << 3) + varint(1),  # action's tag overlong
+        varint(3 << 3) + overlong(2),  # action's value overlong
+        varint(3 << 3 | 2) + varint(1) + b"\x01",  # action length-delimited: a packed one-element list
+        field(2, 5),  # meeting as a varint
+        field(1, 7),  # participant as a varint
+        b"\x4b\x08\x01\x4c",  # field 9 as a group holding a varint
+        b"\x4d\x01\x02\x03\x04",  # field 9 as fixed32
+        b"\x49" + b"\x00" * 8,  # field 9 as fixed64
+        b"\x13\x14",  # field 2 as an empty group: the meeting's number, the wrong wire type
+        b"\x4b",  # a group never ended
+    ]
+)
+
+
 texts = st.sampled_from(["", "u", "m1", "m2", "h1", "x" * 300])
 tags = st.sampled_from(["memorial", "town-hall", "other", "t" * 200])
 meeting_records = st.one_of(
@@ -63,6 +90,9 @@ meeting_records = st.one_of(
     st.just(field(3, b"memorial") * 65),  # 65 tags given, one distinct: over the bound all the same
     st.just(field(1, b"\xff\xfe")),  # not UTF-8
     st.just(field(9, 1)),  # unknown to Meeting
+    st.just(b"\x4b\x4c"),  # an empty group, unknown to Meeting
+    st.just(overlong(1 << 3 | 2) + varint(2) + b"m1"),  # meeting_id's tag overlong
+    st.just(field(3, 1)),  # a tag as a varint: the wrong wire type
 )
 meetings = st.lists(meeting_records, max_size=5).map(lambda records: field(2, message(*records)))
 participants = st.builds(
@@ -72,7 +102,7 @@ participants = st.builds(
     st.sampled_from([b"", b"a", b"\xc3\x28"]),  # the last is not UTF-8
 )
 actions = st.builds(lambda action: field(3, action), st.sampled_from([0, 1, 2, 3, -1]))
-requests = st.lists(st.one_of(meetings, participants, actions, st.just(field(7, b"?"))), max_size=6).map(
+requests = st.lists(st.one_of(meetings, participants, actions, odd_records, st.just(field(7, b"?"))), max_size=6).map(
     lambda records: message(*records)
 )
 
@@ -95,11 +125,11 @@ def served(
 
 def served_answer(call: grpc.UnaryUnaryMultiCallable[bytes, bytes], data: bytes) -> Answer:
     try:
-        answer = pb.CheckResponse.FromString(call(data, timeout=10))
+        answer = call(data, timeout=10)
     except grpc.RpcError as error:
         call_error: grpc.Call = error  # type: ignore[assignment]  # grpc raises RpcErrors that are Calls
         return call_error.code().name, call_error.details() or ""
-    return "OK", f"{answer.rule_id} {answer.location.country} {answer.verdict}"
+    return "OK", answer.hex()
 
 
 def reference_answer(path: DecisionPath, data: bytes) -> Answer:
@@ -109,11 +139,12 @@ def reference_answer(path: DecisionPath, data: bytes) -> Answer:
         return "INVALID_ARGUMENT", f"request: not a valid CheckRequest ({error})"
     person = request.participant
     try:
+        # Encoded afresh from the decision, not from the cache the server's answers come from.
         outcome = path.check(person.ip, person.user_id, person.account_id, request.meeting, request.action,
-                             endpoint=CHECK, present=Outcome)  # fmt: skip
+                             endpoint=CHECK, present=Outcome, remember=False)  # fmt: skip
     except RequestError as error:
         return "INVALID_ARGUMENT", str(error)
-    return "OK", f"{outcome.decision.rule_id} {outcome.location.country} {int(outcome.decision.verdict)}"
+    return "OK", check_response(outcome.decision, outcome.location, outcome.active).SerializeToString().hex()
 
 
 MERGED = message(
@@ -138,6 +169,9 @@ DEEP = message(
 @example(MERGED)
 @example(DEEP)
 @example(message(field(2, message(field(1, b"m1"))), field(1, message(field(1, GB.encode()))), field(3, 1)))
+@example(message(field(1, message(field(1, CN.encode()))), field(2, field(3, b"memorial")), overlong(3 << 3), b"\x01"))
+@example(message(field(1, message(field(1, CN.encode()))), field(2, field(2, b"h1")), field(2, 5), field(3, 2)))
+@example(message(field(1, message(field(1, GB.encode()))), field(2, overlong(1 << 3 | 2) + b"\x02m1"), b"\x13\x14"))
 def test_every_request_gets_the_answer_of_its_whole_message(
     served: tuple[grpc.UnaryUnaryMultiCallable[bytes, bytes], DecisionPath], data: bytes
 ) -> None:
@@ -151,7 +185,8 @@ def test_a_meeting_sent_twice_is_merged_not_replaced(
     """The case a reading that keeps only the last copy gets wrong: h1 hosting in CN is denied."""
     call, _ = served
     assert check_parts(MERGED) is None  # read whole
-    assert served_answer(call, MERGED) == ("OK", f"cn-h1-host CN {pb.VERDICT_DENY}")
+    answer = pb.CheckResponse.FromString(bytes.fromhex(served_answer(call, MERGED)[1]))
+    assert (answer.rule_id, answer.location.country, answer.verdict) == ("cn-h1-host", "CN", pb.VERDICT_DENY)
 
 
 def test_a_remembered_meeting_is_still_checked_against_each_action(
