@@ -30,5 +30,8 @@ def test_the_clock_counts_every_stage_of_every_check(tmp_path: Path) -> None:
     calls = {stage: count for stage, (_, count) in counted.items()}
     assert calls == dict.fromkeys([*in_situ.STAGES, "control", "clock"], calls["handler"])
     assert calls["handler"] >= 60  # the load generator may send a few more than asked
+    # Time was counted in every stage. Not per_call > 0: with the clock's own cost taken off,
+    # a stage as cheap as the meeting memo's dict lookup comes out at about zero, either side.
+    assert all(counted[stage][0] > 0 for stage in in_situ.STAGES)
     per_call = in_situ._per_call(counted)
-    assert all(per_call[stage] > 0 for stage in in_situ.STAGES)
+    assert per_call["handler"] > per_call["decision path"] > 0
