@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import inprocess, nginx_peer
-from benchmarks.harness import CLIENT_CORE, ROOT, SERVER_CORE, Server, pinned, run_load
+from benchmarks.harness import CLIENT_CORE, ROOT, SERVER_CORE, Server, pinned, run_load, write_results
 from pdp.geo import demo_database_path
 
 BATCH = 100
@@ -322,11 +322,7 @@ def main() -> int:
         "runs": runs,
         "summary": summary(runs),
     }
-    stem = options.out / f"{dt.datetime.now().strftime('%Y-%m-%d-%H%M')}-batch"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    text = "\n".join(markdown(result)) + "\n"
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_results(options.out, "batch", result, "\n".join(markdown(result)) + "\n")
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import inprocess
-from benchmarks.harness import Server, machine_facts, pdp_serve, run_load, stolen, stolen_share
+from benchmarks.harness import Server, machine_facts, pdp_serve, run_load, stolen, stolen_share, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVERS = ("floor", "floor-guarded", "pdp")
@@ -225,12 +224,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pdp-check-floor-") as folder:
         results = measure(options, Path(folder))
     results["duration_s"] = round(time.monotonic() - started, 1)
-    options.out.mkdir(parents=True, exist_ok=True)
-    # Named to the minute: a second run the same day keeps the first.
-    stem = options.out / f"{dt.datetime.now(dt.UTC):%Y-%m-%d-%H%M}-check-floor"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    stem.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(options.out, "check-floor", results, markdown(results))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import platform
@@ -154,3 +155,13 @@ def machine_facts() -> dict[str, Any]:
         "database": "GeoLite2-City 2018-07-03 (maxminddb-geolite2), 3.6 M nodes",
         "pinning": f"server on core {SERVER_CORE}, load generator on core {CLIENT_CORE}",
     }
+
+
+def write_results(folder: Path, kind: str, results: dict[str, Any], text: str) -> None:
+    """``results`` as ``folder/<date>-<HHMM>-<kind>.json`` and ``text`` beside it as ``.md``,
+    then ``text`` printed. Named to the minute (UTC): a second run the same day keeps the first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{dt.datetime.now(dt.UTC):%Y-%m-%d-%H%M}-{kind}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(text)

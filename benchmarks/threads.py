@@ -1,6 +1,7 @@
 """What `pdp serve --workers N` costs per call at saturation, against the bare floor, side by side.
 
     python -m benchmarks.threads [--workers 2,4,8,16,40] [--repeats 12] [--seconds 2] [--baseline TREE]
+                                 [--addresses 20000]
 
 Starts the bare floor (``floor_server --mode sync``, 8 threads) and one `pdp serve`
 per ``--workers`` value (10,000 rules, the demo GeoLite2-City, Unix sockets, all
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import statistics
 import sys
 import tempfile
@@ -31,7 +31,16 @@ from typing import Any
 
 from benchmarks import inprocess
 from benchmarks.check_floor import ADDRESSES, RESULTS
-from benchmarks.harness import Server, floor_serve, machine_facts, pdp_serve, run_load, stolen, stolen_share
+from benchmarks.harness import (
+    Server,
+    floor_serve,
+    machine_facts,
+    pdp_serve,
+    run_load,
+    stolen,
+    stolen_share,
+    write_results,
+)
 
 FLOOR = "floor"
 BASELINE = "baseline --workers 8"
@@ -39,7 +48,7 @@ BASELINE = "baseline --workers 8"
 
 def measure(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
     addresses = folder / "addresses.txt"
-    addresses.write_text("\n".join(inprocess.located_addresses(ADDRESSES)))
+    addresses.write_text("\n".join(inprocess.located_addresses(options.addresses)))
     snapshot = folder / "rules-10000.json"
     snapshot.write_bytes(inprocess.make_rules(10_000))
     servers: dict[str, Server] = {FLOOR: floor_serve(f"unix:{folder}/floor.sock")}
@@ -62,7 +71,7 @@ def _loaded(options: argparse.Namespace, servers: dict[str, Server], addresses: 
     steal = stolen()
     for name in names:  # every address located and every thread started: the steady state
         run_load("--target", servers[name].address, "--addresses", str(addresses), "--mode", "closed",
-                 "--warmup", "0", "--seconds", "120", "--max-calls", str(ADDRESSES))  # fmt: skip
+                 "--warmup", "0", "--seconds", "120", "--max-calls", str(options.addresses))  # fmt: skip
     for repeat in range(options.repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
@@ -138,17 +147,14 @@ def main() -> int:
         help="comma-separated --workers values, one pdp serve each",
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--addresses", type=int, default=ADDRESSES, help="located addresses the calls cycle through")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--baseline", type=Path, metavar="TREE", help="also `pdp serve --workers 8` from this checkout")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pdp-threads-") as folder:
         results = measure(options, Path(folder))
-    options.out.mkdir(parents=True, exist_ok=True)
-    stem = options.out / f"{dt.datetime.now(dt.UTC):%Y-%m-%d-%H%M}-threads"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    stem.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_results(options.out, "threads", results, markdown(results))
     return 0
 
 
