@@ -30,12 +30,12 @@ To get hold of the call before its message arrives, every method is served with 
 streaming request (:func:`guarded`): the wire is the same, and the handler reads
 the one message itself, through the guard.
 
-A listener's threads (:class:`CallThreads`) are few on purpose. Python decides one
-call at a time, so threads beyond a handful add no throughput, and each busy one
-costs the rest: at 16 calls in flight `pdp serve` on 8 threads answered about 5 %
-more Checks than on 40 (``python -m benchmarks.threads``; README, "Fewer threads").
-Methods that answer with a stream hold their thread while it is open, so they run
-on threads of their own and never take one that unary calls need.
+A listener's threads (:class:`CallThreads`): ``workers`` decide, four times as many
+more may wait for messages (a steady flood of silent calls needs that many to be
+absorbed at :data:`PATIENCE` each), and methods that answer with a stream, which
+hold their thread while it is open, run on threads of their own and never take one
+that unary calls need. A pool as small as ``workers`` answered about 5 % more
+Checks under load, and lost to 200 silent calls a second (README, "Fewer threads, tried and not kept").
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ class ReceiveGuard:
 class CallThreads:
     """The threads a listener serves its calls on, and the guard they receive through.
 
-    ``calls`` runs unary calls; at most half of them wait for a request message at
-    once (the guard's limit), so at least half decide whatever silent clients do.
+    ``calls`` runs unary calls: ``workers`` threads that decide whatever silent
+    clients do, beside the guard's limit of threads that wait for request messages.
     ``streams`` runs the methods that answer with a stream (WatchPolicy, health's
     Watch, reflection), which hold their thread while the stream is open.
     """
@@ -196,13 +196,11 @@ class CallThreads:
 
     @classmethod
     def start(cls, workers: int, timeout: float, *, name: str = "pdp") -> CallThreads:
-        """``workers`` threads for unary calls (at least 2: a silent call alone must
-        not hold the only one, with no later call to crowd it out) and as many for
-        streams; the guard's watchdog started."""
-        count = max(2, workers)
-        guard = ReceiveGuard(limit=count // 2, timeout=timeout, name=f"{name}-receive-guard")
-        calls = futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix=f"{name}-rpc")
-        streams = futures.ThreadPoolExecutor(max_workers=count, thread_name_prefix=f"{name}-stream")
+        """``workers`` deciding threads and four times as many that may wait, for
+        unary calls; ``workers`` threads for streams; the guard's watchdog started."""
+        guard = ReceiveGuard(limit=4 * workers, timeout=timeout, name=f"{name}-receive-guard")
+        calls = futures.ThreadPoolExecutor(max_workers=workers + guard.limit, thread_name_prefix=f"{name}-rpc")
+        streams = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-stream")
         guard.start()
         return cls(guard, calls, streams)
 

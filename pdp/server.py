@@ -51,8 +51,8 @@ __all__ = ["SERVICE_NAME", "RunningServer", "StopSignals", "grpc_options", "star
 
 log = logging.getLogger("pdp.server")
 _SHUTDOWN_SECONDS = 2.0
-# The health port answers probes only: a few threads, half of them free of silent callers.
-_PROBE_THREADS = 8
+# The health port answers probes only: 2 deciding threads, 8 that may wait (pdp.receiving).
+_PROBE_THREADS = 2
 
 
 # --------------------------------------------------------------------------- running
@@ -138,24 +138,26 @@ def start_server(
     :raises OSError: the address cannot be bound (in use, bad path, no permission).
     """
     threads = CallThreads.start(config.workers, config.receive_timeout)
-    server = grpc.server(threads.calls, options=grpc_options(config, reuseport=worker is not None and worker.reuseport))
-    handlers, names = _services(config, DecisionPath(holder, telemetry, audit, candidate))
-    health_servicer = health.HealthServicer() if worker is None else SharedHealth(worker, ("", SERVICE_NAME))
-    health_handlers = _Collected()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_handlers)  # type: ignore[arg-type]
-    names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-    reflection_handlers = _Collected()
-    reflection.enable_server_reflection(names, reflection_handlers)  # type: ignore[arg-type]
-    every = [*handlers, *health_handlers.handlers, *reflection_handlers.handlers]
-    server.add_generic_rpc_handlers((GuardedHandlers(every, threads.guard, threads.streams),))
-    try:
+    try:  # nothing left running if the server cannot be built or bound
+        server = grpc.server(
+            threads.calls, options=grpc_options(config, reuseport=worker is not None and worker.reuseport)
+        )
+        handlers, names = _services(config, DecisionPath(holder, telemetry, audit, candidate))
+        health_servicer = health.HealthServicer() if worker is None else SharedHealth(worker, ("", SERVICE_NAME))
+        health_handlers = _Collected()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_handlers)  # type: ignore[arg-type]
+        names += [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection_handlers = _Collected()
+        reflection.enable_server_reflection(names, reflection_handlers)  # type: ignore[arg-type]
+        every = [*handlers, *health_handlers.handlers, *reflection_handlers.handlers]
+        server.add_generic_rpc_handlers((GuardedHandlers(every, threads.guard, threads.streams),))
         address = _bind(server, config.listen, config)
         if worker is not None and worker.also:
             _bind(server, worker.also, config)
-    except OSError:
+        server.start()
+    except BaseException:
         threads.stop(wait=False)
         raise
-    server.start()
     running = RunningServer(server, health_servicer, address, config.grace_seconds, threads=[threads])
     if config.health_listen:
         # Only Health here: this address may be the pod IP, reachable by the kubelet and others.

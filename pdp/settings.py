@@ -188,8 +188,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_message_bytes", "largest request accepted; larger ones get RESOURCE_EXHAUSTED", "BYTES", _positive),
     Setting(
         "workers",
-        "gRPC server threads for unary calls, at least 2; at most half of them wait for request messages"
-        " at once (see --receive-timeout); streams have as many threads of their own",
+        "gRPC server threads that decide (more wait for requests still coming, see --receive-timeout;"
+        " streams have as many threads of their own)",
         "N",
         _positive,
     ),
@@ -203,7 +203,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "receive_timeout",
         "longest a call may take to send its request message after its headers; one that sends nothing is"
-        " cancelled then, or sooner when --workers/2 calls are waiting and it has waited longest (on the"
+        " cancelled then, or sooner when 4 x --workers calls are waiting and it has waited longest (on the"
         " AuthZEN listener: a request, from its connection or first byte, 408 beyond)",
         "SECONDS",
         _interval,
