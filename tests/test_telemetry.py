@@ -31,9 +31,9 @@ from pdp.decisions import DecisionPath, Endpoint, RequestError
 from pdp.decisions import Participant as DecisionParticipant
 from pdp.geo import GeoDatabase, format_build
 from pdp.logs import JsonFormatter, redact_url
-from pdp.model import Meeting, Verdict
+from pdp.model import Decision, Location, Meeting, Verdict
 from pdp.server import RunningServer, start_server
-from pdp.state import PolicyHolder
+from pdp.state import Active, PolicyHolder
 from pdp.telemetry import DURATION_BUCKETS, Telemetry, TelemetryError, _load, configure_from_environment
 from pdp.wire import encode_result
 
@@ -282,18 +282,34 @@ def test_a_batch_tried_before_deciding_item_by_item_leaves_no_trace_when_refused
                              observe_refusal=observe_refusal)  # fmt: skip
         assert len(exporter.get_finished_spans()) == int(observe_refusal)
     exporter.clear()
-    began = time.time_ns()
+    deciding: list[int] = []
+
+    def stamped(decision: Decision, location: Location, active: Active) -> bytes:
+        deciding.append(time.time_ns())  # a moment inside the decision
+        return encode_result(decision, location, active)
+
     batch = path.check_batch([DecisionParticipant(CN)], meeting, 1, limit=10, endpoint=endpoint,
-                             present=encode_result, observe_refusal=False)  # fmt: skip
+                             present=stamped, observe_refusal=False)  # fmt: skip
     assert [decision.verdict for decision in batch.decisions] == [Verdict.DENY]
     (span,) = exporter.get_finished_spans()
     assert span.name == endpoint.span_name
     assert span.start_time is not None
     assert span.end_time is not None
-    assert began <= span.start_time <= span.end_time
+    assert span.start_time <= deciding[0] <= span.end_time  # dated back to before the decision
     assert dict(span.attributes or {})["pdp.verdict"] == "DENY"
+    exporter.clear()
+
+    def broken(decision: Decision, location: Location, active: Active) -> bytes:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):  # no refusal: a failure, observed as such
+        path.check_batch([DecisionParticipant(GB)], meeting, 1, limit=10, endpoint=endpoint,
+                         present=broken, observe_refusal=False)  # fmt: skip
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert dict(span.attributes or {})["error.type"] == "RuntimeError"
     durations = {a["verdict"]: p.count for a, p in metric_points(reader)["pdp.check.duration"]}
-    assert durations == {"ERROR": 1, "DENY": 1}  # the refusal observed once: when asked to
+    assert durations == {"ERROR": 2, "DENY": 1}  # the refusal when asked to observe it, and the failure
 
 
 def test_prometheus_endpoint_is_scraped_over_http(serve: Any) -> None:
