@@ -267,9 +267,14 @@ class RedisSource(Source):
     def _listen(self) -> None:
         failures = 0
         while not self._closed.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             try:
+                # subscribe() only sends SUBSCRIBE: the subscription is in place once Redis confirms it.
                 pubsub.subscribe(self.channel)
+                while not self._closed.is_set():
+                    confirmation = pubsub.get_message(timeout=self.close_check_seconds)
+                    if confirmation is not None and confirmation.get("type") == "subscribe":
+                        break
                 if failures or self._fetching:  # notices sent before this subscription are lost: look now
                     self.wake()
                 self.subscribed.set()
