@@ -29,7 +29,6 @@ pass over all the addresses, unmeasured: what is compared is the steady state.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import inprocess
-from benchmarks.harness import Server, machine_facts, pdp_serve, run_load, stolen, stolen_share, write_results
+from benchmarks.harness import Server, pdp_serve, run_header, run_load, stolen, stolen_share, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SERVERS = ("floor", "floor-guarded", "pdp")
@@ -144,13 +143,8 @@ def _summary(
         }
     errors = {name: sum(sum(r["errors"].values()) for r in runs[kind][name]) for kind in runs for name in names}
     return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.check_floor " + " ".join(sys.argv[1:]),
-        "facts": machine_facts(),
-        "repeats": options.repeats,
-        "seconds": options.seconds,
+        **run_header("check_floor", options),
         "share": options.share,
-        "baseline": str(options.baseline) if options.baseline else None,
         "load_average": load,
         "closed_loop_max": maxima,
         "open_loop_rate": rate,

@@ -165,3 +165,16 @@ def write_results(folder: Path, kind: str, results: dict[str, Any], text: str) -
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     stem.with_suffix(".md").write_text(text)
     print(text)
+
+
+def run_header(module: str, options: Any) -> dict[str, Any]:
+    """What every result file opens with: when, the command that made it, the machine,
+    and the options the figures depend on (``repeats``, ``seconds``, ``baseline``)."""
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": f"python -m benchmarks.{module} " + " ".join(sys.argv[1:]),
+        "facts": machine_facts(),
+        "repeats": options.repeats,
+        "seconds": options.seconds,
+        "baseline": str(options.baseline) if options.baseline else None,
+    }

@@ -22,7 +22,6 @@ just finished); this is where that shows. Writes ``results/<date>-<HHMM>-threads
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import sys
 import tempfile
@@ -34,8 +33,8 @@ from benchmarks.check_floor import ADDRESSES, RESULTS
 from benchmarks.harness import (
     Server,
     floor_serve,
-    machine_facts,
     pdp_serve,
+    run_header,
     run_load,
     stolen,
     stolen_share,
@@ -105,12 +104,7 @@ def _loaded(options: argparse.Namespace, servers: dict[str, Server], addresses: 
             "first_faster": sum(ratio > 1 for ratio in against_first),
         }
     return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.threads " + " ".join(sys.argv[1:]),
-        "facts": machine_facts(),
-        "repeats": options.repeats,
-        "seconds": options.seconds,
-        "baseline": str(options.baseline) if options.baseline else None,
+        **run_header("threads", options),
         "stolen": round(stolen_share(steal), 4),
         "summary": summary,
         "runs": runs,
