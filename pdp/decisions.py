@@ -36,7 +36,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from opentelemetry.trace import Span, SpanKind, use_span
+from opentelemetry.trace import Span, use_span
 
 from pdp.batch import ReadParticipants, decide_place, decide_places
 from pdp.bounds import (
@@ -52,7 +52,7 @@ from pdp.errors import PdpError
 from pdp.geo import InvalidAddressError
 from pdp.model import Decision, Location, Verdict, verdict_label
 from pdp.state import Active, PolicyHolder
-from pdp.telemetry import Telemetry, server_span
+from pdp.telemetry import Telemetry, backdated_span, server_span
 
 if TYPE_CHECKING:
     from pdp.audit import AuditLog
@@ -277,7 +277,7 @@ class DecisionPath:
                 if not observe_refusal and isinstance(error, (RequestError, NotReadyError)):
                     raise  # the caller decides the items one by one, each observed
                 if tried:  # a failure all the same: its span, dated back, marked by _observe_error
-                    with use_span(self._backdated(endpoint, began), end_on_exit=True):
+                    with use_span(backdated_span(self._tracer, endpoint.span_name, began), end_on_exit=True):
                         self._observe_error(endpoint, started, error)
                 else:
                     self._observe_error(endpoint, started, error)
@@ -287,7 +287,7 @@ class DecisionPath:
             if span is not None:
                 span.set_attributes(attributes)
         if tried:
-            self._backdated(endpoint, began, attributes).end()
+            backdated_span(self._tracer, endpoint.span_name, began, attributes).end()
         self._record(endpoint, started, verdict, batch, action, meeting, participants)
         return batch
 
@@ -321,14 +321,6 @@ class DecisionPath:
         return Batch(list(map(_ANSWER, entries)), list(map(_DECISION, entries)), locations, active)
 
     # ------------------------------------------------------------------ observation
-
-    def _backdated(self, endpoint: Endpoint, began: int, attributes: dict[str, str | int] | None = None) -> Span:
-        """A server span begun ``began`` (ns since the epoch), for a call whose span could
-        only be known to be wanted once it had decided."""
-        assert self._tracer is not None
-        return self._tracer.start_span(
-            endpoint.span_name, kind=SpanKind.SERVER, attributes=attributes, start_time=began
-        )
 
     def _span(self, endpoint: Endpoint) -> AbstractContextManager[Span | None]:
         if self._tracer is None:

@@ -38,6 +38,7 @@ __all__ = [
     "DURATION_BUCKETS",
     "Telemetry",
     "TelemetryError",
+    "backdated_span",
     "configure_from_environment",
     "exporter_names",
     "server_span",
@@ -226,6 +227,15 @@ def server_span(tracer: trace.Tracer, name: str) -> AbstractContextManager[trace
     return tracer.start_as_current_span(
         name, kind=trace.SpanKind.SERVER, record_exception=False, set_status_on_exception=False
     )
+
+
+def backdated_span(
+    tracer: trace.Tracer | None, name: str, began: int, attributes: dict[str, str | int] | None = None
+) -> trace.Span:
+    """A server span begun at ``began`` (ns since the epoch), not made current: for a call
+    whose span is known to be wanted only once it has decided (see DecisionPath.check_batch)."""
+    assert tracer is not None
+    return tracer.start_span(name, kind=trace.SpanKind.SERVER, attributes=attributes, start_time=began)
 
 
 def _scheme(url: str) -> str:
