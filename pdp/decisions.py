@@ -268,7 +268,7 @@ class DecisionPath:
             return self._decide_batch(participants, meeting, action, limit, present)
         # A try that may be refused has its span begun once it has decided, dated back to its start.
         tried = not observe_refusal and self._tracer is not None
-        began = time.time_ns()
+        began = time.time_ns() if tried else 0
         with contextlib.nullcontext() if tried else self._span(endpoint) as span:
             started = time.perf_counter()
             try:
@@ -276,10 +276,9 @@ class DecisionPath:
             except Exception as error:
                 if not observe_refusal and isinstance(error, (RequestError, NotReadyError)):
                     raise  # the caller decides the items one by one, each observed
-                if tried:  # a failure all the same: its span, dated back, marked by _observe_error
-                    with use_span(backdated_span(self._tracer, endpoint.span_name, began), end_on_exit=True):
-                        self._observe_error(endpoint, started, error)
-                else:
+                # A failure all the same; a try gets its span now, dated back, for _observe_error to mark.
+                failed = backdated_span(self._tracer, endpoint.span_name, began) if tried else None
+                with contextlib.nullcontext() if failed is None else use_span(failed, end_on_exit=True):
                     self._observe_error(endpoint, started, error)
                 raise
             verdict = verdict_label(decision.verdict for decision in batch.decisions)

@@ -102,8 +102,8 @@ class RedisSource(Source):
         self._pending: Fetched | None = None
         self._pending_base: _Base | None = None
         self._noticed: bytes | None = None  # the delta the last notice carried, not yet looked at
-        # Whether a fetch has begun: one before the first subscription may have missed a notice.
-        self._fetching = False
+        # Whether a fetch has begun: one before a subscription may have missed a notice.
+        self._fetched = False
         self._closed = threading.Event()
         # Set while subscribed, each time after the subscription's wake-up (if any): who
         # waits on it and then on wait() has used up that wake-up; the next is a notice's.
@@ -112,7 +112,7 @@ class RedisSource(Source):
         self._subscriber.start()
 
     def fetch(self) -> Fetched | None:
-        self._fetching = True
+        self._fetched = True
         noticed, self._noticed = self._noticed, None
         if noticed is not None and self._base is not None and self.target.follow_deltas:
             carried = self._from_notice(noticed, self._base)
@@ -275,7 +275,7 @@ class RedisSource(Source):
                     confirmation = pubsub.get_message(timeout=self.close_check_seconds)
                     if confirmation is not None and confirmation.get("type") == "subscribe":
                         break
-                if failures or self._fetching:  # notices sent before this subscription are lost: look now
+                if failures or self._fetched:  # notices sent before this subscription are lost: look now
                     self.wake()
                 self.subscribed.set()
                 failures = 0
