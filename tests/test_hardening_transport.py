@@ -84,19 +84,24 @@ class HalfOpen:
         """
         self.sock.settimeout(timeout)
         while not self.ended.issuperset(self.streams):
-            data = self.sock.recv(65536)
-            if not data:
+            if not self.read():
                 self.ended.update(self.streams)  # the server closed the connection: all ended
                 return
-            self.inbox += data
-            while len(self.inbox) >= 9:
-                high, low, kind, flags, stream = FRAME_HEAD.unpack_from(self.inbox)
-                size = (high << 8) | low
-                if len(self.inbox) < 9 + size:
-                    break
-                del self.inbox[: 9 + size]
-                if kind == RST_STREAM or (kind == HEADERS and flags & END_STREAM):
-                    self.ended.add(stream)
+
+    def read(self) -> bool:
+        """Read what the server sent, noting the streams it ended; False once it closed
+        the connection."""
+        data = self.sock.recv(65536)
+        self.inbox += data
+        while len(self.inbox) >= 9:
+            high, low, kind, flags, stream = FRAME_HEAD.unpack_from(self.inbox)
+            size = (high << 8) | low
+            if len(self.inbox) < 9 + size:
+                break
+            del self.inbox[: 9 + size]
+            if kind == RST_STREAM or (kind == HEADERS and flags & END_STREAM):
+                self.ended.add(stream)
+        return bool(data)
 
     def close(self) -> None:
         self.sock.close()
